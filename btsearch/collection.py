@@ -1,0 +1,309 @@
+"""`Collection`: the one library API that the CLI (and later the server) calls.
+
+A collection is a folder: a LanceDB database (`images` and `texts` tables, the source of truth),
+one FAISS index per table rebuilt from LanceDB whenever it is missing or out of step, and a
+manifest naming the model whose embeddings these are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .encoder import DEFAULT_MODEL, Encoder, resolve_model_id
+from .errors import BtsearchError, CollectionError
+from .evaluation import evaluate_collection
+from .images import find_images, load_rgb
+from .indexers import Manifest, MetadataStore, VectorIndex
+from .loader import SkippedImage, iter_image_batches
+from .reranker import Reranker
+
+FORMAT_VERSION = 1
+TABLES = ("images", "texts")
+INDEX_SAVE_INTERVAL_S = 30.0  # a crash loses at most this much FAISS work; LanceDB has it all
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    itc_score: float
+    itm_score: float | None  # None when the hit was not re-ranked
+    path: str | None = None  # image hits
+    text: str | None = None  # text hits
+
+
+@dataclass
+class SearchResult:
+    query: str
+    target: str  # "images" or "texts"
+    hits: list[Hit]
+    reranked: int  # how many hits carry an ITM score
+    notes: list[str] = field(default_factory=list)  # things the user should know (truncation, capping)
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: list[SkippedImage] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Collection:
+    def __init__(self, path: Path, encoder: Encoder | None, manifest: Manifest, store: MetadataStore, use_gpu_index: bool = True):
+        self.path = path
+        self.encoder = encoder
+        self.manifest = manifest
+        self.store = store
+        self._use_gpu_index = use_gpu_index
+        self._indexes: dict[str, VectorIndex] = {}
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: str | None = None, device: str = "auto", encoder: Encoder | None = None) -> "Collection":
+        """Create a collection (with `model`, else the default), or open it if it exists; a
+        `model` given for an existing collection must be the one it was built with."""
+        path = Path(path)
+        if Manifest.exists(path):
+            return cls.open(path, model=model, device=device, encoder=encoder)
+        if path.exists() and any(path.iterdir()):
+            raise CollectionError(f"{path} exists and is not an empty folder nor a btsearch collection")
+        encoder = encoder or Encoder.from_pretrained(model or DEFAULT_MODEL, device=device)
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model=encoder.model_id,
+            config_hash=encoder.config_hash,
+            embed_dim=encoder.embed_dim,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        store = MetadataStore.open(path, encoder.embed_dim)
+        manifest.save(path)  # last: a folder with a manifest is a complete collection
+        return cls(path, encoder, manifest, store)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, model: str | None = None, device: str = "auto", encoder: Encoder | None = None, load_model: bool = True
+    ) -> "Collection":
+        """Open an existing collection; `model`, if given, must be the one it was built with.
+        `load_model=False` opens storage only (enough for `info`)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CollectionError(f"no collection at {path}: create one with `btsearch index PATH --db {path}`")
+        if not Manifest.exists(path):
+            raise CollectionError(f"{path} is not a btsearch collection (no manifest.json)")
+        try:
+            manifest = Manifest.load(path)
+        except ValueError as error:
+            raise CollectionError(f"{path} has a damaged manifest: {error}") from error
+        if manifest.format_version != FORMAT_VERSION:
+            raise CollectionError(f"{path} has collection format {manifest.format_version}; this btsearch reads {FORMAT_VERSION}")
+        if model is not None and resolve_model_id(model) != manifest.model:
+            raise CollectionError(
+                f"{path} was built with model {manifest.model!r}, not {model!r}: its embeddings are not comparable; "
+                "omit --model to use the collection's own, or index into a new --db"
+            )
+        if not load_model:
+            return cls(path, None, manifest, MetadataStore.open(path, manifest.embed_dim))
+        encoder = encoder or Encoder.from_pretrained(manifest.model, device=device)
+        if encoder.config_hash != manifest.config_hash or encoder.embed_dim != manifest.embed_dim:
+            raise CollectionError(
+                f"the checkpoint at {manifest.model!r} has changed since {path} was built "
+                f"(config {encoder.config_hash} != {manifest.config_hash}): re-index into a new --db"
+            )
+        return cls(path, encoder, manifest, MetadataStore.open(path, manifest.embed_dim))
+
+    # -- FAISS, kept in step with LanceDB ---------------------------------------------------
+
+    def _index_path(self, table: str) -> Path:
+        return self.path / f"{table}.faiss"
+
+    def index(self, table: str) -> VectorIndex:
+        """The FAISS index of `table`, loaded, or rebuilt from LanceDB when missing or stale."""
+        if table not in self._indexes:
+            self._indexes[table] = self._load_or_rebuild(table)
+        return self._indexes[table]
+
+    def _load_or_rebuild(self, table: str) -> VectorIndex:
+        count = self.store.count_images() if table == "images" else self.store.count_texts()
+        path = self._index_path(table)
+        index = None
+        if path.exists():
+            try:
+                index = VectorIndex.load(path, self.manifest.embed_dim)
+            except Exception:  # corrupt or foreign file: LanceDB holds the truth
+                index = None
+        if index is None or len(index) != count:
+            index = VectorIndex(self.manifest.embed_dim)
+            for ids, vectors in self.store.iter_embeddings(table, batch_size=65536):
+                index.add(ids, vectors)
+            index.save(path)
+        if self._use_gpu_index:
+            index.to_gpu()
+        return index
+
+    def _save_index(self, table: str) -> None:
+        self.index(table).save(self._index_path(table))
+
+    # -- adding ----------------------------------------------------------------------------
+
+    def add_images(self, roots: list[str | os.PathLike], batch_size: int = 16, progress: bool = False) -> IndexReport:
+        """Embed every image file under `roots` that is new or changed since it was indexed."""
+        started = time.perf_counter()
+        report = IndexReport()
+        todo, replaced = [], []
+        for path in find_images(roots):
+            row = self.store.image_by_path(str(path))
+            if row is None:
+                todo.append(path)
+                continue
+            stat = path.stat()
+            if row["size"] == stat.st_size and row["mtime"] == stat.st_mtime:
+                report.unchanged += 1
+            else:
+                todo.append(path)
+                replaced.append(row["id"])
+        index = self.index("images")
+        if replaced:
+            self.store.delete_images(replaced)
+            index.remove(np.asarray(replaced, dtype=np.int64))
+        last_save = time.monotonic()
+        with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in iter_image_batches(todo, self.encoder.preprocess_image, batch_size):
+                report.skipped.extend(batch.skipped)
+                if batch.images:
+                    embeddings = self.encoder.embed_pixels(batch.pixels())
+                    rows = [
+                        {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height}
+                        for im in batch.images
+                    ]
+                    ids = self.store.add_images(rows, embeddings)
+                    index.add(ids, embeddings)
+                    report.added += len(batch.images)
+                bar.update(len(batch.images) + len(batch.skipped))
+                if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
+                    self._save_index("images")
+                    last_save = time.monotonic()
+        report.updated = min(len(replaced), report.added)
+        report.added -= report.updated
+        self._save_index("images")
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def add_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        """Embed and store texts; returns their ids in order."""
+        texts = [str(text) for text in texts]
+        if any(not text.strip() for text in texts):
+            raise BtsearchError("empty texts cannot be added")
+        index = self.index("texts")
+        all_ids = []
+        with tqdm(total=len(texts), desc="embedding texts", unit="text", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start : start + batch_size]
+                embeddings = self.encoder.embed_texts(chunk)
+                ids = self.store.add_texts(chunk, embeddings)
+                index.add(ids, embeddings)
+                all_ids.append(ids)
+                bar.update(len(chunk))
+        self._save_index("texts")
+        return np.concatenate(all_ids) if all_ids else np.empty(0, dtype=np.int64)
+
+    # -- searching --------------------------------------------------------------------------
+
+    def search(
+        self,
+        text: str | None = None,
+        image: str | os.PathLike | None = None,
+        k: int = 10,
+        candidates: int = 128,
+        rerank: bool = True,
+    ) -> SearchResult:
+        """Text finds images; an image (a path) finds texts. FAISS recalls the top `candidates`
+        by ITC, the ITM head re-ranks them, and the rest follow in ITC order up to `k` hits."""
+        if (text is None) == (image is None):
+            raise BtsearchError("give a text query or an image query (not both)")
+        if k < 1:
+            raise BtsearchError("k must be at least 1")
+        if candidates < 0:
+            raise BtsearchError("candidates must not be negative")
+        notes: list[str] = []
+        target = "images" if text is not None else "texts"
+        index = self.index(target)
+        if len(index) == 0:
+            hint = "btsearch index PATH" if target == "images" else "btsearch add-texts FILE"
+            raise CollectionError(f"the collection has no {target} to search: add some with `{hint} --db {self.path}`")
+        if rerank and not self.encoder.has_itm:
+            notes.append("the checkpoint has no ITM head: hits are ranked by ITC alone")
+        rerank = rerank and self.encoder.has_itm and candidates > 0
+        if text is not None:
+            if not text.strip():
+                raise BtsearchError("the text query is empty")
+            if self.encoder.is_truncated(text):
+                notes.append(f"the query was truncated to the model's maximum of {self.encoder.max_text_length} tokens")
+            query = self.encoder.text_states([text], with_bridge=rerank)
+            label = text
+        else:
+            pixels = self.encoder.preprocess_image(load_rgb(image))[None]
+            query = self.encoder.image_states(pixels, with_bridge=rerank)
+            label = str(image)
+        if k > len(index):
+            notes.append(f"only {len(index)} {target} in the collection")
+        wanted = min(max(k, candidates if rerank else k), len(index))
+        itc, ids = index.search(query.embeds.float().cpu().numpy(), wanted)
+        itc, ids = itc[0], ids[0]
+        rows = self.store.get_images(ids) if target == "images" else self.store.get_texts(ids)
+        itm = np.full(len(ids), np.nan, dtype=np.float32)
+        reranked = min(candidates, len(ids)) if rerank else 0
+        if reranked:
+            reranker = Reranker(self.encoder)
+            head = rows[:reranked]
+            if target == "images":
+                itm[:reranked] = reranker.score_images(query, [row["path"] for row in head])
+            else:
+                itm[:reranked] = reranker.score_texts(query, [row["text"] for row in head])
+        # Re-ranked hits by ITM first (unreadable files after them), then the rest in ITC order;
+        # the sort is stable, so ties keep their ITC order.
+        scored = [i for i in range(reranked) if not math.isnan(itm[i])]
+        unreadable = [i for i in range(reranked) if math.isnan(itm[i])]
+        order = sorted(scored, key=lambda i: -itm[i]) + unreadable + list(range(reranked, len(ids)))
+        hits = []
+        for rank, i in enumerate(order[:k], start=1):
+            row = rows[i]
+            hits.append(
+                Hit(
+                    rank=rank,
+                    id=int(ids[i]),
+                    itc_score=float(itc[i]),
+                    itm_score=None if math.isnan(itm[i]) else float(itm[i]),
+                    path=row.get("path"),
+                    text=row.get("text"),
+                )
+            )
+        return SearchResult(query=label, target=target, hits=hits, reranked=int(np.sum(~np.isnan(itm))), notes=notes)
+
+    # -- facts -------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        return {
+            "path": str(self.path),
+            "model": self.manifest.model,
+            "config_hash": self.manifest.config_hash,
+            "embed_dim": self.manifest.embed_dim,
+            "created": self.manifest.created,
+            "images": self.store.count_images(),
+            "texts": self.store.count_texts(),
+        }
+
+    def evaluate(self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False) -> dict:
+        """Recall of this collection's texts and images against known pairs; see `evaluation`."""
+        return evaluate_collection(self, caption_image, text_ids, image_ids, candidates=candidates, progress=progress)

@@ -1,0 +1,194 @@
+"""A BridgeTower checkpoint ready for retrieval: its processor and model on one device.
+
+Everything that turns pictures and strings into tensors (and tensors back into numpy) lives
+here, so the collection and the CLI deal in paths, strings and arrays only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoProcessor
+
+from .device import default_dtype, resolve_device
+from .errors import ModelLoadError
+from .model import BridgeTowerRetrievalModel, TowerOutput
+
+DEFAULT_MODEL = "BridgeTower/bridgetower-large-itm-mlm-itc"
+ITC_HEADS = ("itc_text_head", "itc_image_head")
+ITM_HEAD = "itm_score"
+log = logging.getLogger(__name__)
+
+# Keys of a config that say nothing about the weights' meaning and change with the library.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "output_hidden_states"}
+
+
+def resolve_model_id(source: str) -> str:
+    """A hub id stays as it is; a local folder becomes its absolute path."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def config_hash(config) -> str:
+    """A fingerprint of the architecture, stable across transformers versions' bookkeeping."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items() if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+        return value
+
+    canonical = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class Encoder:
+    """Embeds texts and images with the uni-modal towers and scores pairs with the ITM head."""
+
+    def __init__(self, model: BridgeTowerRetrievalModel, processor, model_id: str, device: torch.device, has_itm: bool):
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.has_itm = has_itm
+        self.config_hash = config_hash(model.config)
+        text_config = model.config.text_config
+        # RoBERTa positions start after the padding index, hence the 2 reserved positions.
+        limit = text_config.max_position_embeddings - text_config.pad_token_id - 1
+        self.max_text_length = min(limit, processor.tokenizer.model_max_length)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str = DEFAULT_MODEL, device: str = "auto") -> "Encoder":
+        """Load config, processor and weights from a hub id or a local folder."""
+        model_id = resolve_model_id(source)
+        if Path(model_id).is_dir():
+            _check_folder(Path(model_id))
+        torch_device = resolve_device(device)
+        previous = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # unused heads (MLM, ITC cross-modal) are expected
+        transformers.logging.disable_progress_bar()
+        try:
+            model, info = BridgeTowerRetrievalModel.from_pretrained(model_id, output_loading_info=True)
+            processor = AutoProcessor.from_pretrained(model_id)
+        except OSError as error:
+            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+            raise ModelLoadError(f"cannot load model {source!r}{offline}: {_first_line(error)}") from error
+        except (ValueError, RuntimeError) as error:
+            raise ModelLoadError(f"checkpoint {source!r} does not fit its config: {_first_line(error)}") from error
+        finally:
+            transformers.logging.set_verbosity(previous)
+        has_itm = _check_heads(source, info)
+        model = model.to(device=torch_device, dtype=default_dtype(torch_device)).eval()
+        return cls(model, processor, model_id, torch_device, has_itm)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """Pixels exactly as `BridgeTowerProcessor` makes them: (3, S, S) float32.
+
+        `do_center_crop=True` is passed explicitly: the processor's `__call__` sets it, but the
+        image processor's own `preprocess` may skip the crop when a saved config omits it.
+        """
+        features = self.processor.image_processor(images=[image], do_center_crop=True, return_tensors="np")
+        return features["pixel_values"][0].astype(np.float32, copy=False)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+
+    def is_truncated(self, text: str) -> bool:
+        return len(self.processor.tokenizer(text)["input_ids"]) > self.max_text_length
+
+    def to_pixels(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        pixels = torch.as_tensor(pixels)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        return pixels.to(self.device, self.dtype)
+
+    # -- towers ----------------------------------------------------------------------------
+
+    def text_states(self, texts: list[str], with_bridge: bool = False) -> TowerOutput:
+        input_ids, attention_mask = self.tokenize(texts)
+        return self.model.encode_text(input_ids, attention_mask, with_bridge=with_bridge)
+
+    def image_states(self, pixels: np.ndarray | torch.Tensor, with_bridge: bool = False) -> TowerOutput:
+        return self.model.encode_image(self.to_pixels(pixels), with_bridge=with_bridge)
+
+    def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """(n, D) float32 normalised ITC text embeddings, in the order given."""
+        out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
+        # Similar lengths together: less padding, same numbers (padding is masked).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            out[chunk] = to_numpy(self.text_states([texts[i] for i in chunk]).embeds)
+        return out
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        return to_numpy(self.image_states(pixels).embeds)
+
+    # -- ITM ------------------------------------------------------------------------------
+
+    def match(self, text: TowerOutput, image: TowerOutput) -> np.ndarray:
+        """ITM match logits of pairs; a batch of one on either side is paired with every item
+        of the other side (the query's states are computed once and broadcast)."""
+        size = max(len(text.bridge), len(image.bridge))
+        text_bridge = text.bridge.expand(size, *text.bridge.shape[1:])
+        text_mask = text.mask.expand(size, *text.mask.shape[1:])
+        image_bridge = image.bridge.expand(size, *image.bridge.shape[1:])
+        return to_numpy(self.model.match_logits(text_bridge, text_mask, image_bridge))
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model folder {folder} has no config.json: it is not a saved BridgeTower checkpoint")
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+    if not weights:
+        raise ModelLoadError(f"model folder {folder} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _check_heads(source: str, info: dict) -> bool:
+    """Refuse a checkpoint without ITC heads; return whether it has the ITM head."""
+    missing = list(info.get("missing_keys", []))
+    absent_itc = [head for head in ITC_HEADS if any(key.startswith(head + ".") for key in missing)]
+    if absent_itc:
+        raise ModelLoadError(
+            f"checkpoint {source!r} has no ITC heads ({', '.join(absent_itc)} missing): btsearch recalls "
+            "candidates by the cosine of uni-modal ITC embeddings, which only a checkpoint trained with "
+            "image-text contrastive learning provides (e.g. BridgeTower/bridgetower-large-itm-mlm-itc)"
+        )
+    body = [key for key in missing if not key.startswith((ITM_HEAD + ".",) + tuple(h + "." for h in ITC_HEADS))]
+    if body:
+        raise ModelLoadError(f"checkpoint {source!r} lacks {len(body)} weights of the model body, e.g. {body[0]}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise ModelLoadError(f"checkpoint {source!r} has weights of the wrong shape, e.g. {mismatched[0]}")
+    has_itm = not any(key.startswith(ITM_HEAD + ".") for key in missing)
+    if not has_itm:
+        log.warning("checkpoint %r has no ITM head (itm_score): results are ranked by ITC alone, without re-ranking", source)
+    return has_itm

@@ -1,0 +1,216 @@
+"""Retrieval recall with the ALBEF / BridgeTower protocol.
+
+For every query the top `candidates` by ITC get ITM scores and rank above all others, by ITM;
+the rest keep their ITC order. Text-to-image: the rank of each caption's image. Image-to-text:
+the best rank of an image's captions. R@K is the percentage of queries whose rank is below K.
+
+Everything a second run can reuse is kept in the collection folder: the embeddings (in
+LanceDB), each side's bridge inputs, and every ITM score computed, so another `candidates`
+costs only the pairs not scored yet, and an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import BtsearchError
+from .loader import iter_image_batches
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+RECALL_AT = (1, 5, 10)
+PAIR_BATCH = 32
+TEXT_CHUNK = 64
+SCORE_SAVE_INTERVAL_S = 30.0
+
+
+# -- ranks and recall -------------------------------------------------------------------------------
+
+
+def rerank_order(itc: np.ndarray, candidates: int, itm: np.ndarray | None) -> np.ndarray:
+    """Per row, the columns in final order: the top `candidates` by ITC sorted by ITM, then the
+    rest by ITC. ITC ties break by column index. `itm` holds scores at the top-k places (others
+    unused); with `itm=None` or no candidates the order is ITC alone."""
+    rows, cols = itc.shape
+    by_itc = np.argsort(-itc, axis=1, kind="stable")
+    k = min(candidates, cols) if itm is not None else 0
+    if k == 0:
+        return by_itc
+    head = by_itc[:, :k]
+    head_itm = np.take_along_axis(itm, head, axis=1)
+    # `head` is in ITC order and the sort is stable: equal ITM scores keep their ITC order.
+    head_sorted = np.take_along_axis(head, np.argsort(-head_itm, axis=1, kind="stable"), axis=1)
+    return np.concatenate([head_sorted, by_itc[:, k:]], axis=1)
+
+
+def ranks_of(order: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:
+    """For each row, the best position in `order` of any of its target columns."""
+    position = np.empty_like(order)
+    np.put_along_axis(position, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
+    return np.array([position[row, cols].min() for row, cols in enumerate(targets)])
+
+
+def recall(ranks: np.ndarray) -> dict[str, float]:
+    return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in RECALL_AT}
+
+
+def recall_table(itc_t2i: np.ndarray, caption_image: np.ndarray, candidates: int, itm_t2i: np.ndarray | None) -> dict:
+    """Both directions' recall from the (captions x images) ITC matrix and, at the top-k places
+    of each direction, the ITM matrix (NaN elsewhere)."""
+    n_images = itc_t2i.shape[1]
+    images_captions = [np.flatnonzero(caption_image == i) for i in range(n_images)]
+    t2i = ranks_of(rerank_order(itc_t2i, candidates, itm_t2i), [np.array([i]) for i in caption_image])
+    itm_i2t = itm_t2i.T if itm_t2i is not None else None
+    i2t = ranks_of(rerank_order(itc_t2i.T, candidates, itm_i2t), images_captions)
+    result = {"text_to_image": recall(t2i), "image_to_text": recall(i2t)}
+    result["rsum"] = sum(result["text_to_image"].values()) + sum(result["image_to_text"].values())
+    return result
+
+
+def top_candidates(itc: np.ndarray, candidates: int) -> np.ndarray:
+    return np.argsort(-itc, axis=1, kind="stable")[:, : min(candidates, itc.shape[1])]
+
+
+# -- the protocol on a collection ----------------------------------------------------------------------
+
+
+def evaluate_collection(
+    collection: "Collection",
+    caption_image: np.ndarray,
+    text_ids: np.ndarray,
+    image_ids: np.ndarray,
+    candidates: int = 128,
+    progress: bool = False,
+) -> dict:
+    """Recall of the collection's texts `text_ids` against its images `image_ids`, where caption
+    t shows image `caption_image[t]`, for ITC alone and ITC top-`candidates` re-ranked by ITM."""
+    started = time.perf_counter()
+    text_embeds = _embeddings(collection, "texts", text_ids)
+    image_embeds = _embeddings(collection, "images", image_ids)
+    itc = text_embeds @ image_embeds.T  # (captions, images) cosine
+    result = {"itc": recall_table(itc, caption_image, 0, None)}
+    if candidates > 0 and collection.encoder.has_itm:
+        itm = PairScores(_scores_file(collection), text_ids, image_ids).fill(
+            collection, _needed_pairs(itc, candidates), progress
+        )
+        result["rerank"] = recall_table(itc, caption_image, candidates, itm)
+    else:
+        result["rerank"] = None
+    result.update(
+        num_images=int(len(image_ids)),
+        num_texts=int(len(text_ids)),
+        candidates=int(candidates),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return result
+
+
+def _scores_file(collection: "Collection") -> Path:
+    # Scores from another precision differ in the last digits: keep them apart.
+    precision = str(collection.encoder.dtype).removeprefix("torch.")
+    return collection.path / f"eval-itm-scores-{precision}.npz"
+
+
+def _embeddings(collection: "Collection", table: str, ids: np.ndarray) -> np.ndarray:
+    wanted = {int(i): n for n, i in enumerate(ids)}
+    out = np.zeros((len(ids), collection.manifest.embed_dim), dtype=np.float32)
+    found = 0
+    for batch_ids, vectors in collection.store.iter_embeddings(table, batch_size=65536):
+        for row, item in enumerate(batch_ids):
+            n = wanted.get(int(item))
+            if n is not None:
+                out[n] = vectors[row]
+                found += 1
+    if found != len(ids):
+        raise BtsearchError(f"{len(ids) - found} of the {table} to evaluate are not in the collection")
+    return out
+
+
+def _needed_pairs(itc: np.ndarray, candidates: int) -> np.ndarray:
+    """(caption, image) index pairs that either direction re-ranks, each once."""
+    t2i = top_candidates(itc, candidates)
+    i2t = top_candidates(itc.T, candidates)
+    pairs = np.concatenate(
+        [
+            np.stack([np.repeat(np.arange(itc.shape[0]), t2i.shape[1]), t2i.ravel()], axis=1),
+            np.stack([i2t.ravel(), np.repeat(np.arange(itc.shape[1]), i2t.shape[1])], axis=1),
+        ]
+    )
+    return np.unique(pairs, axis=0)
+
+
+class PairScores:
+    """ITM scores of (caption, image) pairs, kept on disk between runs (keyed by collection ids)."""
+
+    def __init__(self, path: Path, text_ids: np.ndarray, image_ids: np.ndarray):
+        self.path = path
+        self.text_ids = np.asarray(text_ids, dtype=np.int64)
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.scores: dict[tuple[int, int], float] = {}
+        if path.exists():
+            saved = np.load(path)
+            self.scores = dict(zip(zip(saved["text_id"].tolist(), saved["image_id"].tolist()), saved["score"].tolist()))
+
+    def save(self) -> None:
+        keys = np.array(list(self.scores), dtype=np.int64).reshape(-1, 2)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, text_id=keys[:, 0], image_id=keys[:, 1], score=np.array(list(self.scores.values()), dtype=np.float32))
+        tmp.replace(self.path)
+
+    def fill(self, collection: "Collection", pairs: np.ndarray, progress: bool) -> np.ndarray:
+        """Score the pairs not scored yet; return the (captions, images) matrix, NaN elsewhere."""
+        key = lambda t, i: (int(self.text_ids[t]), int(self.image_ids[i]))  # noqa: E731
+        todo = np.array([(t, i) for t, i in pairs if key(t, i) not in self.scores], dtype=np.int64).reshape(-1, 2)
+        if len(todo):
+            self._score(collection, todo, progress)
+        matrix = np.full((len(self.text_ids), len(self.image_ids)), np.nan, dtype=np.float32)
+        for t, i in pairs:
+            matrix[t, i] = self.scores[key(t, i)]
+        return matrix
+
+    def _score(self, collection: "Collection", todo: np.ndarray, progress: bool) -> None:
+        encoder = collection.encoder
+        texts = {row["id"]: row["text"] for row in collection.store.get_texts(self.text_ids[np.unique(todo[:, 0])])}
+        image_index = np.unique(todo[:, 1])
+        paths = [row["path"] for row in collection.store.get_images(self.image_ids[image_index])]
+        # Each side's bridge inputs once: all the needed images, then captions as pairs need them.
+        image_bridge = {}
+        loaded = iter_image_batches(map(Path, paths), encoder.preprocess_image, batch_size=16)
+        where = {Path(p): int(i) for p, i in zip(paths, image_index)}
+        with tqdm(total=len(paths), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in loaded:
+                if batch.skipped:
+                    raise BtsearchError(f"cannot read {batch.skipped[0].path}: {batch.skipped[0].reason}")
+                bridge = encoder.image_states(batch.pixels(), with_bridge=True).bridge
+                for image, state in zip(batch.images, bridge):
+                    image_bridge[where[image.path]] = state
+                bar.update(len(batch.images))
+        last_save = time.monotonic()
+        text_index = np.unique(todo[:, 0])
+        with tqdm(total=len(todo), desc="ITM re-ranking", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+            for chunk_start in range(0, len(text_index), TEXT_CHUNK):
+                # Each caption's tower runs once; its pairs then take its bridge inputs by index.
+                chunk = text_index[chunk_start : chunk_start + TEXT_CHUNK]
+                slot = {int(t): n for n, t in enumerate(chunk)}
+                states = encoder.text_states([texts[int(self.text_ids[t])] for t in chunk], with_bridge=True)
+                pairs = todo[np.isin(todo[:, 0], chunk)]
+                for start in range(0, len(pairs), PAIR_BATCH):
+                    batch = pairs[start : start + PAIR_BATCH]
+                    rows = torch.as_tensor([slot[int(t)] for t in batch[:, 0]], device=states.bridge.device)
+                    images = torch.stack([image_bridge[int(i)] for i in batch[:, 1]])
+                    logits = encoder.model.match_logits(states.bridge[rows], states.mask[rows], images)
+                    for (t, i), score in zip(batch, logits.float().cpu().tolist()):
+                        self.scores[(int(self.text_ids[t]), int(self.image_ids[i]))] = score
+                    bar.update(len(batch))
+                    if time.monotonic() - last_save > SCORE_SAVE_INTERVAL_S:
+                        self.save()
+                        last_save = time.monotonic()
+        self.save()
+

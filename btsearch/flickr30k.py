@@ -1,0 +1,124 @@
+"""Flickr30K: reading its annotations and measuring recall on it end to end.
+
+The split's images and captions go into a collection kept in a cache folder, so a second run
+reuses every embedding and ITM score already computed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .collection import Collection
+from .encoder import DEFAULT_MODEL, resolve_model_id
+from .errors import BtsearchError
+
+
+@dataclass
+class Benchmark:
+    name: str
+    image_paths: list[Path]
+    captions: list[str]
+    caption_image: np.ndarray  # (n_captions,) index into image_paths
+
+
+# -- reading data sets ---------------------------------------------------------------------------
+
+
+def read_flickr30k(annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
+    """Karpathy's `dataset_flickr30k.json`, or the CSV of the `flickr30k` hub data set
+    (columns `raw` = JSON list of captions, `filename`, `split`)."""
+    annotations, images_dir = Path(annotations), Path(images_dir)
+    if not annotations.is_file():
+        raise BtsearchError(f"no annotation file at {annotations}")
+    if not images_dir.is_dir():
+        raise BtsearchError(f"no image folder at {images_dir}")
+    entries = _read_karpathy_json(annotations) if annotations.suffix.lower() == ".json" else _read_hub_csv(annotations)
+    chosen = [(filename, captions) for filename, entry_split, captions in entries if entry_split == split]
+    if not chosen:
+        splits = sorted({entry_split for _, entry_split, _ in entries})
+        raise BtsearchError(f"{annotations} has no images in split {split!r} (splits: {', '.join(splits) or 'none'})")
+    image_paths, captions, caption_image = [], [], []
+    for index, (filename, texts) in enumerate(chosen):
+        image_paths.append(images_dir / filename)
+        captions.extend(texts)
+        caption_image.extend([index] * len(texts))
+    missing = [path for path in image_paths if not path.is_file()]
+    if missing:
+        raise BtsearchError(f"{len(missing)} of {len(image_paths)} images of split {split!r} are not in {images_dir}, e.g. {missing[0].name}")
+    return Benchmark(f"flickr30k-{split}", image_paths, captions, np.asarray(caption_image, dtype=np.int64))
+
+
+def _read_karpathy_json(path: Path) -> list[tuple[str, str, list[str]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [
+            (image["filename"], image["split"], [sentence["raw"].strip() for sentence in image["sentences"]])
+            for image in data["images"]
+        ]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise BtsearchError(f"{path} is not Karpathy's dataset_flickr30k.json layout: {error!r}") from error
+
+
+def _read_hub_csv(path: Path) -> list[tuple[str, str, list[str]]]:
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = {"raw", "filename", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise BtsearchError(f"{path} lacks the column(s) {', '.join(sorted(missing))} of the flickr30k CSV")
+        try:
+            return [(row["filename"], row["split"], [text.strip() for text in json.loads(row["raw"])]) for row in reader]
+        except json.JSONDecodeError as error:
+            raise BtsearchError(f"{path}: the `raw` column must hold a JSON list of captions ({error})") from error
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "btsearch" / "eval"
+
+
+def evaluate_flickr30k(
+    annotations: str | Path,
+    images_dir: str | Path,
+    split: str = "test",
+    model: str | None = None,
+    candidates: int = 128,
+    cache_dir: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """Index the split's images and captions into a cached collection, then measure recall."""
+    benchmark = read_flickr30k(annotations, images_dir, split)
+    model_id = resolve_model_id(model or DEFAULT_MODEL)
+    key = hashlib.sha256(f"{model_id}\n{Path(annotations).resolve()}\n{split}".encode()).hexdigest()[:12]
+    collection = Collection.create(Path(cache_dir or default_cache_dir()) / f"{benchmark.name}-{key}", model=model_id, device=device)
+    report = collection.add_images(benchmark.image_paths, progress=progress)
+    if report.skipped:
+        first = report.skipped[0]
+        raise BtsearchError(f"{len(report.skipped)} benchmark images cannot be read, e.g. {first.path}: {first.reason}")
+    image_ids = _image_ids(collection, benchmark.image_paths)
+    text_ids = _caption_ids(collection, benchmark.captions, progress)
+    return collection.evaluate(benchmark.caption_image, text_ids, image_ids, candidates=candidates, progress=progress)
+
+
+def _image_ids(collection: Collection, paths: list[Path]) -> np.ndarray:
+    return np.array([collection.store.image_by_path(str(path.resolve()))["id"] for path in paths], dtype=np.int64)
+
+
+def _caption_ids(collection: Collection, captions: list[str], progress: bool) -> np.ndarray:
+    """The captions' text ids, adding them unless the collection already holds exactly them."""
+    stored_ids = np.sort(np.concatenate([ids for ids, _ in collection.store.iter_embeddings("texts", 65536)] or [np.empty(0, np.int64)]))
+    if len(stored_ids) == len(captions):
+        stored = [row["text"] for row in collection.store.get_texts(stored_ids)]
+        if stored == captions:
+            return stored_ids
+    if len(stored_ids):  # a run cut short, or other captions: start the texts afresh
+        collection.store.delete_texts(stored_ids)
+        collection.index("texts").remove(stored_ids)
+    return collection.add_texts(captions, progress=progress)

@@ -1,0 +1,90 @@
+"""Background image loading: decode and preprocess the next batches while the model runs.
+
+Threads suffice: PIL's decoders and resamplers and numpy's arithmetic release the GIL. At most
+`prefetch` batches are in flight, so memory stays flat however many files there are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageReadError
+from .images import load_rgb
+
+
+@dataclass
+class LoadedImage:
+    path: Path
+    pixels: np.ndarray  # preprocessed (3, S, S)
+    size: int  # bytes on disk
+    mtime: float
+    width: int  # as displayed (after EXIF rotation)
+    height: int
+
+
+@dataclass
+class SkippedImage:
+    path: Path
+    reason: str
+
+
+@dataclass
+class ImageBatch:
+    images: list[LoadedImage]
+    skipped: list[SkippedImage]
+
+    def pixels(self) -> np.ndarray:
+        return np.stack([image.pixels for image in self.images])
+
+
+def _load_one(path: Path, preprocess: Callable[[Image.Image], np.ndarray]) -> LoadedImage | SkippedImage:
+    try:
+        stat = path.stat()
+        image = load_rgb(path)
+        return LoadedImage(path, preprocess(image), stat.st_size, stat.st_mtime, image.width, image.height)
+    except ImageReadError as error:
+        return SkippedImage(path, str(error).removeprefix(f"cannot read image {path}: "))
+    except OSError as error:
+        return SkippedImage(path, error.strerror or str(error))
+    except Exception as error:  # a preprocessing failure on one odd file must not stop the run
+        return SkippedImage(path, f"{type(error).__name__}: {error}")
+
+
+def iter_image_batches(
+    paths: Iterable[Path],
+    preprocess: Callable[[Image.Image], np.ndarray],
+    batch_size: int,
+    workers: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[ImageBatch]:
+    """Yield batches of loaded images (and the files that failed), in the order of `paths`."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    paths = iter(paths)
+    pending: deque[list[Future]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="btsearch-loader") as pool:
+
+        def submit_next() -> bool:
+            chunk = list(islice(paths, batch_size))
+            if chunk:
+                pending.append([pool.submit(_load_one, path, preprocess) for path in chunk])
+            return bool(chunk)
+
+        for _ in range(prefetch + 1):
+            if not submit_next():
+                break
+        while pending:
+            results = [future.result() for future in pending.popleft()]
+            submit_next()
+            yield ImageBatch(
+                images=[r for r in results if isinstance(r, LoadedImage)],
+                skipped=[r for r in results if isinstance(r, SkippedImage)],
+            )

@@ -1,0 +1,166 @@
+"""BridgeTower split for retrieval.
+
+transformers' `BridgeTowerForContrastiveLearning` and `BridgeTowerForImageAndTextRetrieval` run
+both towers *and* the cross-modal encoder on every (text, image) pair. A search engine needs
+three cheaper pieces, computed from the same weights:
+
+- `encode_text` / `encode_image`: one tower alone, giving the normalised ITC embedding (for
+  FAISS) and, on request, the tower's *bridge inputs*: the top `num_hidden_layers` uni-modal
+  layers after their cross-modal transform and token-type embedding. Each depends on one
+  modality only, so it is computed once per item and reused for every pair it joins.
+- `match_logits`: the cross-modal layers and the ITM head on ready bridge inputs of pairs.
+
+Read it beside `modeling_bridgetower.py` (`BridgeTowerModel.forward`): the same submodules are
+called in the same order with the same masks, so the numbers equal the reference's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import BridgeTowerConfig
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bridgetower.modeling_bridgetower import (
+    BridgeTowerContrastiveHead,
+    BridgeTowerITMHead,
+    BridgeTowerModel,
+    BridgeTowerPreTrainedModel,
+)
+
+TEXT_TOKEN_TYPE = 0
+IMAGE_TOKEN_TYPE = 1
+# The hub's ITC checkpoint projects to 512; a config without the field has no ITC heads anyway.
+DEFAULT_CONTRASTIVE_SIZE = 512
+
+
+@dataclass
+class TowerOutput:
+    """What one tower gives for a batch of items of its modality."""
+
+    embeds: torch.Tensor  # (B, D) L2-normalised ITC embeddings
+    bridge: torch.Tensor | None = None  # (B, num_hidden_layers, S, H) bridge inputs, or None
+    mask: torch.Tensor | None = None  # (B, S) text attention mask; None for images (never padded)
+
+
+class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
+    """The BridgeTower body with the ITC heads and the ITM head, loaded from one state dict.
+
+    Parameter names equal those of transformers' task models (`bridgetower.*`, `itc_text_head`,
+    `itc_image_head`, `itm_score`), so `from_pretrained` reads the hub checkpoints as they are.
+    """
+
+    def __init__(self, config: BridgeTowerConfig):
+        if not hasattr(config, "contrastive_hidden_size"):
+            config.contrastive_hidden_size = DEFAULT_CONTRASTIVE_SIZE
+        super().__init__(config)
+        self.bridgetower = BridgeTowerModel(config)
+        self.itc_text_head = BridgeTowerContrastiveHead(config.hidden_size, config.contrastive_hidden_size)
+        self.itc_image_head = BridgeTowerContrastiveHead(config.hidden_size, config.contrastive_hidden_size)
+        self.itm_score = BridgeTowerITMHead(config.hidden_size * 2)
+        self.post_init()
+
+    # -- shapes -------------------------------------------------------------------------------
+
+    @property
+    def num_bridge_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def first_bridge_layer(self) -> int:
+        """Index of the uni-modal layer whose output feeds cross-modal layer 0.
+
+        The reference runs `split_index = L - num_hidden_layers + 1` layers before the first
+        cross-modal layer, so that layer is `split_index - 1`; the next ones follow one by one.
+        Both towers are indexed with the *text* tower's depth, as the reference does.
+        """
+        return len(self.bridgetower.text_model.encoder.layer) - self.num_bridge_layers
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.contrastive_hidden_size
+
+    # -- towers -------------------------------------------------------------------------------
+
+    def _token_type(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        ids = torch.full((1,), index, dtype=torch.long, device=like.device)
+        return self.bridgetower.token_type_embeddings(ids).to(like.dtype)
+
+    def _text_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        # The reference builds its text mask from a one-token query slice; do the same.
+        return create_bidirectional_mask(
+            config=self.bridgetower.config, inputs_embeds=hidden[:, 0:1, :], attention_mask=attention_mask
+        )
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_bridge: bool = False) -> TowerOutput:
+        bt = self.bridgetower
+        hidden = bt.text_model.embeddings(input_ids=input_ids)
+        mask = self._text_mask(hidden, attention_mask)
+        token_type = self._token_type(TEXT_TOKEN_TYPE, hidden)
+        bridge = []
+        for index, layer in enumerate(bt.text_model.encoder.layer):
+            hidden = layer(hidden, mask)
+            bridge_index = index - self.first_bridge_layer
+            if with_bridge and bridge_index >= 0:
+                state = bt._apply_text_transform(hidden, bridge_index) + token_type
+                if bridge_index == 0:
+                    state = bt.cross_modal_text_layernorm(state)
+                bridge.append(state)
+        embeds = nn.functional.normalize(self.itc_text_head(hidden[:, 0, :]), dim=-1, p=2)
+        return TowerOutput(
+            embeds=embeds,
+            bridge=torch.stack(bridge, dim=1) if with_bridge else None,
+            mask=attention_mask if with_bridge else None,
+        )
+
+    @torch.inference_mode()
+    def encode_image(self, pixel_values: torch.Tensor, with_bridge: bool = False) -> TowerOutput:
+        bt = self.bridgetower
+        visual = bt.vision_model.visual
+        hidden = visual.forward_pre(pixel_values.type(bt.vision_model.dtype))  # (S, B, H)
+        token_type = self._token_type(IMAGE_TOKEN_TYPE, hidden)
+        last = len(bt.text_model.encoder.layer)  # the reference stops the image tower here too
+        bridge = []
+        for index, block in enumerate(visual.transformer.resblocks[:last]):
+            hidden = block(hidden)
+            bridge_index = index - self.first_bridge_layer
+            if with_bridge and bridge_index >= 0:
+                state = bt._apply_image_transform(visual.forward_post(hidden), bridge_index) + token_type
+                if bridge_index == 0:
+                    state = bt.cross_modal_image_layernorm(state)
+                bridge.append(state)
+        # BridgeTowerForContrastiveLearning: ln_post, the (shared) image transform and the image
+        # token type come *before* the ITC image head.
+        cls = self._itc_image_transform(visual.forward_post(hidden[0:1]))[:, 0, :] + token_type
+        embeds = nn.functional.normalize(self.itc_image_head(cls), dim=-1, p=2)
+        return TowerOutput(embeds=embeds, bridge=torch.stack(bridge, dim=1) if with_bridge else None)
+
+    def _itc_image_transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        # With per-layer transforms the reference has no single choice; the last layer's is ours.
+        return self.bridgetower._apply_image_transform(hidden, self.num_bridge_layers - 1)
+
+    # -- cross-modal encoder + ITM --------------------------------------------------------------
+
+    def _link_tower(self, towers, index: int):
+        return towers if self.config.share_link_tower_layers else towers[index]
+
+    @torch.inference_mode()
+    def match_logits(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor) -> torch.Tensor:
+        """ITM match logit (`logits[:, 1]` of the reference) of pair b = (text b, image b).
+
+        text_bridge: (B, N, T, H), text_mask: (B, T), image_bridge: (B, N, P, H).
+        """
+        bt = self.bridgetower
+        mask = self._text_mask(text_bridge[:, 0], text_mask)
+        text_in, image_in = text_bridge[:, 0], image_bridge[:, 0]
+        text_out = bt.cross_modal_text_layers[0](text_in, image_in, attention_mask=mask)[0]
+        image_out = bt.cross_modal_image_layers[0](image_in, text_in, encoder_attention_mask=mask)[0]
+        for layer in range(1, self.num_bridge_layers):
+            text_in = self._link_tower(bt.cross_modal_text_link_tower, layer - 1)(text_bridge[:, layer], text_out, mask)
+            image_in = self._link_tower(bt.cross_modal_image_link_tower, layer - 1)(image_bridge[:, layer], image_out, None)
+            text_out = bt.cross_modal_text_layers[layer](text_in, image_in, attention_mask=mask)[0]
+            image_out = bt.cross_modal_image_layers[layer](image_in, text_in, encoder_attention_mask=mask)[0]
+        pooled = bt.get_cls_features(text_out, image_out)
+        return self.itm_score(pooled)[:, 1]

@@ -1,0 +1,219 @@
+"""The `btsearch` command: a thin layer over `btsearch.Collection`.
+
+Errors the user can act on print one line on stderr and exit 1; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from btsearch.collection import Collection, IndexReport, SearchResult
+from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
+from btsearch.device import DEVICE_CHOICES
+from btsearch.encoder import DEFAULT_MODEL
+from btsearch.errors import BtsearchError
+from btsearch.flickr30k import evaluate_flickr30k
+from btsearch.text_files import read_texts_file
+
+
+class _Group(click.Group):
+    """Turns btsearch's own errors into one line on stderr, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (BtsearchError, FileNotFoundError) as error:
+            click.echo(f"btsearch: error: {error}", err=True)
+            ctx.exit(1)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+model_option = click.option(
+    "--model",
+    default=None,
+    metavar="M",
+    help=f"Hub id or local folder of a BridgeTower checkpoint with ITC heads [default: the collection's own, else {DEFAULT_MODEL}].",
+)
+device_option = click.option(
+    "--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True, help="Where the model runs (auto: CUDA when present, in half precision)."
+)
+db_option = click.option("--db", required=True, type=click.Path(file_okay=False, path_type=Path), help="The collection folder.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="btsearch")
+def main():
+    """Search images with text and texts with images, using BridgeTower.
+
+    FAISS recalls candidates by the uni-modal ITC embeddings; BridgeTower's cross-modal
+    encoder re-ranks the top ones with its ITM head.
+    """
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@db_option
+@model_option
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Images per model batch.")
+@device_option
+def index(paths, db, model, batch_size, device):
+    """Add the images under PATHS (files or folders, recursively) to the collection.
+
+    Creates the collection if needed. Files already indexed and unchanged are skipped.
+    """
+    collection = Collection.create(db, model=model, device=device)
+    report = collection.add_images(list(paths), batch_size=batch_size, progress=_progress())
+    _print_index_report(report, collection)
+
+
+def _print_index_report(report: IndexReport, collection: Collection) -> None:
+    for skipped in report.skipped:
+        click.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+    click.echo(
+        f"indexed {report.added} new, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; "
+        f"{collection.store.count_images()} images in {collection.path}"
+    )
+
+
+@main.command("add-texts")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@db_option
+@model_option
+@device_option
+def add_texts(file, db, model, device):
+    """Add the texts of FILE to the collection, for image-to-text search.
+
+    FILE is .txt (one text a line), .jsonl ({"text": ...} a line), or .csv/.parquet with a
+    `text` column.
+    """
+    texts = read_texts_file(file)
+    collection = Collection.create(db, model=model, device=device)
+    ids = collection.add_texts(texts, progress=_progress())
+    click.echo(f"added {len(ids)} texts; {collection.store.count_texts()} texts in {collection.path}")
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), help="Search the collection's texts with this image instead.")
+@db_option
+@click.option("-k", "k", default=10, show_default=True, type=int, help="Number of hits to show.")
+@click.option("--candidates", default=128, show_default=True, type=int, help="FAISS candidates re-ranked by ITM.")
+@click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no cross-modal encoder).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@model_option
+@device_option
+def search(text, image, db, k, candidates, no_rerank, as_json, model, device):
+    """Find images matching TEXT, or texts matching --image."""
+    if (text is None) == (image is None):
+        raise BtsearchError("give either a TEXT query or --image PATH")
+    if k < 1:
+        raise BtsearchError("-k must be at least 1")
+    if candidates < 0:
+        raise BtsearchError("--candidates must not be negative")
+    collection = Collection.open(db, model=model, device=device)
+    result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank)
+    _print_search(result, as_json)
+
+
+def _print_search(result: SearchResult, as_json: bool) -> None:
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    field = "path" if result.target == "images" else "text"
+    if as_json:
+        hits = [
+            {"rank": hit.rank, field: getattr(hit, field), "itc_score": hit.itc_score, "itm_score": hit.itm_score}
+            for hit in result.hits
+        ]
+        click.echo(json.dumps({"query": result.query, "hits": hits}, ensure_ascii=False))
+        return
+    click.echo(f"{'rank':>4}  {'itm':>8}  {'itc':>7}  {field}")
+    for hit in result.hits:
+        itm = "-" if hit.itm_score is None else f"{hit.itm_score:.3f}"
+        click.echo(f"{hit.rank:>4}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, field)}")
+
+
+@main.group("eval")
+def eval_group():
+    """Measure retrieval recall on a benchmark."""
+
+
+@eval_group.command("flickr30k")
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Karpathy's dataset_flickr30k.json, or the flickr30k hub CSV.")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder holding the Flickr30K images.")
+@click.option("--split", default="test", show_default=True, help="Karpathy split to evaluate.")
+@model_option
+@click.option("--candidates", default=128, show_default=True, type=click.IntRange(min=0), help="ITC top-k re-ranked by ITM per query (the paper: 128).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@device_option
+def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_json, device):
+    """R@1/5/10 both ways on Flickr30K (ALBEF/BridgeTower protocol), ITC alone and re-ranked.
+
+    Embeddings and ITM scores are cached: a second run with another --candidates computes only
+    the pairs not scored yet, and an interrupted run resumes.
+    """
+    result = evaluate_flickr30k(
+        annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
+        cache_dir=cache_dir, device=device, progress=_progress(),
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"Flickr30K {split}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
+    click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}")
+    rows = [("ITC", result["itc"])]
+    if result["rerank"] is not None:
+        rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
+    for name, table in rows:
+        t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
+        i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
+        click.echo(f"{name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+
+
+@main.command()
+@db_option
+@model_option
+def info(db, model):
+    """Show what a collection holds and which model built it."""
+    collection = Collection.open(db, model=model, load_model=False)
+    for key, value in collection.info().items():
+        click.echo(f"{key:<12} {value}")
+
+
+@main.command()
+@click.option("--db", default=Path("demo-collection"), show_default=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the demo's photos and collection.")
+@model_option
+@device_option
+def demo(db, model, device):
+    """Index sample photos shipped with scikit-image and search them both ways.
+
+    Uses the hub model when it can be had; offline, a small local checkpoint, labelled as such.
+    """
+    encoder, note = prepare_demo(db, model or DEFAULT_MODEL, device=device)
+    if note:
+        click.echo(f"NOTE: {note}\n")
+    collection = Collection.create(db / "collection", encoder=encoder)
+    click.echo(f"model: {collection.manifest.model}{' (small local fallback checkpoint)' if note else ''}")
+    report = collection.add_images([db / "photos"], progress=_progress())
+    _print_index_report(report, collection)
+    if collection.store.count_texts() == 0:
+        collection.add_texts(DEMO_TEXTS)
+    for text in DEMO_QUERIES[:4]:
+        click.echo(f"\n$ btsearch search {text!r} --db {collection.path} -k 3")
+        _print_search(collection.search(text=text, k=3, candidates=8), as_json=False)
+    photo = sorted((db / "photos").iterdir())[0]
+    click.echo(f"\n$ btsearch search --image {photo} --db {collection.path} -k 3")
+    _print_search(collection.search(image=photo, k=3, candidates=8), as_json=False)
+
+
+if __name__ == "__main__":
+    main()

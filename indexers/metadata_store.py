@@ -1,0 +1,269 @@
+"""Image and text records, with their embeddings, in an embedded LanceDB database.
+
+LanceDB is the source of truth: a FAISS index can always be rebuilt from it (`iter_embeddings`).
+Ids are allocated here, per table, as one more than the largest stored id. The store assumes a
+single writer at a time, like the rest of a collection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal, TypedDict
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.index import BTree
+
+
+def images_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),  # absolute and resolved
+            pa.field("size", pa.int64(), nullable=False),  # bytes
+            pa.field("mtime", pa.float64(), nullable=False),  # os.stat().st_mtime
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+
+
+def texts_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+
+
+TableName = Literal["images", "texts"]
+_SCHEMAS = {"images": images_schema, "texts": texts_schema}
+
+# Below this many rows a scan is as fast as a BTREE lookup, so indices would only cost writes.
+SCALAR_INDEX_MIN_ROWS = 10_000
+# `path` is looked up once per file on every re-index, `id` once per search hit.
+_INDEXED_COLUMNS = {"images": ("id", "path"), "texts": ("id",)}
+
+
+class ImageInfo(TypedDict):
+    """What `add_images` needs to know about an image file, besides its embedding."""
+
+    path: str
+    size: int
+    mtime: float
+    width: int
+    height: int
+
+
+class ImageRow(ImageInfo):
+    id: int
+
+
+class TextRow(TypedDict):
+    id: int
+    text: str
+
+
+class MetadataStore:
+    """The `images` and `texts` tables of one collection folder."""
+
+    def __init__(self, folder: Path, dim: int, tables: dict[str, lancedb.table.Table]) -> None:
+        self.folder = folder
+        self.dim = dim
+        self._tables = tables
+        self._schemas = {name: make(dim) for name, make in _SCHEMAS.items()}
+        # Rows carry every column but the embedding.
+        self._row_columns = {
+            name: [column for column in schema.names if column != "embedding"] for name, schema in self._schemas.items()
+        }
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str], dim: int) -> MetadataStore:
+        """Open the database in `folder`, creating it and its tables if missing."""
+        folder = Path(folder)
+        db = lancedb.connect(folder)
+        tables = {}
+        for name, schema in _SCHEMAS.items():
+            try:
+                tables[name] = db.create_table(name, schema=schema(dim), exist_ok=True)
+            except ValueError as e:  # exist_ok still insists on the same schema
+                raise ValueError(
+                    f"table {name!r} in {folder} does not have the expected schema "
+                    f"(embedding dimension {dim}): {e}"
+                ) from e
+        return cls(folder, dim, tables)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add_images(self, images: Sequence[ImageInfo], embeddings: np.ndarray) -> np.ndarray:
+        """Store new images and their float32 embeddings (n, dim); returns their ids (int64).
+
+        Paths are stored resolved, and each file may be stored once: a path already in the
+        table, or twice in `images`, is refused (delete the old row to replace a file).
+        """
+        embeddings = self._check_embeddings(embeddings, len(images))
+        if not images:
+            return np.empty(0, np.int64)
+        paths = [_resolve(image["path"]) for image in images]
+        unstorable = [path for path in paths if not _is_utf8(path)]
+        if unstorable:  # file names that are not UTF-8: Arrow strings cannot hold them
+            raise ValueError(f"{len(unstorable)} paths are not valid UTF-8, e.g. {unstorable[0]!r}")
+        repeated = [path for path, count in Counter(paths).items() if count > 1]
+        if repeated:
+            raise ValueError(f"{len(repeated)} paths occur more than once, e.g. {repeated[0]!r}")
+        stored = self._select("images", ["path"], f"path IN ({', '.join(map(_sql_string, paths))})")
+        if stored:
+            raise ValueError(f"{len(stored)} images are already stored, e.g. {stored[0]['path']!r}")
+        ids = self._allocate_ids("images", len(images))
+        columns = {
+            "id": ids,
+            "path": paths,
+            "size": [image["size"] for image in images],
+            "mtime": [image["mtime"] for image in images],
+            "width": [image["width"] for image in images],
+            "height": [image["height"] for image in images],
+        }
+        self._append("images", columns, embeddings)
+        return ids
+
+    def add_texts(self, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
+        """Store texts and their float32 embeddings (n, dim); returns their ids (int64)."""
+        embeddings = self._check_embeddings(embeddings, len(texts))
+        if not texts:
+            return np.empty(0, np.int64)
+        ids = self._allocate_ids("texts", len(texts))
+        self._append("texts", {"id": ids, "text": list(texts)}, embeddings)
+        return ids
+
+    def delete_images(self, ids: Iterable[int]) -> int:
+        """Delete the rows with these ids (unknown ones are ignored); returns how many went."""
+        return self._delete("images", ids)
+
+    def delete_texts(self, ids: Iterable[int]) -> int:
+        """Delete the rows with these ids (unknown ones are ignored); returns how many went."""
+        return self._delete("texts", ids)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get_images(self, ids: Iterable[int]) -> list[ImageRow]:
+        """The rows with these ids, in the order given; raises KeyError if any is missing."""
+        return self._get("images", ids)
+
+    def get_texts(self, ids: Iterable[int]) -> list[TextRow]:
+        """The rows with these ids, in the order given; raises KeyError if any is missing."""
+        return self._get("texts", ids)
+
+    def image_by_path(self, path: str | os.PathLike[str]) -> ImageRow | None:
+        """The row of the image at `path` (resolved like stored paths), or None."""
+        path = _resolve(path)
+        if not _is_utf8(path):  # could not have been stored
+            return None
+        rows = self._select("images", self._row_columns["images"], f"path = {_sql_string(path)}")
+        return rows[0] if rows else None
+
+    def count_images(self) -> int:
+        return self._tables["images"].count_rows()
+
+    def count_texts(self) -> int:
+        return self._tables["texts"].count_rows()
+
+    def iter_embeddings(self, table: TableName, batch_size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield `(ids, embeddings)` of every row of `table`: int64 (n,) and float32 (n, dim).
+
+        Batches hold at most `batch_size` rows (fewer at file boundaries). The arrays are
+        read-only views of LanceDB's buffers.
+        """
+        query = self._tables[table].search().select(["id", "embedding"])
+        for batch in query.to_batches(batch_size):
+            if batch.num_rows == 0:
+                continue
+            ids = batch.column("id").to_numpy()
+            # flatten() (not .values) honours the slice offset of a batch cut from a larger one.
+            embeddings = batch.column("embedding").flatten().to_numpy().reshape(-1, self.dim)
+            yield ids, embeddings
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_embeddings(self, embeddings: np.ndarray, n: int) -> np.ndarray:
+        embeddings = np.asarray(embeddings)
+        if embeddings.dtype != np.float32:
+            raise TypeError(f"embeddings must be float32, got {embeddings.dtype}")
+        if embeddings.shape != (n, self.dim):
+            raise ValueError(f"embeddings must have shape ({n}, {self.dim}), got {embeddings.shape}")
+        return np.ascontiguousarray(embeddings)
+
+    def _allocate_ids(self, table: TableName, n: int) -> np.ndarray:
+        # Read from the table each time (one int64 column) rather than cached, so that it stays
+        # right after deletes and across processes. Deleting the largest id frees it for reuse.
+        largest = pc.max(self._tables[table].search().select(["id"]).to_arrow()["id"]).as_py()
+        start = 0 if largest is None else largest + 1
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def _append(self, table: TableName, columns: dict[str, object], embeddings: np.ndarray) -> None:
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)
+        data = pa.table({**columns, "embedding": embedding}, schema=self._schemas[table])
+        self._tables[table].add(data)  # one write (one LanceDB version) per batch
+        self._maintain_indices(table)
+
+    def _maintain_indices(self, table: TableName) -> None:
+        lance_table = self._tables[table]
+        if lance_table.count_rows() < SCALAR_INDEX_MIN_ROWS:
+            return
+        indices = {config.columns[0]: config for config in lance_table.list_indices()}
+        for column in _INDEXED_COLUMNS[table]:
+            if column not in indices:
+                lance_table.create_index(column, config=BTree())
+        # Rows appended after an index was built are scanned until optimize() folds them in
+        # (it also compacts the small files that batched appends leave behind).
+        if any((config.num_unindexed_rows or 0) >= SCALAR_INDEX_MIN_ROWS for config in indices.values()):
+            lance_table.optimize()
+
+    def _select(self, table: TableName, columns: list[str], where: str) -> list[dict]:
+        return self._tables[table].search().where(where).select(columns).to_arrow().to_pylist()
+
+    def _get(self, table: TableName, ids: Iterable[int]) -> list[dict]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        rows = self._select(table, self._row_columns[table], f"id IN ({_sql_ints(ids)})")
+        found = {row["id"]: row for row in rows}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"no {table} with ids {missing[:10]}")
+        return [found[i] for i in ids]
+
+    def _delete(self, table: TableName, ids: Iterable[int]) -> int:
+        ids = [int(i) for i in ids]
+        if not ids:  # "id IN ()" is a syntax error
+            return 0
+        return self._tables[table].delete(f"id IN ({_sql_ints(ids)})").num_deleted_rows
+
+
+def _resolve(path: str | os.PathLike[str]) -> str:
+    return str(Path(path).resolve())
+
+
+def _is_utf8(text: str) -> bool:
+    # Linux file names are bytes; Python decodes undecodable ones to lone surrogates.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _sql_string(value: str) -> str:
+    """A SQL string literal: LanceDB's SQL (DataFusion) escapes a quote by doubling it, nothing else."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_ints(values: Iterable[int]) -> str:
+    return ", ".join(str(int(value)) for value in values)

@@ -1,0 +1,345 @@
+"""The storage layer: FAISS recall, LanceDB records, the manifest, and atomic writes."""
+
+import json
+import os
+
+import faiss
+import lancedb
+import numpy as np
+import pytest
+
+from btsearch.indexers import Manifest, ManifestError, MetadataStore, VectorIndex, gpu_available
+from btsearch.indexers import metadata_store, vector_index
+from btsearch.indexers.atomic import atomic_write
+
+DIM = 16
+
+
+def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def image(path, size=1, mtime=1.5, width=2, height=3) -> dict:
+    return {"path": str(path), "size": size, "mtime": mtime, "width": width, "height": height}
+
+
+# -- VectorIndex -------------------------------------------------------------------------------
+
+
+def test_search_matches_brute_force():
+    vectors, queries = unit_vectors(500), unit_vectors(7, seed=1)
+    ids = np.arange(1000, 1500, dtype=np.int64)[::-1].copy()  # ids unrelated to positions
+    index = VectorIndex(DIM)
+    index.add(ids, vectors)
+    scores, found = index.search(queries, 10)
+
+    similarities = queries @ vectors.T
+    best = np.argsort(-similarities, axis=1)[:, :10]
+    assert scores.dtype == np.float32 and found.dtype == np.int64
+    assert scores.shape == found.shape == (7, 10)
+    np.testing.assert_array_equal(found, ids[best])
+    np.testing.assert_allclose(scores, np.take_along_axis(similarities, best, axis=1), atol=1e-5)
+
+
+def test_k_is_capped_at_the_index_size():
+    index = VectorIndex(DIM)
+    scores, ids = index.search(unit_vectors(2), 5)
+    assert scores.shape == ids.shape == (2, 0)
+
+    index.add(np.array([7, 8, 9]), unit_vectors(3))
+    scores, ids = index.search(unit_vectors(2, seed=1), 50)
+    assert ids.shape == (2, 3)
+    assert (ids >= 0).all() and np.isfinite(scores).all()
+    assert sorted(ids[0]) == [7, 8, 9]
+
+
+def test_add_validates_its_input():
+    index = VectorIndex(DIM)
+    with pytest.raises(TypeError):
+        index.add(np.arange(3), unit_vectors(3).astype(np.float64))
+    with pytest.raises(ValueError):
+        index.add(np.arange(3), unit_vectors(3, dim=DIM + 1))
+    with pytest.raises(ValueError):
+        index.add(np.arange(2), unit_vectors(3))
+    with pytest.raises(ValueError, match="normalised"):
+        index.add(np.arange(3), unit_vectors(3) * 2)
+    with pytest.raises(ValueError, match="negative"):
+        index.add(np.array([-1]), unit_vectors(1))
+    with pytest.raises(ValueError, match="repeat"):
+        index.add(np.array([4, 4]), unit_vectors(2))
+    assert len(index) == 0
+
+
+def test_add_refuses_ids_already_present():
+    index = VectorIndex(DIM)
+    index.add(np.array([1, 2]), unit_vectors(2))
+    with pytest.raises(ValueError, match="already"):
+        index.add(np.array([3, 2]), unit_vectors(2, seed=1))
+    assert len(index) == 2
+    index.add(np.array([3]), unit_vectors(1, seed=2))
+    assert sorted(index.ids()) == [1, 2, 3]
+
+
+def test_remove():
+    vectors = unit_vectors(5)
+    index = VectorIndex(DIM)
+    index.add(np.arange(10, 15), vectors)
+    assert index.remove(np.array([11, 13, 99])) == 2
+    assert index.remove([]) == 0
+    assert sorted(index.ids()) == [10, 12, 14]
+    _, ids = index.search(vectors[[1, 3]], 3)
+    assert not np.isin(ids, [11, 13]).any()
+    index.add(np.array([11]), vectors[[1]])  # a removed id can be used again
+    assert index.search(vectors[[1]], 1)[1][0, 0] == 11
+
+
+def test_save_and_load_round_trip(tmp_path):
+    index = VectorIndex(DIM)
+    index.add(np.array([5, 3, 8]), unit_vectors(3))
+    index.save(tmp_path / "images.faiss")
+    loaded = VectorIndex.load(tmp_path / "images.faiss", DIM)
+    assert len(loaded) == 3 and loaded.dim == DIM
+    np.testing.assert_array_equal(loaded.ids(), [5, 3, 8])
+    queries = unit_vectors(4, seed=1)
+    for a, b in zip(index.search(queries, 3), loaded.search(queries, 3)):
+        np.testing.assert_array_equal(a, b)
+    assert os.listdir(tmp_path) == ["images.faiss"]  # no temporary file left behind
+
+
+def test_load_refuses_another_dimension(tmp_path):
+    VectorIndex(DIM).save(tmp_path / "x.faiss")
+    with pytest.raises(ValueError, match=f"{DIM}-dimensional"):
+        VectorIndex.load(tmp_path / "x.faiss", DIM * 2)
+
+
+def test_load_refuses_other_index_types(tmp_path):
+    faiss.write_index(faiss.IndexFlatL2(DIM), str(tmp_path / "x.faiss"))
+    with pytest.raises(ValueError, match="not an inner-product index"):
+        VectorIndex.load(tmp_path / "x.faiss", DIM)
+
+
+def test_load_of_a_missing_file():
+    with pytest.raises(FileNotFoundError):
+        VectorIndex.load("/nonexistent/x.faiss", DIM)
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.faiss"
+    index = VectorIndex(DIM)
+    index.add(np.array([1]), unit_vectors(1))
+    index.save(path)
+    before = path.read_bytes()
+
+    def broken_write(*args):
+        raise RuntimeError("disk full")
+
+    index.add(np.array([2]), unit_vectors(1, seed=1))
+    monkeypatch.setattr(faiss, "write_index", broken_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        index.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["x.faiss"]
+
+
+def test_to_gpu_without_a_gpu_is_a_no_op():
+    index = VectorIndex(DIM)
+    index.add(np.array([1]), unit_vectors(1))
+    assert index.to_gpu() == gpu_available() == index.on_gpu
+    assert index.search(unit_vectors(1), 1)[1][0, 0] == 1
+
+
+def test_gpu_bookkeeping_with_a_stand_in_gpu(tmp_path, monkeypatch):
+    """Exercises the GPU branches on any machine: cloning stands in for the trip to a GPU."""
+    monkeypatch.setattr(vector_index, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", faiss.clone_index)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", faiss.clone_index, raising=False)
+    vectors = unit_vectors(4)
+    index = VectorIndex(DIM)
+    index.add(np.arange(2), vectors[:2])
+    assert index.to_gpu() and index.on_gpu
+    index.add(np.arange(2, 4), vectors[2:])
+    assert index.remove([1]) == 1 and index.on_gpu
+    index.save(tmp_path / "x.faiss")
+    loaded = VectorIndex.load(tmp_path / "x.faiss", DIM)
+    assert not loaded.on_gpu
+    np.testing.assert_array_equal(loaded.search(vectors, 3)[1], index.search(vectors, 3)[1])
+    assert sorted(loaded.ids()) == [0, 2, 3]
+
+
+# -- atomic_write ------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_or_leaves_alone(tmp_path):
+    path = tmp_path / "f.bin"
+    with atomic_write(path) as f:
+        f.write(b"one")
+    with pytest.raises(KeyError):
+        with atomic_write(path) as f:
+            f.write(b"half of two")
+            raise KeyError("interrupted")
+    assert path.read_bytes() == b"one"
+    assert os.listdir(tmp_path) == ["f.bin"]
+    with atomic_write(path) as f:
+        f.write(b"two")
+    assert path.read_bytes() == b"two"
+
+
+# -- MetadataStore -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    return MetadataStore.open(tmp_path / "db", DIM)
+
+
+def test_images_round_trip_in_the_order_asked(store, tmp_path):
+    ids = store.add_images([image(tmp_path / f"{i}.jpg", size=i, mtime=i + 0.25) for i in range(5)], unit_vectors(5))
+    assert ids.dtype == np.int64 and ids.tolist() == [0, 1, 2, 3, 4]
+    rows = store.get_images(np.array([3, 0, 4, 3]))
+    assert [row["id"] for row in rows] == [3, 0, 4, 3]
+    assert rows[0] == {"id": 3, "path": str(tmp_path / "3.jpg"), "size": 3, "mtime": 3.25, "width": 2, "height": 3}
+    assert store.get_images([]) == []
+    with pytest.raises(KeyError):
+        store.get_images([1, 77])
+
+
+def test_ids_continue_from_the_largest(store, tmp_path):
+    assert store.add_texts(["a", "b"], unit_vectors(2)).tolist() == [0, 1]
+    assert store.add_texts(["c"], unit_vectors(1)).tolist() == [2]
+    assert store.delete_texts([0]) == 1
+    assert store.add_texts(["d"], unit_vectors(1)).tolist() == [3]
+    assert store.add_texts([], np.empty((0, DIM), np.float32)).tolist() == []
+    assert [row["text"] for row in store.get_texts([3, 1])] == ["d", "b"]
+    assert store.count_texts() == 3
+    # the images table has ids of its own
+    assert store.add_images([image(tmp_path / "x.jpg")], unit_vectors(1)).tolist() == [0]
+
+
+def test_delete(store, tmp_path):
+    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(4)], unit_vectors(4))
+    assert store.delete_images([1, 3, 42]) == 2
+    assert store.delete_images([]) == 0
+    assert store.count_images() == 2
+    assert store.image_by_path(tmp_path / "1.jpg") is None
+    assert store.image_by_path(tmp_path / "2.jpg")["id"] == 2
+
+
+AWKWARD_NAMES = ["it's.jpg", 'say "cheese".png', "a' OR '1'='1.jpg", "back\\slash'.jpg", "日本語 é ✓.jpg", "''.jpg", "%_.jpg"]
+
+
+def test_awkward_paths_and_texts(store, tmp_path):
+    paths = [tmp_path / name for name in AWKWARD_NAMES]
+    ids = store.add_images([image(path) for path in paths], unit_vectors(len(paths)))
+    for path, id in zip(paths, ids):
+        row = store.image_by_path(path)
+        assert row is not None and row["id"] == id and row["path"] == str(path)
+    assert store.image_by_path(tmp_path / "it.jpg") is None
+    assert store.image_by_path(tmp_path / "bad\udcff.jpg") is None
+
+    texts = ["l'été", 'a "quote"', "emoji 🙂", "line\nbreak", "x' OR 1=1 --"]
+    text_ids = store.add_texts(texts, unit_vectors(len(texts)))
+    assert [row["text"] for row in store.get_texts(text_ids[::-1])] == texts[::-1]
+
+
+def test_paths_are_stored_resolved_and_once(store, tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    store.add_images([image("../a.jpg")], unit_vectors(1))
+    row = store.image_by_path(tmp_path / "a.jpg")
+    assert row is not None and row["path"] == str(tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match="already stored"):
+        store.add_images([image(tmp_path / "b.jpg"), image(tmp_path / "a.jpg")], unit_vectors(2))
+    with pytest.raises(ValueError, match="more than once"):
+        store.add_images([image(tmp_path / "c.jpg"), image("../c.jpg")], unit_vectors(2))
+    with pytest.raises(ValueError, match="UTF-8"):
+        store.add_images([image(tmp_path / "bad\udcff.jpg")], unit_vectors(1))
+    assert store.count_images() == 1
+
+
+def test_add_validates_embeddings(store, tmp_path):
+    with pytest.raises(TypeError):
+        store.add_texts(["a"], unit_vectors(1).astype(np.float64))
+    with pytest.raises(ValueError):
+        store.add_texts(["a", "b"], unit_vectors(1))
+    with pytest.raises(ValueError):
+        store.add_images([image(tmp_path / "a.jpg")], unit_vectors(1, dim=DIM + 1))
+    assert store.count_texts() == store.count_images() == 0
+
+
+def test_iter_embeddings_rebuilds_the_vector_index(store):
+    vectors = unit_vectors(25)
+    for start in range(0, 25, 10):  # several appends, so several files
+        store.add_texts([f"t{i}" for i in range(start, min(start + 10, 25))], vectors[start : start + 10])
+    store.delete_texts([4])
+
+    batches = list(store.iter_embeddings("texts", batch_size=7))
+    assert all(len(ids) <= 7 and embeddings.shape == (len(ids), DIM) for ids, embeddings in batches)
+    index = VectorIndex(DIM)
+    for ids, embeddings in batches:
+        assert ids.dtype == np.int64 and embeddings.dtype == np.float32
+        index.add(ids, embeddings)
+    assert sorted(index.ids()) == [i for i in range(25) if i != 4]
+    for ids, embeddings in batches:
+        np.testing.assert_array_equal(embeddings, vectors[ids])
+    assert list(MetadataStore.open(store.folder, DIM).iter_embeddings("images")) == []
+
+
+def test_reopen_keeps_data_and_checks_the_dimension(store, tmp_path):
+    store.add_texts(["kept"], unit_vectors(1))
+    reopened = MetadataStore.open(store.folder, DIM)
+    assert reopened.get_texts([0])[0]["text"] == "kept"
+    with pytest.raises(ValueError, match="embedding dimension 32"):
+        MetadataStore.open(store.folder, 32)
+
+
+def test_scalar_indices_on_big_tables(store, tmp_path, monkeypatch):
+    def indices():  # a fresh handle: an open LanceDB table does not see later versions
+        return lancedb.connect(store.folder).open_table("images").list_indices()
+
+    monkeypatch.setattr(metadata_store, "SCALAR_INDEX_MIN_ROWS", 4)
+    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(3)], unit_vectors(3))
+    assert list(indices()) == []  # too small to bother
+
+    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(3, 6)], unit_vectors(3))
+    assert sorted(config.columns[0] for config in indices()) == ["id", "path"]
+
+    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(6, 12)], unit_vectors(6))
+    assert all(config.num_unindexed_rows == 0 for config in indices())  # folded in by optimize()
+    assert [row["id"] for row in store.get_images([11, 0, 7])] == [11, 0, 7]
+    assert store.image_by_path(tmp_path / "9.jpg")["id"] == 9
+
+
+# -- Manifest ----------------------------------------------------------------------------------
+
+
+def test_manifest_round_trip(tmp_path):
+    assert not Manifest.exists(tmp_path)
+    manifest = Manifest(format_version=1, model="BridgeTower/x", config_hash="abc123", embed_dim=512, btsearch_version="0.1.0")
+    manifest.save(tmp_path)
+    assert Manifest.exists(tmp_path)
+    assert Manifest.load(tmp_path) == manifest
+    assert os.listdir(tmp_path) == ["manifest.json"]
+    assert manifest.created.endswith("+00:00")
+
+
+def test_manifest_tolerates_unknown_and_optional_keys(tmp_path):
+    record = {"format_version": 1, "model": "m", "config_hash": "h", "embed_dim": 8, "created": "2024-01-01T00:00:00+00:00"}
+    (tmp_path / "manifest.json").write_text(json.dumps({**record, "from_the_future": True}))
+    assert Manifest.load(tmp_path) == Manifest(**record)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[1, 2]",
+        '{"format_version": 1, "model": "m", "config_hash": "h"}',
+        '{"format_version": 1, "model": "m", "config_hash": "h", "embed_dim": "512"}',
+        '{"format_version": true, "model": "m", "config_hash": "h", "embed_dim": 512}',
+    ],
+)
+def test_manifest_rejects_malformed_files(tmp_path, content):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ManifestError):
+        Manifest.load(tmp_path)
