@@ -1,8 +1,13 @@
 """Image and text records, with their embeddings, in an embedded LanceDB database.
 
 LanceDB is the source of truth: a FAISS index can always be rebuilt from it (`iter_embeddings`).
-Ids are allocated here, per table, as one more than the largest stored id. The store assumes a
-single writer at a time, like the rest of a collection.
+The store assumes one writer at a time (one process, one `MetadataStore`), like the rest of a
+collection: ids are allocated from a counter kept in memory.
+
+Every `add_*` call is one LanceDB append, which leaves one small file and one table version
+behind; reads slow down as these pile up. Write in large batches, and call `optimize()` after a
+bulk load. Nothing costlier than the append itself happens on the write path, because LanceDB
+compaction rewrites the whole table each time it runs.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, TypedDict
 
@@ -51,6 +57,9 @@ _SCHEMAS = {"images": images_schema, "texts": texts_schema}
 SCALAR_INDEX_MIN_ROWS = 10_000
 # `path` is looked up once per file on every re-index, `id` once per search hit.
 _INDEXED_COLUMNS = {"images": ("id", "path"), "texts": ("id",)}
+# optimize() deletes older table versions; a reader that opened the table within this grace
+# period may still be reading one of them.
+VERSION_GRACE = timedelta(minutes=5)
 
 
 class ImageInfo(TypedDict):
@@ -79,6 +88,7 @@ class MetadataStore:
         self.folder = folder
         self.dim = dim
         self._tables = tables
+        self._next_ids: dict[str, int] = {}  # per table, read from it on the first add
         self._schemas = {name: make(dim) for name, make in _SCHEMAS.items()}
         # Rows carry every column but the embedding.
         self._row_columns = {
@@ -106,8 +116,9 @@ class MetadataStore:
     def add_images(self, images: Sequence[ImageInfo], embeddings: np.ndarray) -> np.ndarray:
         """Store new images and their float32 embeddings (n, dim); returns their ids (int64).
 
-        Paths are stored resolved, and each file may be stored once: a path already in the
-        table, or twice in `images`, is refused (delete the old row to replace a file).
+        Paths are stored resolved. A file should be stored once: check `image_by_path` first
+        and delete the old row to replace it. A path repeated within `images` is refused (the
+        whole table is not searched, which would make every append as slow as a scan).
         """
         embeddings = self._check_embeddings(embeddings, len(images))
         if not images:
@@ -119,9 +130,6 @@ class MetadataStore:
         repeated = [path for path, count in Counter(paths).items() if count > 1]
         if repeated:
             raise ValueError(f"{len(repeated)} paths occur more than once, e.g. {repeated[0]!r}")
-        stored = self._select("images", ["path"], f"path IN ({', '.join(map(_sql_string, paths))})")
-        if stored:
-            raise ValueError(f"{len(stored)} images are already stored, e.g. {stored[0]['path']!r}")
         ids = self._allocate_ids("images", len(images))
         columns = {
             "id": ids,
@@ -142,6 +150,20 @@ class MetadataStore:
         ids = self._allocate_ids("texts", len(texts))
         self._append("texts", {"id": ids, "text": list(texts)}, embeddings)
         return ids
+
+    def optimize(self) -> None:
+        """Tidy both tables after a bulk write: merge the small files that appends leave,
+        index `id` (and `path`) once a table is big enough, bring those indices up to date, and
+        delete table versions older than VERSION_GRACE. Costs about one rewrite of the tables.
+        """
+        for name, table in self._tables.items():
+            table.optimize(cleanup_older_than=VERSION_GRACE)
+            if table.count_rows() < SCALAR_INDEX_MIN_ROWS:
+                continue
+            indexed = {config.columns[0] for config in table.list_indices()}
+            for column in _INDEXED_COLUMNS[name]:
+                if column not in indexed:
+                    table.create_index(column, config=BTree())
 
     def delete_images(self, ids: Iterable[int]) -> int:
         """Delete the rows with these ids (unknown ones are ignored); returns how many went."""
@@ -201,30 +223,20 @@ class MetadataStore:
         return np.ascontiguousarray(embeddings)
 
     def _allocate_ids(self, table: TableName, n: int) -> np.ndarray:
-        # Read from the table each time (one int64 column) rather than cached, so that it stays
-        # right after deletes and across processes. Deleting the largest id frees it for reuse.
-        largest = pc.max(self._tables[table].search().select(["id"]).to_arrow()["id"]).as_py()
-        start = 0 if largest is None else largest + 1
+        # One more than the largest id, read once: scanning the id column on every append would
+        # cost as much as the append, and more as small files pile up. Ids deleted from the top
+        # are therefore not reused by this store, but may be by a later one.
+        if table not in self._next_ids:
+            largest = pc.max(self._tables[table].search().select(["id"]).to_arrow()["id"]).as_py()
+            self._next_ids[table] = 0 if largest is None else largest + 1
+        start = self._next_ids[table]
         return np.arange(start, start + n, dtype=np.int64)
 
     def _append(self, table: TableName, columns: dict[str, object], embeddings: np.ndarray) -> None:
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)
         data = pa.table({**columns, "embedding": embedding}, schema=self._schemas[table])
-        self._tables[table].add(data)  # one write (one LanceDB version) per batch
-        self._maintain_indices(table)
-
-    def _maintain_indices(self, table: TableName) -> None:
-        lance_table = self._tables[table]
-        if lance_table.count_rows() < SCALAR_INDEX_MIN_ROWS:
-            return
-        indices = {config.columns[0]: config for config in lance_table.list_indices()}
-        for column in _INDEXED_COLUMNS[table]:
-            if column not in indices:
-                lance_table.create_index(column, config=BTree())
-        # Rows appended after an index was built are scanned until optimize() folds them in
-        # (it also compacts the small files that batched appends leave behind).
-        if any((config.num_unindexed_rows or 0) >= SCALAR_INDEX_MIN_ROWS for config in indices.values()):
-            lance_table.optimize()
+        self._tables[table].add(data)
+        self._next_ids[table] = int(columns["id"][-1]) + 1  # only once the rows are written
 
     def _select(self, table: TableName, columns: list[str], where: str) -> list[dict]:
         return self._tables[table].search().where(where).select(columns).to_arrow().to_pylist()

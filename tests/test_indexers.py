@@ -2,6 +2,7 @@
 
 import json
 import os
+from datetime import timedelta
 
 import faiss
 import lancedb
@@ -242,14 +243,13 @@ def test_awkward_paths_and_texts(store, tmp_path):
     assert [row["text"] for row in store.get_texts(text_ids[::-1])] == texts[::-1]
 
 
-def test_paths_are_stored_resolved_and_once(store, tmp_path, monkeypatch):
+def test_paths_are_stored_resolved(store, tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     store.add_images([image("../a.jpg")], unit_vectors(1))
     row = store.image_by_path(tmp_path / "a.jpg")
     assert row is not None and row["path"] == str(tmp_path / "a.jpg")
-    with pytest.raises(ValueError, match="already stored"):
-        store.add_images([image(tmp_path / "b.jpg"), image(tmp_path / "a.jpg")], unit_vectors(2))
+    assert store.image_by_path("../a.jpg") == row
     with pytest.raises(ValueError, match="more than once"):
         store.add_images([image(tmp_path / "c.jpg"), image("../c.jpg")], unit_vectors(2))
     with pytest.raises(ValueError, match="UTF-8"):
@@ -293,21 +293,31 @@ def test_reopen_keeps_data_and_checks_the_dimension(store, tmp_path):
         MetadataStore.open(store.folder, 32)
 
 
-def test_scalar_indices_on_big_tables(store, tmp_path, monkeypatch):
-    def indices():  # a fresh handle: an open LanceDB table does not see later versions
-        return lancedb.connect(store.folder).open_table("images").list_indices()
+def test_optimize_compacts_indexes_and_prunes(store, tmp_path, monkeypatch):
+    def table(name):  # a fresh handle: an open LanceDB table does not see later versions
+        return lancedb.connect(store.folder).open_table(name)
 
-    monkeypatch.setattr(metadata_store, "SCALAR_INDEX_MIN_ROWS", 4)
-    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(3)], unit_vectors(3))
-    assert list(indices()) == []  # too small to bother
+    store.optimize()  # empty tables
+    monkeypatch.setattr(metadata_store, "SCALAR_INDEX_MIN_ROWS", 6)
+    monkeypatch.setattr(metadata_store, "VERSION_GRACE", timedelta(0))
+    for start in range(0, 12, 3):
+        store.add_images([image(tmp_path / f"{i}.jpg") for i in range(start, start + 3)], unit_vectors(3))
+    store.add_texts(["few"], unit_vectors(1))
+    assert table("images").stats()["fragment_stats"]["num_fragments"] == 4
+    assert list(table("images").list_indices()) == []  # appends never index
 
-    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(3, 6)], unit_vectors(3))
-    assert sorted(config.columns[0] for config in indices()) == ["id", "path"]
+    store.optimize()
+    images = table("images")
+    assert images.stats()["fragment_stats"]["num_fragments"] == 1
+    assert len(images.list_versions()) <= 3  # the optimized one and its index builds
+    assert sorted(config.columns[0] for config in images.list_indices()) == ["id", "path"]
+    assert list(table("texts").list_indices()) == []  # too small to bother
 
-    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(6, 12)], unit_vectors(6))
-    assert all(config.num_unindexed_rows == 0 for config in indices())  # folded in by optimize()
-    assert [row["id"] for row in store.get_images([11, 0, 7])] == [11, 0, 7]
-    assert store.image_by_path(tmp_path / "9.jpg")["id"] == 9
+    store.add_images([image(tmp_path / f"{i}.jpg") for i in range(12, 15)], unit_vectors(3))
+    store.optimize()
+    assert all(config.num_unindexed_rows == 0 for config in table("images").list_indices())
+    assert [row["id"] for row in store.get_images([14, 0, 7])] == [14, 0, 7]
+    assert store.image_by_path(tmp_path / "13.jpg")["id"] == 13
 
 
 # -- Manifest ----------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""The transformers reference: its own BridgeTower task classes on the same checkpoint folder."""
+
+from functools import lru_cache
+
+import torch
+from PIL import Image
+from transformers import (
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerProcessor,
+)
+
+from btsearch.images import load_rgb
+
+
+@lru_cache(maxsize=8)
+def _models(checkpoint: str):
+    processor = BridgeTowerProcessor.from_pretrained(checkpoint)
+    itc = BridgeTowerForContrastiveLearning.from_pretrained(checkpoint).eval()
+    itm = BridgeTowerForImageAndTextRetrieval.from_pretrained(checkpoint).eval()
+    return processor, itc, itm
+
+
+def _inputs(checkpoint, texts, images):
+    processor, _, _ = _models(str(checkpoint))
+    pictures = [image if isinstance(image, Image.Image) else load_rgb(image) for image in images]
+    return processor(images=pictures, text=list(texts), padding=True, truncation=True, max_length=40, return_tensors="pt")
+
+
+@torch.no_grad()
+def itc_embeddings(checkpoint, texts, images):
+    """(text_embeds, image_embeds) of BridgeTowerForContrastiveLearning; texts[i] pairs images[i]."""
+    _, itc, _ = _models(str(checkpoint))
+    out = itc(**_inputs(checkpoint, texts, images))
+    return out.text_embeds.numpy(), out.image_embeds.numpy()
+
+
+@torch.no_grad()
+def itm_logit(checkpoint, text, image) -> float:
+    """logits[:, 1] of BridgeTowerForImageAndTextRetrieval for one (text, image) pair."""
+    _, _, itm = _models(str(checkpoint))
+    return float(itm(**_inputs(checkpoint, [text], [image])).logits[0, 1])
+
+
+def pixel_values(checkpoint, images):
+    processor, _, _ = _models(str(checkpoint))
+    return processor(images=[load_rgb(image) for image in images], text=["x"] * len(images), return_tensors="pt")["pixel_values"]

@@ -1,0 +1,101 @@
+"""The CLI contract, with every printed score checked against transformers' classes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from btsearch.cli.main import main
+
+from . import reference
+
+QUERY = "a close up of a tabby cat"
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, trained_checkpoint, photos, photo_captions):
+    db = tmp_path_factory.mktemp("cli") / "db"
+    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--batch-size", 4)
+    captions = tmp_path_factory.mktemp("texts") / "captions.txt"
+    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n", encoding="utf-8")
+    run("add-texts", captions, "--db", db)
+    return db
+
+
+def test_text_search_scores_equal_reference_and_rerank_orders(collection, trained_checkpoint, photos):
+    out = json.loads(run("search", QUERY, "--db", collection, "-k", 6, "--candidates", 4, "--json").output)
+    hits = out["hits"]
+    assert out["query"] == QUERY and [h["rank"] for h in hits] == list(range(1, 7))
+    reranked, rest = hits[:4], hits[4:]
+    assert all(h["itm_score"] is not None for h in reranked) and all(h["itm_score"] is None for h in rest)
+    assert [h["itm_score"] for h in reranked] == sorted((h["itm_score"] for h in reranked), reverse=True)
+    # The top 4 by ITC are the re-ranked ones; the rest follow in ITC order.
+    assert min(h["itc_score"] for h in reranked) >= max(h["itc_score"] for h in rest)
+    assert [h["itc_score"] for h in rest] == sorted((h["itc_score"] for h in rest), reverse=True)
+    text_ref, image_ref = reference.itc_embeddings(trained_checkpoint, [QUERY] * len(hits), [h["path"] for h in hits])
+    np.testing.assert_allclose([h["itc_score"] for h in hits], np.sum(text_ref * image_ref, axis=1), atol=1e-5)
+    for hit in reranked:
+        assert math.isclose(hit["itm_score"], reference.itm_logit(trained_checkpoint, QUERY, hit["path"]), abs_tol=1e-4)
+    assert hits[0]["path"].endswith("chelsea.jpg")
+
+
+def test_image_search_finds_its_captions(collection, trained_checkpoint, photos, photo_captions):
+    photo = next(p for p in photos if p.stem == "astronaut")
+    out = json.loads(run("search", "--image", photo, "--db", collection, "-k", 3, "--candidates", 5, "--json").output)
+    hits = out["hits"]
+    assert all("text" in h and "path" not in h for h in hits)
+    assert hits[0]["text"] in photo_captions["astronaut"]
+    for hit in hits:
+        assert math.isclose(hit["itm_score"], reference.itm_logit(trained_checkpoint, hit["text"], photo), abs_tol=1e-4)
+
+
+def test_no_rerank_is_itc_order(collection):
+    hits = json.loads(run("search", QUERY, "--db", collection, "-k", 5, "--no-rerank", "--json").output)["hits"]
+    assert all(h["itm_score"] is None for h in hits)
+    assert [h["itc_score"] for h in hits] == sorted((h["itc_score"] for h in hits), reverse=True)
+
+
+def test_readable_table_and_info(collection, photos):
+    table = run("search", QUERY, "--db", collection, "-k", 2).output.splitlines()
+    assert table[0].split() == ["rank", "itm", "itc", "path"] and len(table) == 3
+    info = run("info", "--db", collection).output
+    assert f"images       {len(photos)}" in info and "texts" in info
+
+
+def test_reindex_skips_unchanged(collection, photos):
+    assert "0 new, 0 updated, %d unchanged" % len(photos) in run("index", photos[0].parent, "--db", collection).output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "x", "--db", "{missing}"], "no collection at"),
+        (["search", "--db", "{db}"], "give either a TEXT"),
+        (["search", "x", "--db", "{db}", "-k", "0"], "-k must be at least 1"),
+        (["search", "x", "--db", "{db}", "--model", "{other}"], "was built with model"),
+        (["info", "--db", "{plain}"], "not a btsearch collection"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(collection, tmp_path, random_checkpoint, args, message):
+    (tmp_path / "plain").mkdir()
+    names = dict(missing=tmp_path / "nope", db=collection, other=random_checkpoint, plain=tmp_path / "plain")
+    result = CliRunner().invoke(main, [a.format(**names) for a in args])
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_texts_table_required_for_image_search(tmp_path, trained_checkpoint, photos):
+    db = tmp_path / "db"
+    run("index", photos[0], "--db", db, "--model", trained_checkpoint)
+    result = run("search", "--image", photos[0], "--db", db, ok=False)
+    assert result.exit_code == 1 and "no texts" in result.stderr

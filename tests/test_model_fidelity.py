@@ -1,0 +1,113 @@
+"""Our split model equals transformers' BridgeTower classes on the same checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from btsearch.encoder import Encoder
+from btsearch.images import load_rgb
+from btsearch.small_checkpoint import build_small_checkpoint
+
+from . import reference
+
+TEXTS = [
+    "a cat",
+    "an astronaut in an orange space suit smiling in front of a flag",
+    "a cup of coffee on a red saucer",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(random_checkpoint):
+    return Encoder.from_pretrained(str(random_checkpoint), device="cpu")
+
+
+def test_preprocessing_equals_processor(encoder, random_checkpoint, photos):
+    # Non-square photos and grey ones: the centre crop and RGB conversion must match.
+    ours = np.stack([encoder.preprocess_image(load_rgb(p)) for p in photos])
+    theirs = reference.pixel_values(random_checkpoint, photos).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_embeddings_equal_contrastive_model(encoder, random_checkpoint, photos):
+    images = photos[: len(TEXTS)]
+    ref_text, ref_image = reference.itc_embeddings(random_checkpoint, TEXTS, images)
+    ours_text = encoder.embed_texts(TEXTS)
+    ours_image = encoder.embed_pixels(np.stack([encoder.preprocess_image(load_rgb(p)) for p in images]))
+    np.testing.assert_allclose(ours_text, ref_text, atol=1e-5)
+    np.testing.assert_allclose(ours_image, ref_image, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours_text, axis=1), 1.0, atol=1e-5)
+
+
+def test_text_embedding_does_not_depend_on_batch_padding(encoder):
+    alone = encoder.embed_texts([TEXTS[0]])
+    padded = encoder.embed_texts(TEXTS)[0:1]
+    np.testing.assert_allclose(alone, padded, atol=1e-5)
+
+
+def test_itm_scores_equal_retrieval_model_for_every_pair(encoder, random_checkpoint, photos):
+    images = photos[:4]
+    pixels = np.stack([encoder.preprocess_image(load_rgb(p)) for p in images])
+    image_states = encoder.image_states(pixels, with_bridge=True)  # once for all pairs
+    for text in TEXTS:
+        text_states = encoder.text_states([text], with_bridge=True)
+        ours = encoder.match(text_states, image_states)
+        theirs = [reference.itm_logit(random_checkpoint, text, image) for image in images]
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_hidden_layers=3),  # 3 cross-modal layers on a 3-layer tower: the bridge starts at layer 0
+        dict(num_hidden_layers=1),  # a single cross-modal layer: no link tower
+        dict(link_tower_type="interpolate"),
+    ],
+    ids=["cross3", "cross1", "interpolate"],
+)
+def test_other_architectures_equal_reference(tmp_path, photos, overrides):
+    checkpoint = build_small_checkpoint(tmp_path / "ckpt", seed=2, **overrides)
+    encoder = Encoder.from_pretrained(str(checkpoint), device="cpu")
+    ref_text, ref_image = reference.itc_embeddings(checkpoint, TEXTS[:2], photos[:2])
+    np.testing.assert_allclose(encoder.embed_texts(TEXTS[:2]), ref_text, atol=1e-5)
+    pixels = np.stack([encoder.preprocess_image(load_rgb(p)) for p in photos[:2]])
+    np.testing.assert_allclose(encoder.embed_pixels(pixels), ref_image, atol=1e-5)
+    states = encoder.image_states(pixels, with_bridge=True)
+    ours = encoder.match(encoder.text_states([TEXTS[1]], with_bridge=True), states)
+    theirs = [reference.itm_logit(checkpoint, TEXTS[1], p) for p in photos[:2]]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_embedding_never_runs_the_cross_modal_encoder(encoder, photos, monkeypatch):
+    calls = []
+    for layer in encoder.model.bridgetower.cross_modal_text_layers:
+        monkeypatch.setattr(layer, "forward", lambda *a, **k: calls.append(1))
+    encoder.embed_texts(TEXTS)
+    encoder.embed_pixels(np.stack([encoder.preprocess_image(load_rgb(photos[0]))]))
+    assert calls == []
+
+
+def test_image_modes_become_rgb(tmp_path):
+    base = Image.new("RGB", (40, 30), (200, 30, 10))
+    cases = {
+        "grey.png": base.convert("L"),
+        "palette.png": base.convert("P"),
+        "cmyk.jpg": base.convert("CMYK"),
+        "alpha.png": base.convert("RGBA"),
+        "sixteen.png": Image.fromarray((np.full((30, 40), 40000)).astype(np.uint16)),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        loaded = load_rgb(tmp_path / name)
+        assert loaded.mode == "RGB" and loaded.size == (40, 30), name
+    # 16-bit greys are scaled, not clipped to white.
+    assert load_rgb(tmp_path / "sixteen.png").getpixel((0, 0))[0] == round(40000 / 65535 * 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (60, 20), (0, 0, 255))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 60)
