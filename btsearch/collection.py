@@ -27,7 +27,8 @@ from .reranker import Reranker
 
 FORMAT_VERSION = 1
 TABLES = ("images", "texts")
-INDEX_SAVE_INTERVAL_S = 30.0  # a crash loses at most this much FAISS work; LanceDB has it all
+INDEX_SAVE_INTERVAL_S = 30.0  # a crash loses at most this much work
+WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
 
 
 @dataclass
@@ -56,6 +57,28 @@ class IndexReport:
     unchanged: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
+
+
+class _PendingImages:
+    """Embedded images waiting to be written together."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.embeddings: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, images, embeddings: np.ndarray) -> None:
+        self.rows += [
+            {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height} for im in images
+        ]
+        self.embeddings.append(embeddings)
+
+    def take(self) -> tuple[list[dict], np.ndarray]:
+        rows, embeddings = self.rows, np.concatenate(self.embeddings)
+        self.rows, self.embeddings = [], []
+        return rows, embeddings
 
 
 class Collection:
@@ -135,15 +158,15 @@ class Collection:
         return self._indexes[table]
 
     def _load_or_rebuild(self, table: str) -> VectorIndex:
-        count = self.store.count_images() if table == "images" else self.store.count_texts()
         path = self._index_path(table)
         index = None
         if path.exists():
             try:
                 index = VectorIndex.load(path, self.manifest.embed_dim)
-            except Exception:  # corrupt or foreign file: LanceDB holds the truth
+            except (OSError, ValueError, RuntimeError):  # corrupt or foreign file: LanceDB holds the truth
                 index = None
-        if index is None or len(index) != count:
+        # Same ids, not just the same count: a crash between a delete and an add keeps the count.
+        if index is None or not np.array_equal(np.sort(index.ids()), self.store.ids(table)):
             index = VectorIndex(self.manifest.embed_dim)
             for ids, vectors in self.store.iter_embeddings(table, batch_size=65536):
                 index.add(ids, vectors)
@@ -161,9 +184,10 @@ class Collection:
         """Embed every image file under `roots` that is new or changed since it was indexed."""
         started = time.perf_counter()
         report = IndexReport()
+        known = self.store.image_files()
         todo, replaced = [], []
         for path in find_images(roots):
-            row = self.store.image_by_path(str(path))
+            row = known.get(str(path))
             if row is None:
                 todo.append(path)
                 continue
@@ -177,28 +201,34 @@ class Collection:
         if replaced:
             self.store.delete_images(replaced)
             index.remove(np.asarray(replaced, dtype=np.int64))
+        pending = _PendingImages()
         last_save = time.monotonic()
         with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for batch in iter_image_batches(todo, self.encoder.preprocess_image, batch_size):
                 report.skipped.extend(batch.skipped)
                 if batch.images:
-                    embeddings = self.encoder.embed_pixels(batch.pixels())
-                    rows = [
-                        {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height}
-                        for im in batch.images
-                    ]
-                    ids = self.store.add_images(rows, embeddings)
-                    index.add(ids, embeddings)
+                    pending.add(batch.images, self.encoder.embed_pixels(batch.pixels()))
                     report.added += len(batch.images)
+                if len(pending) >= WRITE_ROWS:
+                    self._write_images(pending)
                 bar.update(len(batch.images) + len(batch.skipped))
                 if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
+                    self._write_images(pending)
                     self._save_index("images")
                     last_save = time.monotonic()
+        self._write_images(pending)
         report.updated = min(len(replaced), report.added)
         report.added -= report.updated
         self._save_index("images")
+        self.store.optimize()
         report.seconds = time.perf_counter() - started
         return report
+
+    def _write_images(self, pending: "_PendingImages") -> None:
+        """LanceDB first (the truth), then FAISS: a crash in between is mended on the next open."""
+        if len(pending):
+            rows, embeddings = pending.take()
+            self.index("images").add(self.store.add_images(rows, embeddings), embeddings)
 
     def add_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed and store texts; returns their ids in order."""
@@ -216,6 +246,7 @@ class Collection:
                 all_ids.append(ids)
                 bar.update(len(chunk))
         self._save_index("texts")
+        self.store.optimize()
         return np.concatenate(all_ids) if all_ids else np.empty(0, dtype=np.int64)
 
     # -- searching --------------------------------------------------------------------------

@@ -108,12 +108,13 @@ def evaluate_flickr30k(
 
 
 def _image_ids(collection: Collection, paths: list[Path]) -> np.ndarray:
-    return np.array([collection.store.image_by_path(str(path.resolve()))["id"] for path in paths], dtype=np.int64)
+    known = collection.store.image_files()
+    return np.array([known[str(path.resolve())]["id"] for path in paths], dtype=np.int64)
 
 
 def _caption_ids(collection: Collection, captions: list[str], progress: bool) -> np.ndarray:
     """The captions' text ids, adding them unless the collection already holds exactly them."""
-    stored_ids = np.sort(np.concatenate([ids for ids, _ in collection.store.iter_embeddings("texts", 65536)] or [np.empty(0, np.int64)]))
+    stored_ids = collection.store.ids("texts")
     if len(stored_ids) == len(captions):
         stored = [row["text"] for row in collection.store.get_texts(stored_ids)]
         if stored == captions:

@@ -101,13 +101,12 @@ class MetadataStore:
         folder = Path(folder)
         db = lancedb.connect(folder)
         tables = {}
-        for name, schema in _SCHEMAS.items():
+        for name, make_schema in _SCHEMAS.items():
             try:
-                tables[name] = db.create_table(name, schema=schema(dim), exist_ok=True)
+                tables[name] = db.create_table(name, schema=make_schema(dim), exist_ok=True)
             except ValueError as e:  # exist_ok still insists on the same schema
                 raise ValueError(
-                    f"table {name!r} in {folder} does not have the expected schema "
-                    f"(embedding dimension {dim}): {e}"
+                    f"table {name!r} in {folder} does not have the expected schema (embedding dimension {dim}): {e}"
                 ) from e
         return cls(folder, dim, tables)
 
@@ -190,6 +189,16 @@ class MetadataStore:
             return None
         rows = self._select("images", self._row_columns["images"], f"path = {_sql_string(path)}")
         return rows[0] if rows else None
+
+    def image_files(self) -> dict[str, ImageRow]:
+        """Every image row (without embeddings) by path, in one scan: what a re-index compares
+        the files on disk against, far cheaper than one lookup per file."""
+        rows = self._tables["images"].search().select(self._row_columns["images"]).to_arrow().to_pylist()
+        return {row["path"]: row for row in rows}
+
+    def ids(self, table: TableName) -> np.ndarray:
+        """All ids of `table`, sorted."""
+        return np.sort(self._tables[table].search().select(["id"]).to_arrow()["id"].to_numpy())
 
     def count_images(self) -> int:
         return self._tables["images"].count_rows()

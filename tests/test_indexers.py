@@ -9,8 +9,15 @@ import lancedb
 import numpy as np
 import pytest
 
-from btsearch.indexers import Manifest, ManifestError, MetadataStore, VectorIndex, gpu_available
-from btsearch.indexers import metadata_store, vector_index
+from btsearch.indexers import (
+    Manifest,
+    ManifestError,
+    MetadataStore,
+    VectorIndex,
+    gpu_available,
+    metadata_store,
+    vector_index,
+)
 from btsearch.indexers.atomic import atomic_write
 
 DIM = 16
@@ -103,7 +110,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert len(loaded) == 3 and loaded.dim == DIM
     np.testing.assert_array_equal(loaded.ids(), [5, 3, 8])
     queries = unit_vectors(4, seed=1)
-    for a, b in zip(index.search(queries, 3), loaded.search(queries, 3)):
+    for a, b in zip(index.search(queries, 3), loaded.search(queries, 3), strict=True):
         np.testing.assert_array_equal(a, b)
     assert os.listdir(tmp_path) == ["images.faiss"]  # no temporary file left behind
 
@@ -175,10 +182,9 @@ def test_atomic_write_replaces_or_leaves_alone(tmp_path):
     path = tmp_path / "f.bin"
     with atomic_write(path) as f:
         f.write(b"one")
-    with pytest.raises(KeyError):
-        with atomic_write(path) as f:
-            f.write(b"half of two")
-            raise KeyError("interrupted")
+    with pytest.raises(KeyError), atomic_write(path) as f:
+        f.write(b"half of two")
+        raise KeyError("interrupted")
     assert path.read_bytes() == b"one"
     assert os.listdir(tmp_path) == ["f.bin"]
     with atomic_write(path) as f:
@@ -226,13 +232,21 @@ def test_delete(store, tmp_path):
     assert store.image_by_path(tmp_path / "2.jpg")["id"] == 2
 
 
-AWKWARD_NAMES = ["it's.jpg", 'say "cheese".png', "a' OR '1'='1.jpg", "back\\slash'.jpg", "日本語 é ✓.jpg", "''.jpg", "%_.jpg"]
+AWKWARD_NAMES = [
+    "it's.jpg",
+    'say "cheese".png',
+    "a' OR '1'='1.jpg",
+    "back\\slash'.jpg",
+    "日本語 é ✓.jpg",
+    "''.jpg",
+    "%_.jpg",
+]
 
 
 def test_awkward_paths_and_texts(store, tmp_path):
     paths = [tmp_path / name for name in AWKWARD_NAMES]
     ids = store.add_images([image(path) for path in paths], unit_vectors(len(paths)))
-    for path, id in zip(paths, ids):
+    for path, id in zip(paths, ids, strict=True):
         row = store.image_by_path(path)
         assert row is not None and row["id"] == id and row["path"] == str(path)
     assert store.image_by_path(tmp_path / "it.jpg") is None
@@ -293,6 +307,7 @@ def test_reopen_keeps_data_and_checks_the_dimension(store, tmp_path):
         MetadataStore.open(store.folder, 32)
 
 
+@pytest.mark.filterwarnings("ignore:optimize\\(cleanup_older_than=0\\)")  # no other reader here
 def test_optimize_compacts_indexes_and_prunes(store, tmp_path, monkeypatch):
     def table(name):  # a fresh handle: an open LanceDB table does not see later versions
         return lancedb.connect(store.folder).open_table(name)
@@ -325,7 +340,9 @@ def test_optimize_compacts_indexes_and_prunes(store, tmp_path, monkeypatch):
 
 def test_manifest_round_trip(tmp_path):
     assert not Manifest.exists(tmp_path)
-    manifest = Manifest(format_version=1, model="BridgeTower/x", config_hash="abc123", embed_dim=512, btsearch_version="0.1.0")
+    manifest = Manifest(
+        format_version=1, model="BridgeTower/x", config_hash="abc123", embed_dim=512, btsearch_version="0.1.0"
+    )
     manifest.save(tmp_path)
     assert Manifest.exists(tmp_path)
     assert Manifest.load(tmp_path) == manifest
@@ -334,7 +351,7 @@ def test_manifest_round_trip(tmp_path):
 
 
 def test_manifest_tolerates_unknown_and_optional_keys(tmp_path):
-    record = {"format_version": 1, "model": "m", "config_hash": "h", "embed_dim": 8, "created": "2024-01-01T00:00:00+00:00"}
+    record = {"format_version": 1, "model": "m", "config_hash": "h", "embed_dim": 8, "created": "2024-01-01T00:00Z"}
     (tmp_path / "manifest.json").write_text(json.dumps({**record, "from_the_future": True}))
     assert Manifest.load(tmp_path) == Manifest(**record)
 

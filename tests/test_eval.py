@@ -1,0 +1,116 @@
+"""`btsearch eval flickr30k` against a brute-force computation from the full score matrices."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from btsearch.cli.main import main
+
+from . import reference
+
+CANDIDATES = 3
+
+
+@pytest.fixture(scope="module")
+def flickr(tmp_path_factory, photos, photo_captions):
+    """A Flickr30K-shaped data set: Karpathy JSON and hub CSV over the sample photos."""
+    root = tmp_path_factory.mktemp("flickr")
+    names = {p.name: p for p in photos}
+    images = []
+    for n, (stem, captions) in enumerate(photo_captions.items()):
+        split = "test" if n < 8 else "train"
+        images.append({"filename": f"{stem}.jpg", "split": split, "sentences": [{"raw": c, "tokens": c.split()} for c in captions]})
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    with (root / "flickr_annotations_30k.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
+        for n, image in enumerate(images):
+            writer.writerow([json.dumps([s["raw"] for s in image["sentences"]]), "[]", image["split"], image["filename"], n])
+    test = [image for image in images if image["split"] == "test"]
+    return root, names[test[0]["filename"]].parent, test
+
+
+def brute_force_recall(itc, itm, caption_image, k):
+    """Ranks by sorting each query's full candidate list with explicit keys."""
+
+    def rank_lists(scores_itc, scores_itm):
+        orders = []
+        for row_itc, row_itm in zip(scores_itc, scores_itm):
+            by_itc = sorted(range(len(row_itc)), key=lambda j: (-row_itc[j], j))
+            top = by_itc[:k] if row_itm is not None else []
+            head = sorted(top, key=lambda j: (-row_itm[j], by_itc.index(j)))
+            orders.append(head + [j for j in by_itc if j not in top])
+        return orders
+
+    def pct(ranks):
+        return {f"R@{n}": 100.0 * np.mean(np.array(ranks) < n) for n in (1, 5, 10)}
+
+    t2i = rank_lists(itc, itm if itm is not None else [None] * len(itc))
+    i2t = rank_lists(itc.T, itm.T if itm is not None else [None] * itc.shape[1])
+    t2i_ranks = [order.index(caption_image[t]) for t, order in enumerate(t2i)]
+    i2t_ranks = [min(order.index(t) for t in np.flatnonzero(caption_image == i)) for i, order in enumerate(i2t)]
+    return pct(t2i_ranks), pct(i2t_ranks)
+
+
+def test_eval_matches_brute_force_on_both_annotation_formats(flickr, trained_checkpoint, tmp_path):
+    root, image_dir, test = flickr
+    captions = [s["raw"] for image in test for s in image["sentences"]]
+    caption_image = np.array([n for n, image in enumerate(test) for _ in image["sentences"]])
+    paths = [image_dir / image["filename"] for image in test]
+    # Full matrices from transformers' own classes.
+    text_emb, _ = reference.itc_embeddings(trained_checkpoint, captions, [paths[0]] * len(captions))
+    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(paths), paths)
+    itc = text_emb @ image_emb.T
+    itm = np.array([[reference.itm_logit(trained_checkpoint, c, p) for p in paths] for c in captions])
+    expected = {
+        "itc": brute_force_recall(itc, None, caption_image, CANDIDATES),
+        "rerank": brute_force_recall(itc, itm, caption_image, CANDIDATES),
+    }
+    for annotations in ("dataset_flickr30k.json", "flickr_annotations_30k.csv"):
+        args = ["eval", "flickr30k", "--annotations", root / annotations, "--images", image_dir, "--model", trained_checkpoint,
+                "--candidates", CANDIDATES, "--cache-dir", tmp_path / "cache", "--json"]
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.output)
+        assert out["num_images"] == len(paths) and out["num_texts"] == len(captions) and out["candidates"] == CANDIDATES
+        for protocol, (t2i, i2t) in expected.items():
+            assert out[protocol]["text_to_image"] == pytest.approx(t2i)
+            assert out[protocol]["image_to_text"] == pytest.approx(i2t)
+            assert out[protocol]["rsum"] == pytest.approx(sum(t2i.values()) + sum(i2t.values()))
+    # The trained checkpoint knows these photos: re-ranking keeps recall high.
+    assert out["rerank"]["text_to_image"]["R@5"] >= 80
+
+
+def test_second_eval_with_other_k_scores_only_new_pairs(flickr, trained_checkpoint, tmp_path, monkeypatch):
+    root, image_dir, _ = flickr
+    from btsearch.model import BridgeTowerRetrievalModel
+
+    scored = []
+    original = BridgeTowerRetrievalModel.match_logits
+
+    def counting(self, text_bridge, text_mask, image_bridge):
+        scored.append(len(text_bridge))
+        return original(self, text_bridge, text_mask, image_bridge)
+
+    monkeypatch.setattr(BridgeTowerRetrievalModel, "match_logits", counting)
+    base = ["eval", "flickr30k", "--annotations", root / "dataset_flickr30k.json", "--images", image_dir,
+            "--model", trained_checkpoint, "--cache-dir", tmp_path, "--json", "--candidates"]
+    CliRunner().invoke(main, [str(a) for a in base + [2]])
+    first = sum(scored)
+    CliRunner().invoke(main, [str(a) for a in base + [2]])
+    assert sum(scored) == first  # everything cached
+    CliRunner().invoke(main, [str(a) for a in base + [3]])
+    assert first < sum(scored) < 2 * first + 100  # only the pairs k=3 adds
+
+
+def test_bad_annotations_are_named(tmp_path, flickr, trained_checkpoint):
+    root, image_dir, _ = flickr
+    (tmp_path / "bad.json").write_text("{}")
+    result = CliRunner().invoke(main, ["eval", "flickr30k", "--annotations", str(tmp_path / "bad.json"), "--images", str(image_dir)])
+    assert result.exit_code == 1 and "Karpathy" in result.stderr
+    result = CliRunner().invoke(main, ["eval", "flickr30k", "--annotations", str(root / "dataset_flickr30k.json"),
+                                       "--images", str(image_dir), "--split", "val"])
+    assert result.exit_code == 1 and "no images in split 'val'" in result.stderr
