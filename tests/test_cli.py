@@ -99,3 +99,14 @@ def test_texts_table_required_for_image_search(tmp_path, trained_checkpoint, pho
     run("index", photos[0], "--db", db, "--model", trained_checkpoint)
     result = run("search", "--image", photos[0], "--db", db, ok=False)
     assert result.exit_code == 1 and "no texts" in result.stderr
+
+
+def test_checkpoint_without_itm_head_ranks_by_itc_with_a_note(tmp_path, photos):
+    from btsearch.small_checkpoint import build_small_checkpoint
+
+    checkpoint = build_small_checkpoint(tmp_path / "itc-only", heads=("itc",))
+    db = tmp_path / "db"
+    run("index", photos[0], photos[1], "--db", db, "--model", checkpoint)
+    result = run("search", QUERY, "--db", db, "--json")
+    assert all(h["itm_score"] is None for h in json.loads(result.stdout)["hits"])
+    assert "no ITM head" in result.stderr
