@@ -93,15 +93,17 @@ class Collection:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike, model: str | None = None, device: str = "auto", encoder: Encoder | None = None) -> "Collection":
+    def create(
+        cls, path: str | os.PathLike, model: str | None = None, device: str = "auto", encoder: Encoder | None = None, precision: str = "auto"
+    ) -> "Collection":
         """Create a collection (with `model`, else the default), or open it if it exists; a
         `model` given for an existing collection must be the one it was built with."""
         path = Path(path)
         if Manifest.exists(path):
-            return cls.open(path, model=model, device=device, encoder=encoder)
+            return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
         if path.exists() and any(path.iterdir()):
             raise CollectionError(f"{path} exists and is not an empty folder nor a btsearch collection")
-        encoder = encoder or Encoder.from_pretrained(model or DEFAULT_MODEL, device=device)
+        encoder = encoder or Encoder.from_pretrained(model or DEFAULT_MODEL, device=device, precision=precision)
         path.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -116,7 +118,13 @@ class Collection:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, model: str | None = None, device: str = "auto", encoder: Encoder | None = None, load_model: bool = True
+        cls,
+        path: str | os.PathLike,
+        model: str | None = None,
+        device: str = "auto",
+        encoder: Encoder | None = None,
+        load_model: bool = True,
+        precision: str = "auto",
     ) -> "Collection":
         """Open an existing collection; `model`, if given, must be the one it was built with.
         `load_model=False` opens storage only (enough for `info`)."""
@@ -138,7 +146,7 @@ class Collection:
             )
         if not load_model:
             return cls(path, None, manifest, MetadataStore.open(path, manifest.embed_dim))
-        encoder = encoder or Encoder.from_pretrained(manifest.model, device=device)
+        encoder = encoder or Encoder.from_pretrained(manifest.model, device=device, precision=precision)
         if encoder.config_hash != manifest.config_hash or encoder.embed_dim != manifest.embed_dim:
             raise CollectionError(
                 f"the checkpoint at {manifest.model!r} has changed since {path} was built "

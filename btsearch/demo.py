@@ -36,7 +36,7 @@ def _hub_available(model: str) -> bool:
         return False
 
 
-def prepare_demo(workdir: str | Path, model: str, device: str = "auto") -> tuple[Encoder, str | None]:
+def prepare_demo(workdir: str | Path, model: str, device: str = "auto", precision: str = "auto") -> tuple[Encoder, str | None]:
     """Write the photos under `workdir/photos` and load the model; returns the encoder and, for
     the fallback, a note saying plainly what is being used instead."""
     workdir = Path(workdir)
@@ -44,7 +44,7 @@ def prepare_demo(workdir: str | Path, model: str, device: str = "auto") -> tuple
     if not photos.is_dir():
         write_sample_photos(photos)
     if _hub_available(model):
-        return Encoder.from_pretrained(model, device=device), None
+        return Encoder.from_pretrained(model, device=device, precision=precision), None
     fallback = workdir / "small-checkpoint"
     if not (fallback / "model.safetensors").exists():
         build_small_checkpoint(fallback, train_steps=FALLBACK_TRAIN_STEPS)
@@ -53,4 +53,4 @@ def prepare_demo(workdir: str | Path, model: str, device: str = "auto") -> tuple
         f"Falling back to a SMALL LOCAL CHECKPOINT ({resolve_model_id(str(fallback))}) trained for a few "
         "seconds on the demo photos: it shows the pipeline working, not BridgeTower's quality."
     )
-    return Encoder.from_pretrained(str(fallback), device=device), note
+    return Encoder.from_pretrained(str(fallback), device=device, precision=precision), note

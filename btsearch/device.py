@@ -7,6 +7,8 @@ import torch
 from .errors import BtsearchError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -22,3 +24,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     # Half precision on GPUs (tensor cores); float32 on CPUs reproduces transformers exactly.
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return default_dtype(device)
+    if precision not in PRECISIONS:
+        raise BtsearchError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    return PRECISIONS[precision]

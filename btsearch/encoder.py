@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor
 
-from .device import default_dtype, resolve_device
+from .device import resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .model import BridgeTowerRetrievalModel, TowerOutput
 
@@ -68,12 +68,16 @@ class Encoder:
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT_MODEL, device: str = "auto") -> "Encoder":
-        """Load config, processor and weights from a hub id or a local folder."""
+    def from_pretrained(cls, source: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto") -> "Encoder":
+        """Load config, processor and weights from a hub id or a local folder.
+
+        precision: auto (float32 on CPUs, which reproduces transformers exactly; float16 on
+        CUDA), or fp32 / bf16 / fp16."""
         model_id = resolve_model_id(source)
         if Path(model_id).is_dir():
             _check_folder(Path(model_id))
         torch_device = resolve_device(device)
+        dtype = resolve_dtype(precision, torch_device)
         previous = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # unused heads (MLM, ITC cross-modal) are expected
         transformers.logging.disable_progress_bar()
@@ -88,7 +92,7 @@ class Encoder:
         finally:
             transformers.logging.set_verbosity(previous)
         has_itm = _check_heads(source, info)
-        model = model.to(device=torch_device, dtype=default_dtype(torch_device)).eval()
+        model = model.to(device=torch_device, dtype=dtype).eval()
         return cls(model, processor, model_id, torch_device, has_itm)
 
     # -- inputs ----------------------------------------------------------------------------

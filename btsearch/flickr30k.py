@@ -92,12 +92,13 @@ def evaluate_flickr30k(
     cache_dir: str | Path | None = None,
     device: str = "auto",
     progress: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Index the split's images and captions into a cached collection, then measure recall."""
     benchmark = read_flickr30k(annotations, images_dir, split)
     model_id = resolve_model_id(model or DEFAULT_MODEL)
     key = hashlib.sha256(f"{model_id}\n{Path(annotations).resolve()}\n{split}".encode()).hexdigest()[:12]
-    collection = Collection.create(Path(cache_dir or default_cache_dir()) / f"{benchmark.name}-{key}", model=model_id, device=device)
+    collection = Collection.create(Path(cache_dir or default_cache_dir()) / f"{benchmark.name}-{key}", model=model_id, device=device, precision=precision)
     report = collection.add_images(benchmark.image_paths, progress=progress)
     if report.skipped:
         first = report.skipped[0]

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 from transformers import BridgeTowerConfig
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bridgetower.modeling_bridgetower import (
     BridgeTowerContrastiveHead,
     BridgeTowerITMHead,
     BridgeTowerModel,
     BridgeTowerPreTrainedModel,
+    eager_attention_forward,
 )
 
 TEXT_TOKEN_TYPE = 0
@@ -154,13 +156,38 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
         """
         bt = self.bridgetower
         mask = self._text_mask(text_bridge[:, 0], text_mask)
+        last = self.num_bridge_layers - 1
         text_in, image_in = text_bridge[:, 0], image_bridge[:, 0]
-        text_out = bt.cross_modal_text_layers[0](text_in, image_in, attention_mask=mask)[0]
-        image_out = bt.cross_modal_image_layers[0](image_in, text_in, encoder_attention_mask=mask)[0]
-        for layer in range(1, self.num_bridge_layers):
-            text_in = self._link_tower(bt.cross_modal_text_link_tower, layer - 1)(text_bridge[:, layer], text_out, mask)
-            image_in = self._link_tower(bt.cross_modal_image_link_tower, layer - 1)(image_bridge[:, layer], image_out, None)
-            text_out = bt.cross_modal_text_layers[layer](text_in, image_in, attention_mask=mask)[0]
-            image_out = bt.cross_modal_image_layers[layer](image_in, text_in, encoder_attention_mask=mask)[0]
+        for layer in range(self.num_bridge_layers):
+            if layer > 0:
+                text_in = self._link_tower(bt.cross_modal_text_link_tower, layer - 1)(text_bridge[:, layer], text_out, mask)
+                image_in = self._link_tower(bt.cross_modal_image_link_tower, layer - 1)(image_bridge[:, layer], image_out, None)
+            text_layer, image_layer = bt.cross_modal_text_layers[layer], bt.cross_modal_image_layers[layer]
+            if layer < last:
+                text_out = text_layer(text_in, image_in, attention_mask=mask)[0]
+                image_out = image_layer(image_in, text_in, encoder_attention_mask=mask)[0]
+            else:
+                # The ITM head reads only the two [CLS] states: the last layer computes just those.
+                text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
+                image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
         pooled = bt.get_cls_features(text_out, image_out)
         return self.itm_score(pooled)[:, 1]
+
+
+def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, self_mask, cross_mask) -> torch.Tensor:
+    """`BridgeTowerBertCrossLayer(hidden, other)[0][:, :1]`, computing only that position.
+
+    Self-attention takes its query from the first token and keys/values from all of `hidden`;
+    cross-attention, the residuals and the feed-forward are per position, so the rest follows.
+    """
+    attention = layer.attention.self
+    batch, length, _ = hidden.shape
+    first = hidden[:, :1]
+    query = attention.query(first).view(batch, 1, -1, attention.attention_head_size).transpose(1, 2)
+    key = attention.key(hidden).view(batch, length, -1, attention.attention_head_size).transpose(1, 2)
+    value = attention.value(hidden).view(batch, length, -1, attention.attention_head_size).transpose(1, 2)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    attended, _ = attend(attention, query, key, value, self_mask, dropout=0.0, scaling=attention.scaling)
+    attended = layer.attention.output(attended.reshape(batch, 1, -1), first)
+    crossed, _ = layer.crossattention(attended, encoder_hidden_states=other, encoder_attention_mask=cross_mask)
+    return layer.feed_forward_chunk(crossed)

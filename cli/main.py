@@ -14,7 +14,7 @@ import click
 
 from btsearch.collection import Collection, IndexReport, SearchResult
 from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
-from btsearch.device import DEVICE_CHOICES
+from btsearch.device import DEVICE_CHOICES, PRECISION_CHOICES
 from btsearch.encoder import DEFAULT_MODEL
 from btsearch.errors import BtsearchError
 from btsearch.flickr30k import evaluate_flickr30k
@@ -42,9 +42,20 @@ model_option = click.option(
     metavar="M",
     help=f"Hub id or local folder of a BridgeTower checkpoint with ITC heads [default: the collection's own, else {DEFAULT_MODEL}].",
 )
-device_option = click.option(
-    "--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True, help="Where the model runs (auto: CUDA when present, in half precision)."
-)
+
+
+def device_option(command):
+    """--device and --precision: where the model runs, and in which number format."""
+    command = click.option(
+        "--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+        help="Model precision (auto: fp32 on CPU, which reproduces transformers exactly; fp16 on CUDA).",
+    )(command)
+    return click.option(
+        "--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+        help="Where the model runs (auto: CUDA when present).",
+    )(command)
+
+
 db_option = click.option("--db", required=True, type=click.Path(file_okay=False, path_type=Path), help="The collection folder.")
 
 
@@ -64,12 +75,12 @@ def main():
 @model_option
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Images per model batch.")
 @device_option
-def index(paths, db, model, batch_size, device):
+def index(paths, db, model, batch_size, device, precision):
     """Add the images under PATHS (files or folders, recursively) to the collection.
 
     Creates the collection if needed. Files already indexed and unchanged are skipped.
     """
-    collection = Collection.create(db, model=model, device=device)
+    collection = Collection.create(db, model=model, device=device, precision=precision)
     report = collection.add_images(list(paths), batch_size=batch_size, progress=_progress())
     _print_index_report(report, collection)
 
@@ -89,14 +100,14 @@ def _print_index_report(report: IndexReport, collection: Collection) -> None:
 @db_option
 @model_option
 @device_option
-def add_texts(file, db, model, device):
+def add_texts(file, db, model, device, precision):
     """Add the texts of FILE to the collection, for image-to-text search.
 
     FILE is .txt (one text a line), .jsonl ({"text": ...} a line), or .csv/.parquet with a
     `text` column.
     """
     texts = read_texts_file(file)
-    collection = Collection.create(db, model=model, device=device)
+    collection = Collection.create(db, model=model, device=device, precision=precision)
     ids = collection.add_texts(texts, progress=_progress())
     click.echo(f"added {len(ids)} texts; {collection.store.count_texts()} texts in {collection.path}")
 
@@ -111,7 +122,7 @@ def add_texts(file, db, model, device):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @model_option
 @device_option
-def search(text, image, db, k, candidates, no_rerank, as_json, model, device):
+def search(text, image, db, k, candidates, no_rerank, as_json, model, device, precision):
     """Find images matching TEXT, or texts matching --image."""
     if (text is None) == (image is None):
         raise BtsearchError("give either a TEXT query or --image PATH")
@@ -119,7 +130,7 @@ def search(text, image, db, k, candidates, no_rerank, as_json, model, device):
         raise BtsearchError("-k must be at least 1")
     if candidates < 0:
         raise BtsearchError("--candidates must not be negative")
-    collection = Collection.open(db, model=model, device=device)
+    collection = Collection.open(db, model=model, device=device, precision=precision)
     result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank)
     _print_search(result, as_json)
 
@@ -155,7 +166,7 @@ def eval_group():
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @device_option
-def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_json, device):
+def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_json, device, precision):
     """R@1/5/10 both ways on Flickr30K (ALBEF/BridgeTower protocol), ITC alone and re-ranked.
 
     Embeddings and ITM scores are cached: a second run with another --candidates computes only
@@ -163,7 +174,7 @@ def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_
     """
     result = evaluate_flickr30k(
         annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
-        cache_dir=cache_dir, device=device, progress=_progress(),
+        cache_dir=cache_dir, device=device, precision=precision, progress=_progress(),
     )
     if as_json:
         click.echo(json.dumps(result))
@@ -193,12 +204,12 @@ def info(db, model):
 @click.option("--db", default=Path("demo-collection"), show_default=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the demo's photos and collection.")
 @model_option
 @device_option
-def demo(db, model, device):
+def demo(db, model, device, precision):
     """Index sample photos shipped with scikit-image and search them both ways.
 
     Uses the hub model when it can be had; offline, a small local checkpoint, labelled as such.
     """
-    encoder, note = prepare_demo(db, model or DEFAULT_MODEL, device=device)
+    encoder, note = prepare_demo(db, model or DEFAULT_MODEL, device=device, precision=precision)
     if note:
         click.echo(f"NOTE: {note}\n")
     collection = Collection.create(db / "collection", encoder=encoder)

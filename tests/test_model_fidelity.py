@@ -111,3 +111,33 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     image.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_rgb(tmp_path / "rotated.jpg").size == (20, 60)
+
+
+@torch.inference_mode()
+def test_last_layer_first_token_equals_full_layer(encoder, photos):
+    """The shortcut of the last cross-modal layer against the layer run whole, padding included."""
+    from btsearch.model import _cross_layer_first_token
+
+    bt = encoder.model.bridgetower
+    text = encoder.text_states(TEXTS, with_bridge=True)  # padded to the longest
+    pixels = np.stack([encoder.preprocess_image(load_rgb(p)) for p in photos[: len(TEXTS)]])
+    image = encoder.image_states(pixels, with_bridge=True)
+    mask = encoder.model._text_mask(text.bridge[:, 0], text.mask)
+    text_in, image_in = text.bridge[:, -1], image.bridge[:, -1]
+    for layer, hidden, other, self_mask, cross_mask in [
+        (bt.cross_modal_text_layers[-1], text_in, image_in, mask, None),
+        (bt.cross_modal_image_layers[-1], image_in, text_in, None, mask),
+    ]:
+        full = layer(hidden, other, attention_mask=self_mask, encoder_attention_mask=cross_mask)[0][:, :1]
+        torch.testing.assert_close(_cross_layer_first_token(layer, hidden, other, self_mask, cross_mask), full, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_stays_close_to_fp32(random_checkpoint, photos):
+    exact = Encoder.from_pretrained(str(random_checkpoint), device="cpu", precision="fp32")
+    fast = Encoder.from_pretrained(str(random_checkpoint), device="cpu", precision="bf16")
+    assert fast.dtype == torch.bfloat16
+    cosine = np.sum(exact.embed_texts(TEXTS) * fast.embed_texts(TEXTS), axis=1)
+    assert cosine.min() > 0.98
+    pixels = np.stack([exact.preprocess_image(load_rgb(p)) for p in photos[:2]])
+    scores = [e.match(e.text_states([TEXTS[0]], with_bridge=True), e.image_states(pixels, with_bridge=True)) for e in (exact, fast)]
+    np.testing.assert_allclose(scores[0], scores[1], atol=0.1)

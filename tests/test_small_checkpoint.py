@@ -3,12 +3,18 @@
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
-from transformers import BridgeTowerForContrastiveLearning, BridgeTowerForImageAndTextRetrieval
+from transformers import (
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerModel,
+    BridgeTowerProcessor,
+)
 
 from btsearch.encoder import Encoder
 from btsearch.errors import ModelLoadError
-from btsearch.small_checkpoint import build_small_checkpoint
+from btsearch.small_checkpoint import build_small_checkpoint, sample_batch
 
 
 def _keys(folder):
@@ -47,3 +53,43 @@ def test_folder_without_weights_is_named(tmp_path, random_checkpoint):
         Encoder.from_pretrained(str(folder))
     with pytest.raises(ModelLoadError, match="no config.json"):
         Encoder.from_pretrained(str(tmp_path))
+
+
+def test_body_only_checkpoint_has_no_head_keys(tmp_path):
+    folder = build_small_checkpoint(tmp_path / "body-only", heads=())
+    assert all(key.startswith("bridgetower.") for key in _keys(folder))
+    _, info = BridgeTowerModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"]
+
+
+def test_tokenizer_is_the_trained_bpe_with_roberta_ids(random_checkpoint):
+    tokenizer = BridgeTowerProcessor.from_pretrained(random_checkpoint).tokenizer
+    config = json.loads((random_checkpoint / "config.json").read_text())
+    assert len(tokenizer) == config["text_config"]["vocab_size"]
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert len(tokenizer("a red motorcycle parked in a garage").input_ids) > 5
+
+
+def test_trained_checkpoint_ranks_each_photo_first_for_its_captions(trained_checkpoint):
+    processor = BridgeTowerProcessor.from_pretrained(trained_checkpoint)
+    itc_model = BridgeTowerForContrastiveLearning.from_pretrained(trained_checkpoint).eval()
+    itm_model = BridgeTowerForImageAndTextRetrieval.from_pretrained(trained_checkpoint).eval()
+    pixel_values, texts, owners = sample_batch(processor)
+    num_photos, num_captions = len(pixel_values), len(owners)
+    with torch.no_grad():
+        # The ITC towers are uni-modal: a pair's partner does not change its embeddings.
+        first_texts = {key: value[:num_photos] for key, value in texts.items()}
+        image_embeds = itc_model(**first_texts, pixel_values=pixel_values).image_embeds
+        text_embeds = itc_model(**texts, pixel_values=pixel_values[owners]).text_embeds
+        itc_recall = ((text_embeds @ image_embeds.T).argmax(dim=1) == owners).float().mean().item()
+
+        caption_ids = torch.arange(num_captions).repeat_interleave(num_photos)
+        photo_ids = torch.arange(num_photos).repeat(num_captions)
+        match = itm_model(
+            input_ids=texts["input_ids"][caption_ids],
+            attention_mask=texts["attention_mask"][caption_ids],
+            pixel_values=pixel_values[photo_ids],
+        ).logits[:, 1]
+        itm_recall = (match.view(num_captions, num_photos).argmax(dim=1) == owners).float().mean().item()
+    assert itc_recall >= 0.8, itc_recall
+    assert itm_recall >= 0.8, itm_recall
