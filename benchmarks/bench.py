@@ -210,8 +210,9 @@ def main() -> None:
         one = vectors[:1]
         rows.append(("FAISS exact search, 100K x 512, one query (ms)", 1000 * timed(lambda: index.search(one, 10), repeat=5), None, "ms"))
 
-        for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ()):
-            rows.append((f"matmul rate {str(dtype).removeprefix('torch.')} (GFLOP/s)", matmul_rate(dtype, device), None, "GFLOP/s"))
+        for number_format in (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ()):
+            name = f"matmul rate {str(number_format).removeprefix('torch.')} (GFLOP/s)"
+            rows.append((name, matmul_rate(number_format, device), None, "GFLOP/s"))
 
     threads = torch.get_num_threads()
     print(f"btsearch benchmark: {args.size} architecture, random weights, device {device} "

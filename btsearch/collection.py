@@ -15,19 +15,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .encoder import DEFAULT_MODEL, Encoder, resolve_model_id
 from .errors import BtsearchError, CollectionError
 from .evaluation import evaluate_collection
 from .images import find_images, load_rgb
-from .indexers import Manifest, MetadataStore, VectorIndex
+from .encoder import to_numpy
+from .indexers import BridgeCache, Manifest, MetadataStore, VectorIndex
 from .loader import SkippedImage, iter_image_batches
 from .reranker import Reranker
 
 FORMAT_VERSION = 1
 TABLES = ("images", "texts")
 INDEX_SAVE_INTERVAL_S = 30.0  # a crash loses at most this much work
+RERANK_CACHE_DIR = "rerank-cache"
 WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
 
 
@@ -65,20 +68,24 @@ class _PendingImages:
     def __init__(self):
         self.rows: list[dict] = []
         self.embeddings: list[np.ndarray] = []
+        self.bridges: list[np.ndarray] = []  # float16 bridge inputs, when the re-rank cache is on
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, images, embeddings: np.ndarray) -> None:
+    def add(self, images, embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
         self.rows += [
             {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height} for im in images
         ]
         self.embeddings.append(embeddings)
+        if bridges is not None:
+            self.bridges.append(bridges)
 
-    def take(self) -> tuple[list[dict], np.ndarray]:
+    def take(self) -> tuple[list[dict], np.ndarray, np.ndarray | None]:
         rows, embeddings = self.rows, np.concatenate(self.embeddings)
-        self.rows, self.embeddings = [], []
-        return rows, embeddings
+        bridges = np.concatenate(self.bridges) if self.bridges else None
+        self.rows, self.embeddings, self.bridges = [], [], []
+        return rows, embeddings, bridges
 
 
 class Collection:
@@ -89,6 +96,8 @@ class Collection:
         self.store = store
         self._use_gpu_index = use_gpu_index
         self._indexes: dict[str, VectorIndex] = {}
+        cache_folder = path / RERANK_CACHE_DIR
+        self.rerank_cache = BridgeCache(cache_folder) if BridgeCache.exists(cache_folder) else None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -188,8 +197,15 @@ class Collection:
 
     # -- adding ----------------------------------------------------------------------------
 
-    def add_images(self, roots: list[str | os.PathLike], batch_size: int = 16, progress: bool = False) -> IndexReport:
-        """Embed every image file under `roots` that is new or changed since it was indexed."""
+    def add_images(
+        self, roots: list[str | os.PathLike], batch_size: int = 16, progress: bool = False, rerank_cache: bool = False
+    ) -> IndexReport:
+        """Embed every image file under `roots` that is new or changed since it was indexed.
+
+        `rerank_cache=True` turns the re-rank cache on (it stays on): each image's bridge inputs
+        are kept on disk in float16, so re-ranking reads them instead of the image file."""
+        if rerank_cache and self.rerank_cache is None:
+            self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE_DIR)
         started = time.perf_counter()
         report = IndexReport()
         known = self.store.image_files()
@@ -215,7 +231,9 @@ class Collection:
             for batch in iter_image_batches(todo, self.encoder.preprocess_image, batch_size):
                 report.skipped.extend(batch.skipped)
                 if batch.images:
-                    pending.add(batch.images, self.encoder.embed_pixels(batch.pixels()))
+                    states = self.encoder.image_states(batch.pixels(), with_bridge=self.rerank_cache is not None)
+                    bridges = None if states.bridge is None else states.bridge.to(torch.float16).cpu().numpy()
+                    pending.add(batch.images, to_numpy(states.embeds), bridges)
                     report.added += len(batch.images)
                 if len(pending) >= WRITE_ROWS:
                     self._write_images(pending)
@@ -235,8 +253,11 @@ class Collection:
     def _write_images(self, pending: "_PendingImages") -> None:
         """LanceDB first (the truth), then FAISS: a crash in between is mended on the next open."""
         if len(pending):
-            rows, embeddings = pending.take()
-            self.index("images").add(self.store.add_images(rows, embeddings), embeddings)
+            rows, embeddings, bridges = pending.take()
+            ids = self.store.add_images(rows, embeddings)
+            self.index("images").add(ids, embeddings)
+            if bridges is not None:
+                self.rerank_cache.append(ids, bridges)
 
     def add_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed and store texts; returns their ids in order."""
@@ -307,7 +328,7 @@ class Collection:
             reranker = Reranker(self.encoder)
             head = rows[:reranked]
             if target == "images":
-                itm[:reranked] = reranker.score_images(query, [row["path"] for row in head])
+                itm[:reranked] = reranker.score_images(query, [row["path"] for row in head], ids[:reranked], self.rerank_cache)
             else:
                 itm[:reranked] = reranker.score_texts(query, [row["text"] for row in head])
         # Re-ranked hits by ITM first (unreadable files after them), then the rest in ITC order;
@@ -341,6 +362,8 @@ class Collection:
             "created": self.manifest.created,
             "images": self.store.count_images(),
             "texts": self.store.count_texts(),
+            "rerank_cache": "off" if self.rerank_cache is None
+            else f"{len(self.rerank_cache)} images, {self.rerank_cache.nbytes() / 2**20:.1f} MiB (float16)",
         }
 
     def evaluate(self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False) -> dict:

@@ -41,7 +41,7 @@ DEFAULT_CONTRASTIVE_SIZE = 512
 class TowerOutput:
     """What one tower gives for a batch of items of its modality."""
 
-    embeds: torch.Tensor  # (B, D) L2-normalised ITC embeddings
+    embeds: torch.Tensor | None  # (B, D) L2-normalised ITC embeddings (None for cached bridge inputs)
     bridge: torch.Tensor | None = None  # (B, num_hidden_layers, S, H) bridge inputs, or None
     mask: torch.Tensor | None = None  # (B, S) text attention mask; None for images (never padded)
 

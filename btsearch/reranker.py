@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .encoder import Encoder
 from .loader import iter_image_batches
+from .indexers import BridgeCache
 from .model import TowerOutput
 
 
@@ -24,11 +26,22 @@ class Reranker:
         self.encoder = encoder
         self.batch_size = batch_size
 
-    def score_images(self, query: TowerOutput, paths: Sequence[str | Path]) -> np.ndarray:
-        """ITM logits of (query text, image) for each path; NaN where the file cannot be read."""
+    def score_images(
+        self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] = (), cache: BridgeCache | None = None
+    ) -> np.ndarray:
+        """ITM logits of (query text, image) for each path; NaN where the file cannot be read.
+
+        Images whose id is in the re-rank cache take their bridge inputs from it; the others
+        are read and run through the image tower."""
         scores = np.full(len(paths), np.nan, dtype=np.float32)
-        position = {Path(path): i for i, path in enumerate(paths)}
-        batches = iter_image_batches(map(Path, paths), self.encoder.preprocess_image, self.batch_size)
+        cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
+        for start in range(0, len(cached), self.batch_size):
+            where = cached[start : start + self.batch_size]
+            states = torch.from_numpy(cache.get([ids[i] for i in where])).to(self.encoder.device, self.encoder.dtype)
+            scores[where] = self.encoder.match(query, TowerOutput(embeds=None, bridge=states))
+        todo = sorted(set(range(len(paths))) - set(cached))
+        position = {Path(paths[i]): i for i in todo}
+        batches = iter_image_batches([Path(paths[i]) for i in todo], self.encoder.preprocess_image, self.batch_size)
         for batch in batches:
             if batch.images:
                 images = self.encoder.image_states(batch.pixels(), with_bridge=True)
