@@ -32,6 +32,7 @@ TABLES = ("images", "texts")
 INDEX_SAVE_INTERVAL_S = 30.0  # a crash loses at most this much work
 RERANK_CACHE_DIR = "rerank-cache"
 WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
+WRITE_BRIDGE_BYTES = 256 * 2**20  # ...or fewer, when their re-rank cache states would fill this
 
 
 @dataclass
@@ -72,6 +73,9 @@ class _PendingImages:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def full(self) -> bool:
+        return len(self.rows) >= WRITE_ROWS or sum(b.nbytes for b in self.bridges) >= WRITE_BRIDGE_BYTES
 
     def add(self, images, embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
         self.rows += [
@@ -235,7 +239,7 @@ class Collection:
                     bridges = None if states.bridge is None else states.bridge.to(torch.float16).cpu().numpy()
                     pending.add(batch.images, to_numpy(states.embeds), bridges)
                     report.added += len(batch.images)
-                if len(pending) >= WRITE_ROWS:
+                if pending.full():
                     self._write_images(pending)
                 bar.update(len(batch.images) + len(batch.skipped))
                 if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
