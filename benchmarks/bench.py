@@ -226,12 +226,12 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"btsearch benchmark: {args.size} architecture, random weights, device {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'}); btsearch in {dtype}, transformers in {default_dtype(device)}")
-    print(f"| {'figure':<52} | {'btsearch':>10} | {'transformers':>12} | {'ratio':>6} |")
-    print(f"|{'-' * 54}|{'-' * 12}:|{'-' * 14}:|{'-' * 8}:|")
+    print(f"| {'figure':<58} | {'btsearch':>10} | {'transformers':>12} | {'ratio':>6} |")
+    print(f"|{'-' * 60}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|")
     for name, ours, theirs, _ in rows:
         ref = f"{theirs:12.2f}" if theirs else f"{'':>12}"
         ratio = f"{ours / theirs:5.2f}x" if theirs else f"{'':>6}"
-        print(f"| {name:<52} | {ours:10.2f} | {ref} | {ratio} |")
+        print(f"| {name:<58} | {ours:10.2f} | {ref} | {ratio} |")
     sys.stdout.flush()
 
 
