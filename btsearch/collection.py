@@ -7,6 +7,7 @@ manifest naming the model whose embeddings these are.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from .evaluation import evaluate_collection
 from .images import find_images, load_rgb
 from .encoder import to_numpy
 from .indexers import BridgeCache, Manifest, MetadataStore, VectorIndex
+from .indexers.vector_index import needs_rebuild, plan_index
 from .loader import SkippedImage, iter_image_batches
 from .reranker import Reranker
 
@@ -188,16 +190,48 @@ class Collection:
                 index = None
         # Same ids, not just the same count: a crash between a delete and an add keeps the count.
         if index is None or not np.array_equal(np.sort(index.ids()), self.store.ids(table)):
-            index = VectorIndex(self.manifest.embed_dim)
-            for ids, vectors in self.store.iter_embeddings(table, batch_size=65536):
-                index.add(ids, vectors)
-            index.save(path)
+            index = self._build_index(table)
         if self._use_gpu_index:
             index.to_gpu()
         return index
 
+    def _build_index(self, table: str) -> VectorIndex:
+        """The index planned for `table`'s size and the memory budget, built from LanceDB."""
+        index = VectorIndex.build(
+            self.manifest.embed_dim,
+            self.store.count_rows(table),
+            lambda: self.store.iter_embeddings(table, batch_size=65536),
+            self.index_memory // len(TABLES),
+        )
+        index.save(self._index_path(table))
+        return index
+
+    @property
+    def index_memory(self) -> int:
+        """Bytes all FAISS indexes may take: the collection's setting, else a quarter of RAM."""
+        if self.manifest.index_memory is not None:
+            return self.manifest.index_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+    def set_index_memory(self, budget: int) -> None:
+        """Keep the indexes within `budget` bytes from now on (the next growth or rebuild)."""
+        if budget <= 0:
+            raise BtsearchError("the index memory budget must be positive")
+        self.manifest = dataclasses.replace(self.manifest, index_memory=int(budget))
+        self.manifest.save(self.path)
+
     def _save_index(self, table: str) -> None:
-        self.index(table).save(self._index_path(table))
+        """Write the index, retraining it first when the table has outgrown its plan."""
+        index = self.index(table)
+        try:
+            wanted = plan_index(len(index), index.dim, self.index_memory // len(TABLES))
+        except ValueError as error:
+            raise CollectionError(f"{error}: raise --index-memory") from error
+        if needs_rebuild(index.plan, wanted):
+            self._indexes[table] = index = self._build_index(table)
+            if self._use_gpu_index:
+                index.to_gpu()
+        index.save(self._index_path(table))
 
     # -- adding ----------------------------------------------------------------------------
 
@@ -324,7 +358,8 @@ class Collection:
             notes.append(f"only {len(index)} {target} in the collection")
         wanted = min(max(k, candidates if rerank else k), len(index))
         itc, ids = index.search(query.embeds.float().cpu().numpy(), wanted)
-        itc, ids = itc[0], ids[0]
+        found = ids[0] >= 0  # an approximate index may find fewer than asked for
+        itc, ids = itc[0][found], ids[0][found]
         rows = self.store.get_images(ids) if target == "images" else self.store.get_texts(ids)
         itm = np.full(len(ids), np.nan, dtype=np.float32)
         reranked = min(candidates, len(ids)) if rerank else 0
@@ -366,6 +401,8 @@ class Collection:
             "created": self.manifest.created,
             "images": self.store.count_images(),
             "texts": self.store.count_texts(),
+            "index": "; ".join(f"{table} {self.index(table).describe()}, {self.index(table).nbytes() / 2**20:.1f} MiB" for table in TABLES),
+            "index_memory": f"{self.index_memory / 2**30:.2f} GiB" + ("" if self.manifest.index_memory else " (a quarter of RAM)"),
             "rerank_cache": "off" if self.rerank_cache is None
             else f"{len(self.rerank_cache)} images, {self.rerank_cache.nbytes() / 2**20:.1f} MiB (float16)",
         }

@@ -71,8 +71,8 @@ class Encoder:
     def from_pretrained(cls, source: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto") -> "Encoder":
         """Load config, processor and weights from a hub id or a local folder.
 
-        precision: auto (float32 on CPUs, which reproduces transformers exactly; float16 on
-        CUDA), or fp32 / bf16 / fp16."""
+        precision: fp32 (reproduces transformers exactly), bf16, fp16, or auto (bf16 where the
+        hardware has it natively; see `device.default_dtype`)."""
         model_id = resolve_model_id(source)
         if Path(model_id).is_dir():
             _check_folder(Path(model_id))

@@ -48,12 +48,33 @@ def device_option(command):
     """--device and --precision: where the model runs, and in which number format."""
     command = click.option(
         "--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
-        help="Model precision (auto: fp32 on CPU, which reproduces transformers exactly; fp16 on CUDA).",
+        help="Model precision. auto: bf16 where the CPU or GPU computes it natively (several times faster), "
+        "else fp16 on GPUs and fp32 on CPUs. fp32 reproduces transformers' scores exactly.",
     )(command)
     return click.option(
         "--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
         help="Where the model runs (auto: CUDA when present).",
     )(command)
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 512MiB, 2GiB, 1.5G, 1000000."""
+
+    name = "size"
+    _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = (text[:-1], text[-1]) if text and text[-1] in self._UNITS else (text, "")
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size such as 512MiB or 2GiB", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return size
 
 
 db_option = click.option("--db", required=True, type=click.Path(file_okay=False, path_type=Path), help="The collection folder.")
@@ -79,13 +100,20 @@ def main():
     help="Keep each image's bridge inputs on disk (float16, memory-mapped) so re-ranking skips the image tower; "
     "about 3 MB per image for base, 5.4 MB for large. Stays on once set.",
 )
+@click.option(
+    "--index-memory", type=ByteSize(), default=None, metavar="SIZE",
+    help="Memory the FAISS indexes may take, e.g. 2GiB; kept by the collection [default: a quarter of RAM]. "
+    "Search is exact up to ~256K vectors, then IVF, with PQ codes when vectors would not fit.",
+)
 @device_option
-def index(paths, db, model, batch_size, rerank_cache, device, precision):
+def index(paths, db, model, batch_size, rerank_cache, index_memory, device, precision):
     """Add the images under PATHS (files or folders, recursively) to the collection.
 
     Creates the collection if needed. Files already indexed and unchanged are skipped.
     """
     collection = Collection.create(db, model=model, device=device, precision=precision)
+    if index_memory is not None:
+        collection.set_index_memory(index_memory)
     report = collection.add_images(list(paths), batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache)
     _print_index_report(report, collection)
 

@@ -34,6 +34,7 @@ class Manifest:
     embed_dim: int
     created: str = field(default_factory=_now)  # ISO 8601, UTC
     btsearch_version: str | None = None
+    index_memory: int | None = None  # bytes the FAISS indexes may take; None: a share of the machine's memory
 
     @staticmethod
     def exists(folder: str | os.PathLike[str]) -> bool:

@@ -200,6 +200,9 @@ class MetadataStore:
         """All ids of `table`, sorted."""
         return np.sort(self._tables[table].search().select(["id"]).to_arrow()["id"].to_numpy())
 
+    def count_rows(self, table: TableName) -> int:
+        return self._tables[table].count_rows()
+
     def count_images(self) -> int:
         return self._tables["images"].count_rows()
 

@@ -1,13 +1,24 @@
 """Nearest-neighbour recall over L2-normalised embeddings keyed by int64 ids (FAISS).
 
-On unit vectors the inner product is the cosine similarity, so scores are cosines and the exact
-flat index gives the true top-k. The index type is private to this module (`_new_index`):
-callers only add, remove and search, so an approximate index can replace it later.
+On unit vectors the inner product is the cosine similarity, so scores are cosines. The index
+type follows the collection's size and a memory budget (`plan_index`):
+
+- `flat`: exact search, while scanning every vector per query stays cheap;
+- `ivf`: an inverted file (IVF-Flat) trained on the collection's own vectors; a query scans the
+  `nprobe` lists nearest to it, and `nprobe` is tuned on the collection for a target recall;
+- `ivfpq`: the same with product-quantised codes, when full vectors would not fit the budget.
+
+IVF rather than HNSW because changed images must be removable (HNSW cannot remove) and
+because IVF runs on faiss-gpu (HNSW does not). Adds to every type are incremental; only growth
+past a planning threshold retrains (`needs_rebuild`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -18,44 +29,141 @@ from .atomic import atomic_write
 # normalised in float16 on a GPU; unnormalised model outputs are off by far more.
 _NORM_TOLERANCE = 1e-2
 
+# Exact search while a query scans at most this many floats (256K vectors of 512 dims: tens of
+# ms on two cores). Past it, an IVF index is trained.
+EXACT_MAX_FLOATS = 2**27
+# k-means points per IVF list: faiss wants at least 39; more costs training time for little.
+TRAIN_POINTS_PER_LIST = 48
+TUNE_QUERIES = 256
+TUNE_RECALL = 0.97  # tuned above the 0.95 we promise: real queries come from the other tower
+KINDS = ("flat", "ivf", "ivfpq")
+
 
 def gpu_available() -> bool:
     """True when the installed faiss is a GPU build and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _new_index(dim: int) -> faiss.Index:
-    # IndexIDMap2 (not IndexIDMap) keeps a reverse map, so ids can be removed and reconstructed.
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+@dataclass(frozen=True)
+class IndexPlan:
+    """Which index suits a collection: `kind`, IVF lists, and PQ bytes per vector (ivfpq)."""
+
+    kind: str
+    nlist: int = 0
+    pq_bytes: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
+    """The index for `n` vectors of `dim` floats whose codes must fit `memory_budget` bytes."""
+    if n * dim <= EXACT_MAX_FLOATS:
+        return IndexPlan("flat")
+    # ~4 sqrt(n) lists: more than the textbook sqrt(n), because embeddings crowd into a cone
+    # and the lists near its axis grow several times the mean.
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    if memory_budget is None or n * (dim * 4 + 8) <= memory_budget:
+        return IndexPlan("ivf", nlist)
+    # The largest PQ code (8 bits per sub-vector, sub-vectors dividing dim) that fits.
+    for pq_bytes in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32):
+        if pq_bytes >= 1 and dim % pq_bytes == 0 and n * (pq_bytes + 8) <= memory_budget:
+            return IndexPlan("ivfpq", nlist, pq_bytes)
+    raise ValueError(f"{n} vectors do not fit a memory budget of {memory_budget} bytes, even as {max(1, dim // 32)}-byte codes")
+
+
+def needs_rebuild(current: IndexPlan, wanted: IndexPlan) -> bool:
+    """Whether an index built to `current` should be retrained as `wanted`: another kind, or a
+    collection grown (or shrunk) fourfold since its lists were trained."""
+    if current.kind != wanted.kind or current.pq_bytes != wanted.pq_bytes:
+        return True
+    return current.kind != "flat" and not (wanted.nlist // 2 <= current.nlist <= wanted.nlist * 2)
 
 
 class VectorIndex:
-    """Exact inner-product search over unit float32 vectors, each stored under a caller-chosen id."""
+    """Inner-product search over unit float32 vectors, each stored under a caller-chosen id."""
 
     def __init__(self, dim: int) -> None:
+        """An empty exact index; `train` makes an approximate one."""
         if dim <= 0:
             raise ValueError(f"dimension must be positive, got {dim}")
-        self._index = _new_index(dim)
+        # IndexIDMap2 (not IndexIDMap) keeps a reverse map, so ids can be removed.
+        self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._on_gpu = False
+        self._plan = IndexPlan("flat")
+        self._nprobe = 0
+        self._ids: np.ndarray | None = None  # cache of the stored ids (IVF keeps them in its lists)
+
+    @classmethod
+    def train(cls, dim: int, plan: IndexPlan, sample: np.ndarray) -> VectorIndex:
+        """An empty index of `plan`'s kind, its lists (and codes) trained on `sample` (m, dim):
+        vectors of the collection it will hold."""
+        index = cls(dim)
+        if plan.kind == "flat":
+            return index
+        sample = index._as_matrix(sample, "sample")
+        if len(sample) < plan.nlist:
+            raise ValueError(f"{plan.nlist} lists need at least as many training vectors, got {len(sample)}")
+        quantizer = faiss.IndexFlatIP(dim)
+        if plan.kind == "ivf":
+            ivf = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            ivf = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.spherical = True  # unit centroids suit inner-product assignment
+        ivf.cp.niter = 16
+        ivf.train(sample)
+        index._index = ivf
+        index._quantizer = quantizer  # the IVF index does not own it: keep it alive
+        index._plan = plan
+        index._ids = np.empty(0, np.int64)
+        index.nprobe = max(1, plan.nlist // 32)  # until `tune` measures better
+        return index
+
+    @classmethod
+    def build(
+        cls, dim: int, n: int, batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], memory_budget: int | None = None
+    ) -> VectorIndex:
+        """The planned index for a collection of `n` vectors, holding all of them.
+
+        `batches()` must yield the collection's `(ids, vectors)` afresh on each call: an IVF
+        index reads them three times (a training sample, the adds, and exact neighbours of a
+        few of them to tune nprobe), so the collection never has to fit in memory at once."""
+        plan = plan_index(n, dim, memory_budget)
+        if plan.kind == "flat":
+            index = cls(dim)
+        else:
+            _, sample = sample_rows(batches(), n, TRAIN_POINTS_PER_LIST * plan.nlist)
+            index = cls.train(dim, plan, sample)
+        for ids, vectors in batches():
+            index.add(ids, vectors)
+        if plan.kind != "flat":
+            query_ids, queries = sample_rows(batches(), n, TUNE_QUERIES, seed=1)
+            index.tune(queries, query_ids, exact_search(queries, batches(), 11))
+        return index
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dim: int) -> VectorIndex:
         """Read an index written by `save`; it must hold `dim`-dimensional vectors."""
         with open(path, "rb") as f:  # open() gives a FileNotFoundError, faiss a bare RuntimeError
             index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
-        if not isinstance(index, faiss.IndexIDMap2) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVFFlat, faiss.IndexIVFPQ)) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path} is not an inner-product index with ids ({type(index).__name__})")
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-dimensional vectors, expected {dim}: rebuild it")
         loaded = cls(dim)
         loaded._index = index
+        if isinstance(index, faiss.IndexIVFPQ):
+            loaded._plan = IndexPlan("ivfpq", index.nlist, index.pq.M)
+        elif isinstance(index, faiss.IndexIVFFlat):
+            loaded._plan = IndexPlan("ivf", index.nlist)
+        loaded._nprobe = getattr(index, "nprobe", 0) if loaded._plan.kind != "flat" else 0
         return loaded
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index atomically, always in CPU form so that any machine can load it."""
-        index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
         with atomic_write(path) as f:
-            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+            faiss.write_index(self._cpu_index(), faiss.PyCallbackIOWriter(f.write))
 
     @property
     def dim(self) -> int:
@@ -65,12 +173,60 @@ class VectorIndex:
     def on_gpu(self) -> bool:
         return self._on_gpu
 
+    @property
+    def plan(self) -> IndexPlan:
+        return self._plan
+
+    @property
+    def nprobe(self) -> int:
+        """IVF lists scanned per query (0 for the exact index)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        plan = self.plan
+        if plan.kind == "flat":
+            raise ValueError("an exact index has no nprobe")
+        if not 1 <= value <= plan.nlist:
+            raise ValueError(f"nprobe must be within 1..{plan.nlist}, got {value}")
+        if self._on_gpu:
+            space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+            space.set_index_parameter(self._index, "nprobe", int(value))
+        else:
+            self._index.nprobe = int(value)
+        self._nprobe = int(value)
+
+    def describe(self) -> str:
+        """The index in words, e.g. 'IVF2048,Flat (nprobe 64)'."""
+        plan = self.plan
+        where = " on GPU" if self._on_gpu else ""
+        if plan.kind == "flat":
+            return f"Flat (exact){where}"
+        codes = "Flat" if plan.kind == "ivf" else f"PQ{plan.pq_bytes}"
+        return f"IVF{plan.nlist},{codes} (nprobe {self.nprobe}){where}"
+
+    def nbytes(self) -> int:
+        """Bytes the index takes when saved (about its size in memory)."""
+        return int(faiss.serialize_index(self._cpu_index()).nbytes)
+
     def __len__(self) -> int:
         return self._index.ntotal
 
     def ids(self) -> np.ndarray:
-        """The stored ids (int64, a copy), in insertion order."""
-        return faiss.vector_to_array(self._index.id_map)
+        """The stored ids (int64, a copy)."""
+        if self._ids is None:
+            index = self._cpu_index()
+            if isinstance(index, faiss.IndexIDMap2):
+                self._ids = faiss.vector_to_array(index.id_map)
+            else:
+                lists = index.invlists
+                parts = [
+                    faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                    for i in range(index.nlist)
+                    if lists.list_size(i)
+                ]
+                self._ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        return self._ids.copy()
 
     def to_gpu(self) -> bool:
         """Move the index onto every visible GPU if there is one; returns whether it is on a GPU.
@@ -78,8 +234,13 @@ class VectorIndex:
         Without a GPU (or with faiss-cpu) this is a no-op, so callers need not check first.
         """
         if not self._on_gpu and gpu_available():
-            self._index = faiss.index_cpu_to_all_gpus(self._index)
-            self._on_gpu = True
+            try:
+                self._index = faiss.index_cpu_to_all_gpus(self._index)
+                self._on_gpu = True
+                if self._plan.kind != "flat":
+                    self.nprobe = self._nprobe
+            except RuntimeError:  # e.g. a PQ code size the GPU kernels lack: search on the CPU
+                pass
         return self._on_gpu
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -97,29 +258,36 @@ class VectorIndex:
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ids repeat within the batch")
         # faiss would silently keep both copies of an id, and search would return it twice.
-        clashing = ids[np.isin(ids, self.ids())]
+        known = self.ids()
+        clashing = ids[np.isin(ids, known)]
         if len(clashing):
             raise ValueError(f"{len(clashing)} ids are already in the index, e.g. {clashing[:5].tolist()}")
         self._index.add_with_ids(vectors, ids)
+        self._ids = np.concatenate([known, ids])
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the given ids (unknown ones are ignored); returns how many were removed."""
         ids = _as_ids(ids)
         if len(ids) == 0:
             return 0
-        if not self._on_gpu:
-            return self._index.remove_ids(ids)
-        # GPU flat indices cannot remove vectors: edit a CPU copy and move it back.
-        index = faiss.index_gpu_to_cpu(self._index)
-        removed = index.remove_ids(ids)
-        self._index = faiss.index_cpu_to_all_gpus(index)
+        if self._on_gpu:  # GPU indexes cannot remove vectors: edit a CPU copy and move it back
+            index = faiss.index_gpu_to_cpu(self._index)
+            removed = index.remove_ids(ids)
+            self._index = faiss.index_cpu_to_all_gpus(index)
+            if self._plan.kind != "flat":
+                self.nprobe = self._nprobe
+        else:
+            removed = self._index.remove_ids(ids)
+        if self._ids is not None:
+            self._ids = self._ids[~np.isin(self._ids, ids)]
         return removed
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best ids for each float32 query (q, dim), best first.
 
         Returns `(scores, ids)`, float32 and int64 arrays of shape (q, min(k, len(self))): k is
-        capped at the index size, so faiss's -1 "no result" padding never reaches the caller.
+        capped at the index size. An IVF search can find fewer than k in the lists it scans;
+        those places hold id -1 and score -inf.
         """
         queries = self._as_matrix(queries, "queries")
         if k < 1:
@@ -128,7 +296,31 @@ class VectorIndex:
         if k == 0:  # faiss asserts k > 0
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         scores, ids = self._index.search(queries, k)
+        scores[ids < 0] = -np.inf
         return scores, ids
+
+    def tune(self, queries: np.ndarray, query_ids: np.ndarray, neighbours: np.ndarray, target: float = TUNE_RECALL) -> float:
+        """Set the smallest nprobe (of 1, 2, 3, 4, 6, 8, 12, ...) whose recall@k reaches `target`;
+        returns the recall reached.
+
+        `queries` are stored vectors (their own `query_ids`), `neighbours` their exact top k+1
+        (as from `exact_search`): each query's own id is left out of both sides, so finding
+        itself does not count."""
+        if self.plan.kind == "flat":
+            return 1.0
+        k = neighbours.shape[1] - 1
+        truth = [row[row != own][:k] for row, own in zip(neighbours, query_ids)]
+        recall = 0.0
+        for nprobe in _nprobe_steps(self.plan.nlist):
+            self.nprobe = nprobe
+            found = self.search(queries, k + 1)[1]
+            recall = float(np.mean([np.isin(t, f[f != own]).mean() for t, f, own in zip(truth, found, query_ids)]))
+            if recall >= target:
+                break
+        return recall
+
+    def _cpu_index(self) -> faiss.Index:
+        return faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
 
     def _as_matrix(self, x: np.ndarray, what: str) -> np.ndarray:
         x = np.asarray(x)
@@ -139,6 +331,48 @@ class VectorIndex:
         if not np.isfinite(x).all():
             raise ValueError(f"{what} contain NaN or infinite values")
         return np.ascontiguousarray(x)
+
+
+def exact_search(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """The exact top-k ids (q, k) of `queries` among `(ids, vectors)` batches streamed once,
+    so that ground truth over a collection never needs all of it in memory."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.empty((len(queries), 0), np.int64)
+    for ids, vectors in batches:
+        scores = np.concatenate([best_scores, queries @ np.asarray(vectors, np.float32).T], axis=1)
+        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
+        if scores.shape[1] > k:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, all_ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(all_ids, top, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        best_scores = np.take_along_axis(scores, order, axis=1)
+        best_ids = np.take_along_axis(all_ids, order, axis=1)
+    return best_ids
+
+
+def sample_rows(batches: Iterator[tuple[np.ndarray, np.ndarray]], n_total: int, n_sample: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """About `n_sample` uniformly drawn `(ids, vectors)` from batches that hold `n_total` rows."""
+    rng = np.random.default_rng(seed)
+    rate = min(1.0, n_sample / max(n_total, 1))
+    ids, vectors = [], []
+    for batch_ids, batch_vectors in batches:
+        keep = rng.random(len(batch_ids)) < rate
+        ids.append(np.asarray(batch_ids)[keep])
+        vectors.append(np.asarray(batch_vectors, np.float32)[keep])
+    if not ids:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    return np.concatenate(ids), np.ascontiguousarray(np.concatenate(vectors))
+
+
+def _nprobe_steps(nlist: int) -> Iterator[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ... up to nlist: steps of about 1.4x."""
+    power = 1
+    while power < nlist:
+        yield power
+        if power >= 2 and power + power // 2 < nlist:
+            yield power + power // 2
+        power *= 2
+    yield nlist
 
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ def run(*args, ok=True):
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, trained_checkpoint, photos, photo_captions):
     db = tmp_path_factory.mktemp("cli") / "db"
-    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--batch-size", 4)
+    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--batch-size", 4, "--precision", "fp32")
     captions = tmp_path_factory.mktemp("texts") / "captions.txt"
     captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n", encoding="utf-8")
     run("add-texts", captions, "--db", db)
@@ -32,7 +32,7 @@ def collection(tmp_path_factory, trained_checkpoint, photos, photo_captions):
 
 
 def test_text_search_scores_equal_reference_and_rerank_orders(collection, trained_checkpoint, photos):
-    out = json.loads(run("search", QUERY, "--db", collection, "-k", 6, "--candidates", 4, "--json").output)
+    out = json.loads(run("search", QUERY, "--db", collection, "-k", 6, "--candidates", 4, "--precision", "fp32", "--json").output)
     hits = out["hits"]
     assert out["query"] == QUERY and [h["rank"] for h in hits] == list(range(1, 7))
     reranked, rest = hits[:4], hits[4:]
@@ -50,7 +50,7 @@ def test_text_search_scores_equal_reference_and_rerank_orders(collection, traine
 
 def test_image_search_finds_its_captions(collection, trained_checkpoint, photos, photo_captions):
     photo = next(p for p in photos if p.stem == "astronaut")
-    out = json.loads(run("search", "--image", photo, "--db", collection, "-k", 3, "--candidates", 5, "--json").output)
+    out = json.loads(run("search", "--image", photo, "--db", collection, "-k", 3, "--candidates", 5, "--precision", "fp32", "--json").output)
     hits = out["hits"]
     assert all("text" in h and "path" not in h for h in hits)
     assert hits[0]["text"] in photo_captions["astronaut"]
@@ -110,3 +110,28 @@ def test_checkpoint_without_itm_head_ranks_by_itc_with_a_note(tmp_path, photos):
     result = run("search", QUERY, "--db", db, "--json")
     assert all(h["itm_score"] is None for h in json.loads(result.stdout)["hits"])
     assert "no ITM head" in result.stderr
+
+
+def test_index_type_follows_size_and_memory_budget(tmp_path, random_checkpoint, photos, monkeypatch):
+    """Past the exact limit (lowered here to 100 vectors) a table's index is retrained as IVF,
+    with PQ codes when --index-memory is too small for full vectors; search goes on working."""
+    from btsearch.indexers import vector_index
+
+    monkeypatch.setattr(vector_index, "EXACT_MAX_FLOATS", 100 * 32)  # the checkpoint embeds in 32 dims
+    db = tmp_path / "db"
+    run("index", photos[0].parent, "--db", db, "--model", random_checkpoint, "--index-memory", "1GiB")
+    info = run("info", "--db", db).output
+    assert "images Flat (exact)" in info and "index_memory 1.00 GiB" in info
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"caption number {i} of a {['cat', 'dog', 'bus'][i % 3]}" for i in range(300)) + "\n")
+    run("add-texts", texts, "--db", db)
+    info = run("info", "--db", db).output
+    assert "texts IVF64,Flat (nprobe " in info
+    hits = json.loads(run("search", "--image", photos[0], "--db", db, "-k", 5, "--no-rerank", "--json").output)["hits"]
+    assert len(hits) == 5 and len({h["text"] for h in hits}) == 5
+
+    run("index", photos[0].parent, "--db", db, "--index-memory", "16KiB")  # 600 texts x 32 floats will not fit
+    run("add-texts", texts, "--db", db)  # growth replans the texts index within the new budget
+    assert "texts IVF128,PQ4 (nprobe " in run("info", "--db", db).output
+    result = run("index", photos[0].parent, "--db", db, "--index-memory", "lots", ok=False)
+    assert result.exit_code == 2 and "not a size" in result.output

@@ -71,7 +71,7 @@ def test_eval_matches_brute_force_on_both_annotation_formats(flickr, trained_che
     }
     for annotations in ("dataset_flickr30k.json", "flickr_annotations_30k.csv"):
         args = ["eval", "flickr30k", "--annotations", root / annotations, "--images", image_dir, "--model", trained_checkpoint,
-                "--candidates", CANDIDATES, "--cache-dir", tmp_path / "cache", "--json"]
+                "--candidates", CANDIDATES, "--cache-dir", tmp_path / "cache", "--precision", "fp32", "--json"]
         result = CliRunner().invoke(main, [str(a) for a in args])
         assert result.exit_code == 0, result.output
         out = json.loads(result.output)

@@ -370,3 +370,105 @@ def test_manifest_rejects_malformed_files(tmp_path, content):
     (tmp_path / "manifest.json").write_text(content)
     with pytest.raises(ManifestError):
         Manifest.load(tmp_path)
+
+
+# -- approximate indexes -----------------------------------------------------------------------
+
+
+def clustered(n: int, dim: int = 32, topics: int = 40, seed: int = 0) -> np.ndarray:
+    """Embedding-like unit vectors: topics plus noise (uniform noise has no neighbours to find)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).standard_normal((topics, dim))
+    x = centres[rng.integers(topics, size=n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def batches_of(ids, vectors, size=1000):
+    return lambda: ((ids[i : i + size], vectors[i : i + size]) for i in range(0, len(ids), size))
+
+
+def recall(found, truth):
+    return np.mean([np.isin(t, f).mean() for f, t in zip(found, truth)])
+
+
+def test_plan_follows_size_and_memory(monkeypatch):
+    assert vector_index.plan_index(1000, 512) == vector_index.IndexPlan("flat")
+    assert vector_index.plan_index(2**18, 512).kind == "flat"  # 2**27 floats: still exact
+    plan = vector_index.plan_index(1_000_000, 512, memory_budget=8 * 2**30)
+    assert plan.kind == "ivf" and plan.nlist == 4096
+    squeezed = vector_index.plan_index(1_000_000, 512, memory_budget=200 * 2**20)
+    assert squeezed.kind == "ivfpq" and 1_000_000 * (squeezed.pq_bytes + 8) <= 200 * 2**20
+    assert 512 % squeezed.pq_bytes == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        vector_index.plan_index(1_000_000, 512, memory_budget=2**20)
+    ivf = vector_index.IndexPlan("ivf", 1024)
+    assert not vector_index.needs_rebuild(ivf, vector_index.IndexPlan("ivf", 2048))
+    assert vector_index.needs_rebuild(ivf, vector_index.IndexPlan("ivf", 4096))  # grew fourfold
+    assert vector_index.needs_rebuild(vector_index.IndexPlan("flat"), ivf)
+    assert vector_index.needs_rebuild(ivf, vector_index.IndexPlan("ivfpq", 1024, 64))
+
+
+def test_exact_search_streams_to_the_true_top_k():
+    vectors, queries = clustered(3000), clustered(9, seed=5)
+    ids = np.arange(3000, dtype=np.int64) * 3 + 1
+    truth = ids[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :7]]
+    np.testing.assert_array_equal(vector_index.exact_search(queries, batches_of(ids, vectors, 256)(), 7), truth)
+
+
+@pytest.fixture
+def ivf(monkeypatch):
+    """An IVF index over 6000 clustered vectors: the exact limit is lowered to reach it."""
+    monkeypatch.setattr(vector_index, "EXACT_MAX_FLOATS", 1000 * 32)
+    vectors = clustered(6000)
+    ids = np.arange(10, 6010, dtype=np.int64)
+    index = VectorIndex.build(32, len(ids), batches_of(ids, vectors))
+    return index, ids, vectors
+
+
+def test_ivf_recall_against_exact_search(ivf):
+    index, ids, vectors = ivf
+    assert index.plan.kind == "ivf" and index.plan.nlist == 256 and 1 <= index.nprobe <= 256
+    assert index.describe() == f"IVF256,Flat (nprobe {index.nprobe})"
+    assert len(index) == 6000 and sorted(index.ids()) == ids.tolist()
+    queries = clustered(200, seed=7)  # never stored
+    truth = vector_index.exact_search(queries, batches_of(ids, vectors)(), 10)
+    assert recall(index.search(queries, 10)[1], truth) >= 0.9
+    assert index.nprobe < 256  # tuning found a cheaper setting than scanning every list
+
+
+def test_ivf_adds_removes_and_survives_a_reload(ivf, tmp_path):
+    index, ids, vectors = ivf
+    extra = clustered(5, seed=11)
+    index.add(np.arange(100_000, 100_005), extra)
+    assert index.search(extra, 1)[1][:, 0].tolist() == list(range(100_000, 100_005))
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(np.array([10]), vectors[:1])
+    assert index.remove(np.array([10, 11, 999_999])) == 2
+    assert not np.isin([10, 11], index.search(vectors[:2], 20)[1]).any()
+    assert len(index) == 6003 and 10 not in index.ids()
+    index.save(tmp_path / "x.faiss")
+    loaded = VectorIndex.load(tmp_path / "x.faiss", 32)
+    assert loaded.plan == index.plan and loaded.nprobe == index.nprobe
+    assert sorted(loaded.ids()) == sorted(index.ids())
+    queries = clustered(20, seed=3)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
+
+
+def test_ivfpq_when_memory_is_short(monkeypatch):
+    monkeypatch.setattr(vector_index, "EXACT_MAX_FLOATS", 1000 * 32)
+    vectors, ids = clustered(6000), np.arange(6000, dtype=np.int64)
+    budget = 6000 * (8 + 8)  # room for 8-byte codes, not for 128-byte vectors
+    index = VectorIndex.build(32, 6000, batches_of(ids, vectors), memory_budget=budget)
+    assert index.plan.kind == "ivfpq" and index.plan.pq_bytes == 8
+    assert index.describe().startswith("IVF256,PQ8 (nprobe ")
+    queries = clustered(100, seed=7)
+    truth = vector_index.exact_search(queries, batches_of(ids, vectors)(), 10)
+    assert recall(index.search(queries, 10)[1], truth) >= 0.5  # 4x compressed: approximate
+    assert index.nbytes() < 6000 * 32 * 4 / 2
+
+
+def test_ivf_search_never_returns_padding_as_an_id(ivf):
+    index, _, _ = ivf
+    index.nprobe = 1
+    scores, found = index.search(clustered(3, seed=2), 6000)  # more than one list holds
+    assert ((found >= 0) | (scores == -np.inf)).all() and (found < 0).any()

@@ -20,7 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def encoder(random_checkpoint):
-    return Encoder.from_pretrained(str(random_checkpoint), device="cpu")
+    return Encoder.from_pretrained(str(random_checkpoint), device="cpu", precision="fp32")
 
 
 def test_preprocessing_equals_processor(encoder, random_checkpoint, photos):
@@ -68,7 +68,7 @@ def test_itm_scores_equal_retrieval_model_for_every_pair(encoder, random_checkpo
 )
 def test_other_architectures_equal_reference(tmp_path, photos, overrides):
     checkpoint = build_small_checkpoint(tmp_path / "ckpt", seed=2, **overrides)
-    encoder = Encoder.from_pretrained(str(checkpoint), device="cpu")
+    encoder = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="fp32")
     ref_text, ref_image = reference.itc_embeddings(checkpoint, TEXTS[:2], photos[:2])
     np.testing.assert_allclose(encoder.embed_texts(TEXTS[:2]), ref_text, atol=1e-5)
     pixels = np.stack([encoder.preprocess_image(load_rgb(p)) for p in photos[:2]])

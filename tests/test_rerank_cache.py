@@ -22,9 +22,9 @@ def test_cached_rerank_matches_uncached_without_touching_files(tmp_path, trained
     assert f"rerank_cache {len(photos)} images" in info and "MiB (float16)" in info
     assert "rerank_cache off" in CliRunner().invoke(main, ["info", "--db", str(plain)]).output
 
-    search = ["search", QUERY, "-k", "5", "--candidates", "5", "--json", "--db"]
+    search = ["search", QUERY, "-k", "5", "--candidates", "5", "--precision", "fp32", "--json", "--db"]
     expected = json.loads(CliRunner().invoke(main, search + [str(plain)]).output)["hits"]
-    encoder = Encoder.from_pretrained(str(trained_checkpoint))
+    encoder = Encoder.from_pretrained(str(trained_checkpoint), precision="fp32")
     monkeypatch.setattr(Encoder, "image_states", lambda *a, **k: (_ for _ in ()).throw(AssertionError("image tower ran")))
     hits = Collection.open(cached, encoder=encoder).search(text=QUERY, k=5, candidates=5).hits
     assert [h.path for h in hits] == [h["path"] for h in expected]
@@ -43,5 +43,5 @@ def test_cache_follows_changed_files(tmp_path, trained_checkpoint, photos):
     reopened = Collection.open(tmp_path / "db", encoder=collection.encoder)
     (row,) = reopened.store.get_images(reopened.store.ids("images"))
     pixels = collection.encoder.preprocess_image(load_rgb(folder / "a.jpg"))[None]
-    fresh = collection.encoder.image_states(pixels, with_bridge=True).bridge.numpy()
+    fresh = collection.encoder.image_states(pixels, with_bridge=True).bridge.float().numpy()
     np.testing.assert_allclose(reopened.rerank_cache.get([row["id"]]).astype(np.float32), fresh, atol=1e-2)
