@@ -92,7 +92,7 @@ class Encoder:
         finally:
             transformers.logging.set_verbosity(previous)
         has_itm = _check_heads(source, info)
-        model = model.to(device=torch_device, dtype=dtype).eval()
+        model = model.to(device=torch_device, dtype=dtype).keep_heads_in_float32().eval()
         return cls(model, processor, model_id, torch_device, has_itm)
 
     # -- inputs ----------------------------------------------------------------------------

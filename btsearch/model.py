@@ -110,7 +110,7 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
                 if bridge_index == 0:
                     state = bt.cross_modal_text_layernorm(state)
                 bridge.append(state)
-        embeds = nn.functional.normalize(self.itc_text_head(hidden[:, 0, :]), dim=-1, p=2)
+        embeds = nn.functional.normalize(_run_head(self.itc_text_head, hidden[:, 0, :]), dim=-1, p=2)
         return TowerOutput(
             embeds=embeds,
             bridge=torch.stack(bridge, dim=1) if with_bridge else None,
@@ -136,7 +136,7 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
         # BridgeTowerForContrastiveLearning: ln_post, the (shared) image transform and the image
         # token type come *before* the ITC image head.
         cls = self._itc_image_transform(visual.forward_post(hidden[0:1]))[:, 0, :] + token_type
-        embeds = nn.functional.normalize(self.itc_image_head(cls), dim=-1, p=2)
+        embeds = nn.functional.normalize(_run_head(self.itc_image_head, cls), dim=-1, p=2)
         return TowerOutput(embeds=embeds, bridge=torch.stack(bridge, dim=1) if with_bridge else None)
 
     def _itc_image_transform(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,18 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
                 text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
                 image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
         pooled = bt.get_cls_features(text_out, image_out)
-        return self.itm_score(pooled)[:, 1]
+        return _run_head(self.itm_score, pooled)[:, 1]
+
+    def keep_heads_in_float32(self) -> "BridgeTowerRetrievalModel":
+        """After a cast to half precision: the ITC and ITM heads (a few linear layers, no cost)
+        go back to float32, so scores are not rounded to half precision's 8 or 11 bits."""
+        for head in (self.itc_text_head, self.itc_image_head, self.itm_score):
+            head.float()
+        return self
+
+
+def _run_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return head(features.to(next(head.parameters()).dtype))
 
 
 def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, self_mask, cross_mask) -> torch.Tensor:
