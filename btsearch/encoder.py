@@ -119,11 +119,13 @@ class Encoder:
     def is_truncated(self, text: str) -> bool:
         return len(self.processor.tokenizer(text)["input_ids"]) > self.max_text_length
 
-    def to_pixels(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        pixels = torch.as_tensor(pixels)
+    def to_model(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Host data (pixels, cached bridge inputs) on the model's device, in its dtype; through
+        pinned memory on CUDA, so the copy overlaps with compute."""
+        tensor = torch.as_tensor(array)
         if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        return pixels.to(self.device, self.dtype)
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device, self.dtype)
 
     # -- towers ----------------------------------------------------------------------------
 
@@ -132,7 +134,7 @@ class Encoder:
         return self.model.encode_text(input_ids, attention_mask, with_bridge=with_bridge)
 
     def image_states(self, pixels: np.ndarray | torch.Tensor, with_bridge: bool = False) -> TowerOutput:
-        return self.model.encode_image(self.to_pixels(pixels), with_bridge=with_bridge)
+        return self.model.encode_image(self.to_model(pixels), with_bridge=with_bridge)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n, D) float32 normalised ITC text embeddings, in the order given."""

@@ -5,7 +5,7 @@ the rest keep their ITC order. Text-to-image: the rank of each caption's image. 
 the best rank of an image's captions. R@K is the percentage of queries whose rank is below K.
 
 Everything a second run can reuse is kept in the collection folder: the embeddings (in
-LanceDB), each side's bridge inputs, and every ITM score computed, so another `candidates`
+LanceDB), the images' bridge inputs (memory-mapped), and every ITM score computed, so another `candidates`
 costs only the pairs not scored yet, and an interrupted run resumes.
 """
 
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import BtsearchError
+from .indexers import BridgeCache
 from .loader import iter_image_batches
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ RECALL_AT = (1, 5, 10)
 PAIR_BATCH = 32
 TEXT_CHUNK = 64
 SCORE_SAVE_INTERVAL_S = 30.0
+BRIDGE_WRITE_ROWS = 64  # images per cache chunk
 
 
 # -- ranks and recall -------------------------------------------------------------------------------
@@ -178,20 +180,7 @@ class PairScores:
     def _score(self, collection: "Collection", todo: np.ndarray, progress: bool) -> None:
         encoder = collection.encoder
         texts = {row["id"]: row["text"] for row in collection.store.get_texts(self.text_ids[np.unique(todo[:, 0])])}
-        image_index = np.unique(todo[:, 1])
-        paths = [row["path"] for row in collection.store.get_images(self.image_ids[image_index])]
-        # Each side's bridge inputs once: all the needed images, then captions as pairs need them.
-        image_bridge = {}
-        loaded = iter_image_batches(map(Path, paths), encoder.preprocess_image, batch_size=16)
-        where = {Path(p): int(i) for p, i in zip(paths, image_index)}
-        with tqdm(total=len(paths), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            for batch in loaded:
-                if batch.skipped:
-                    raise BtsearchError(f"cannot read {batch.skipped[0].path}: {batch.skipped[0].reason}")
-                bridge = encoder.image_states(batch.pixels(), with_bridge=True).bridge
-                for image, state in zip(batch.images, bridge):
-                    image_bridge[where[image.path]] = state
-                bar.update(len(batch.images))
+        image_bridges = _image_bridges(collection, self.image_ids[np.unique(todo[:, 1])], progress)
         last_save = time.monotonic()
         text_index = np.unique(todo[:, 0])
         with tqdm(total=len(todo), desc="ITM re-ranking", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
@@ -204,7 +193,7 @@ class PairScores:
                 for start in range(0, len(pairs), PAIR_BATCH):
                     batch = pairs[start : start + PAIR_BATCH]
                     rows = torch.as_tensor([slot[int(t)] for t in batch[:, 0]], device=states.bridge.device)
-                    images = torch.stack([image_bridge[int(i)] for i in batch[:, 1]])
+                    images = encoder.to_model(image_bridges.get(self.image_ids[batch[:, 1]]))
                     logits = encoder.model.match_logits(states.bridge[rows], states.mask[rows], images)
                     for (t, i), score in zip(batch, logits.float().cpu().tolist()):
                         self.scores[(int(self.text_ids[t]), int(self.image_ids[i]))] = score
@@ -214,3 +203,33 @@ class PairScores:
                         last_save = time.monotonic()
         self.save()
 
+
+def _image_bridges(collection: "Collection", image_ids: np.ndarray, progress: bool) -> BridgeCache:
+    """The images' bridge inputs, memory-mapped from a cache in the collection folder (filled
+    here where missing): memory stays flat however many images, and a later eval with another
+    `candidates` runs no image tower. Stored in float32 for an fp32 model (exact), else float16
+    (which holds bf16 states exactly)."""
+    encoder = collection.encoder
+    exact = encoder.dtype == torch.float32
+    folder = collection.path / f"eval-bridges-{'fp32' if exact else 'fp16'}"
+    cache = BridgeCache.create(folder, np.float32 if exact else np.float16)
+    missing = [int(i) for i in image_ids if int(i) not in cache]
+    if not missing:
+        return cache
+    rows = collection.store.get_images(missing)
+    where = {Path(row["path"]): row["id"] for row in rows}
+    loaded = iter_image_batches([Path(row["path"]) for row in rows], encoder.preprocess_image, batch_size=16)
+    done_ids, done_states = [], []
+    with tqdm(total=len(rows), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loaded:
+            if batch.skipped:
+                raise BtsearchError(f"cannot read {batch.skipped[0].path}: {batch.skipped[0].reason}")
+            bridge = encoder.image_states(batch.pixels(), with_bridge=True).bridge
+            done_ids += [where[image.path] for image in batch.images]
+            done_states.append(bridge.float().cpu().numpy().astype(cache.dtype, copy=False))
+            if len(done_ids) >= BRIDGE_WRITE_ROWS:
+                cache.append(np.array(done_ids), np.concatenate(done_states))
+                done_ids, done_states = [], []
+            bar.update(len(batch.images))
+    cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states) if done_states else np.empty(0))
+    return cache

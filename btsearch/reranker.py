@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .encoder import Encoder
 from .loader import iter_image_batches
@@ -37,7 +36,7 @@ class Reranker:
         cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
         for start in range(0, len(cached), self.batch_size):
             where = cached[start : start + self.batch_size]
-            states = torch.from_numpy(cache.get([ids[i] for i in where])).to(self.encoder.device, self.encoder.dtype)
+            states = self.encoder.to_model(cache.get([ids[i] for i in where]))
             scores[where] = self.encoder.match(query, TowerOutput(embeds=None, bridge=states))
         todo = sorted(set(range(len(paths))) - set(cached))
         position = {Path(paths[i]): i for i in todo}

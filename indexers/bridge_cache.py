@@ -1,10 +1,10 @@
-"""The re-rank cache: each image's bridge inputs, kept on disk in float16 and memory-mapped.
+"""The re-rank cache: each image's bridge inputs, kept on disk (float16) and memory-mapped.
 
 Re-ranking needs every candidate's bridge inputs; without this cache they are recomputed from
 the image file on each query. With it, a query reads them from disk instead.
 
 Layout: one chunk per write, `chunk-<time>.ids.npy` (int64 ids) written before
-`chunk-<time>.npy` (float16, (n, layers, tokens, hidden)); a chunk counts only once its
+`chunk-<time>.npy` ((n, layers, tokens, hidden), float16 unless asked otherwise); a chunk counts only once its
 states file exists, and both are written through a temporary name, so a crash leaves no half
 chunk. Chunks load in time order, so an id written again (a changed file) takes its newest
 states. Rows of deleted images stay on disk unused.
@@ -24,8 +24,11 @@ CACHE_DTYPE = np.float16
 
 
 class BridgeCache:
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], dtype: np.dtype = CACHE_DTYPE) -> None:
+        """`dtype`: how new states are stored (float16 halves the bytes of float32 and holds
+        bf16 states exactly; float32 keeps fp32 states exact). Chunks read back as written."""
         self.folder = Path(folder)
+        self.dtype = np.dtype(dtype)
         self._where: dict[int, tuple[Path, int]] = {}
         self._chunks: dict[Path, np.ndarray] = {}
         for states in sorted(self.folder.glob("chunk-*[0-9].npy")):
@@ -38,9 +41,9 @@ class BridgeCache:
         return Path(folder).is_dir()
 
     @classmethod
-    def create(cls, folder: str | os.PathLike[str]) -> "BridgeCache":
+    def create(cls, folder: str | os.PathLike[str], dtype: np.dtype = CACHE_DTYPE) -> "BridgeCache":
         Path(folder).mkdir(parents=True, exist_ok=True)
-        return cls(folder)
+        return cls(folder, dtype)
 
     def __contains__(self, item: int) -> bool:
         return int(item) in self._where
@@ -61,7 +64,7 @@ class BridgeCache:
         with atomic_write(path.with_suffix(".ids.npy")) as file:
             np.save(file, ids)
         with atomic_write(path) as file:
-            np.save(file, np.asarray(states, dtype=CACHE_DTYPE))
+            np.save(file, np.asarray(states, dtype=self.dtype))
         for row, item in enumerate(ids.tolist()):
             self._where[item] = (path, row)
 

@@ -36,6 +36,7 @@ EXACT_MAX_FLOATS = 2**27
 TRAIN_POINTS_PER_LIST = 48
 TUNE_QUERIES = 256
 TUNE_RECALL = 0.97  # tuned above the 0.95 we promise: real queries come from the other tower
+PLATEAU = 0.003  # recall gained by two more nprobe steps below which scanning more is waste
 KINDS = ("flat", "ivf", "ivfpq")
 
 
@@ -301,7 +302,8 @@ class VectorIndex:
 
     def tune(self, queries: np.ndarray, query_ids: np.ndarray, neighbours: np.ndarray, target: float = TUNE_RECALL) -> float:
         """Set the smallest nprobe (of 1, 2, 3, 4, 6, 8, 12, ...) whose recall@k reaches `target`;
-        returns the recall reached.
+        returns the recall reached. Where compressed codes cap recall below `target`, the
+        smallest nprobe within `PLATEAU` of the best recall seen.
 
         `queries` are stored vectors (their own `query_ids`), `neighbours` their exact top k+1
         (as from `exact_search`): each query's own id is left out of both sides, so finding
@@ -310,13 +312,20 @@ class VectorIndex:
             return 1.0
         k = neighbours.shape[1] - 1
         truth = [row[row != own][:k] for row, own in zip(neighbours, query_ids)]
-        recall = 0.0
+        measured: list[tuple[int, float]] = []
         for nprobe in _nprobe_steps(self.plan.nlist):
             self.nprobe = nprobe
             found = self.search(queries, k + 1)[1]
             recall = float(np.mean([np.isin(t, f[f != own]).mean() for t, f, own in zip(truth, found, query_ids)]))
+            measured.append((nprobe, recall))
             if recall >= target:
+                return recall
+            # PQ codes cap recall below the target: stop once more lists stop helping.
+            if len(measured) >= 3 and recall - measured[-3][1] < PLATEAU:
                 break
+        best = max(recall for _, recall in measured)
+        nprobe, recall = next((n, r) for n, r in measured if r >= best - PLATEAU)
+        self.nprobe = nprobe
         return recall
 
     def _cpu_index(self) -> faiss.Index:

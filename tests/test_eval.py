@@ -96,14 +96,24 @@ def test_second_eval_with_other_k_scores_only_new_pairs(flickr, trained_checkpoi
         return original(self, text_bridge, text_mask, image_bridge)
 
     monkeypatch.setattr(BridgeTowerRetrievalModel, "match_logits", counting)
+    image_towers = []
+    original_image = BridgeTowerRetrievalModel.encode_image
+
+    def counting_images(self, pixels, with_bridge=False):
+        image_towers.append(len(pixels))
+        return original_image(self, pixels, with_bridge)
+
+    monkeypatch.setattr(BridgeTowerRetrievalModel, "encode_image", counting_images)
     base = ["eval", "flickr30k", "--annotations", root / "dataset_flickr30k.json", "--images", image_dir,
             "--model", trained_checkpoint, "--cache-dir", tmp_path, "--json", "--candidates"]
     CliRunner().invoke(main, [str(a) for a in base + [2]])
     first = sum(scored)
     CliRunner().invoke(main, [str(a) for a in base + [2]])
     assert sum(scored) == first  # everything cached
+    towers_before = sum(image_towers)
     CliRunner().invoke(main, [str(a) for a in base + [3]])
     assert first < sum(scored) < 2 * first + 100  # only the pairs k=3 adds
+    assert sum(image_towers) == towers_before  # the images' bridge inputs come from the eval cache
 
 
 def test_bad_annotations_are_named(tmp_path, flickr, trained_checkpoint):
