@@ -7,6 +7,7 @@ manifest naming the model whose embeddings these are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,17 +23,21 @@ from tqdm.auto import tqdm
 from .encoder import DEFAULT_MODEL, Encoder, resolve_model_id
 from .errors import BtsearchError, CollectionError
 from .evaluation import evaluate_collection
-from .images import find_images, load_rgb
+from .images import DEFAULT_MAX_PIXELS, file_hash, find_images, load_rgb
 from .encoder import to_numpy
 from .indexers import BridgeCache, Manifest, MetadataStore, VectorIndex
+from .indexers.skip_log import SkipLog
 from .indexers.vector_index import needs_rebuild, plan_index
+from .indexers.write_lock import CollectionLockedError, WriteLock
 from .loader import SkippedImage, iter_image_batches
 from .reranker import Reranker
 
 FORMAT_VERSION = 1
 TABLES = ("images", "texts")
-INDEX_SAVE_INTERVAL_S = 30.0  # a crash loses at most this much work
+COMMIT_INTERVAL_S = 5.0  # LanceDB commits at least this often: a crash loses at most this much work
+INDEX_SAVE_INTERVAL_S = 30.0  # FAISS saves; a stale index is caught up from LanceDB on open
 RERANK_CACHE_DIR = "rerank-cache"
+PQ_REFINE = 4  # PQ candidates fetched per wanted hit, then re-scored exactly
 WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
 WRITE_BRIDGE_BYTES = 256 * 2**20  # ...or fewer, when their re-rank cache states would fill this
 
@@ -59,7 +64,8 @@ class SearchResult:
 @dataclass
 class IndexReport:
     added: int = 0
-    updated: int = 0
+    updated: int = 0  # changed files re-embedded, and moved files followed
+    removed: int = 0  # rows whose files are gone
     unchanged: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
@@ -81,7 +87,8 @@ class _PendingImages:
 
     def add(self, images, embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
         self.rows += [
-            {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height} for im in images
+            {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height, "content_hash": im.content_hash}
+            for im in images
         ]
         self.embeddings.append(embeddings)
         if bridges is not None:
@@ -94,6 +101,26 @@ class _PendingImages:
         return rows, embeddings, bridges
 
 
+@dataclass
+class _SyncPlan:
+    todo: list[Path] = field(default_factory=list)  # files to embed
+    replaced: list[int] = field(default_factory=list)  # rows of changed files, deleted before re-embedding
+    replaced_paths: list[str] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)  # rows whose files are gone
+    touched: list[tuple[int, dict]] = field(default_factory=list)  # rows to update in place: (id, new facts)
+    moved: int = 0
+    seen: list[Path] = field(default_factory=list)  # files the collection holds as they are
+
+
+@contextlib.contextmanager
+def _locked(path: Path, lock: WriteLock | None = None):
+    try:
+        with lock or WriteLock(path):
+            yield
+    except CollectionLockedError as error:
+        raise CollectionError(str(error)) from None
+
+
 class Collection:
     def __init__(self, path: Path, encoder: Encoder | None, manifest: Manifest, store: MetadataStore, use_gpu_index: bool = True):
         self.path = path
@@ -102,6 +129,7 @@ class Collection:
         self.store = store
         self._use_gpu_index = use_gpu_index
         self._indexes: dict[str, VectorIndex] = {}
+        self._lock = WriteLock(path)
         cache_folder = path / RERANK_CACHE_DIR
         self.rerank_cache = BridgeCache(cache_folder) if BridgeCache.exists(cache_folder) else None
 
@@ -120,6 +148,13 @@ class Collection:
             raise CollectionError(f"{path} exists and is not an empty folder nor a btsearch collection")
         encoder = encoder or Encoder.from_pretrained(model or DEFAULT_MODEL, device=device, precision=precision)
         path.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            if Manifest.exists(path):  # another process created it meanwhile
+                return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
+            return cls._create(path, encoder)
+
+    @classmethod
+    def _create(cls, path: Path, encoder: Encoder) -> "Collection":
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model=encoder.model_id,
@@ -140,9 +175,11 @@ class Collection:
         encoder: Encoder | None = None,
         load_model: bool = True,
         precision: str = "auto",
+        read_only: bool = False,
     ) -> "Collection":
         """Open an existing collection; `model`, if given, must be the one it was built with.
-        `load_model=False` opens storage only (enough for `info`)."""
+        `load_model=False` opens storage only (enough for `info`). `read_only=True` opens a
+        snapshot: what was committed when it opened, whatever a writer does meanwhile."""
         path = Path(path)
         if not path.is_dir():
             raise CollectionError(f"no collection at {path}: create one with `btsearch index PATH --db {path}`")
@@ -159,15 +196,19 @@ class Collection:
                 f"{path} was built with model {manifest.model!r}, not {model!r}: its embeddings are not comparable; "
                 "omit --model to use the collection's own, or index into a new --db"
             )
+        try:
+            store = MetadataStore.open(path, manifest.embed_dim, read_only=read_only)
+        except ValueError as error:
+            raise CollectionError(f"{path} is damaged: {error}") from error
         if not load_model:
-            return cls(path, None, manifest, MetadataStore.open(path, manifest.embed_dim))
+            return cls(path, None, manifest, store)
         encoder = encoder or Encoder.from_pretrained(manifest.model, device=device, precision=precision)
         if encoder.config_hash != manifest.config_hash or encoder.embed_dim != manifest.embed_dim:
             raise CollectionError(
                 f"the checkpoint at {manifest.model!r} has changed since {path} was built "
                 f"(config {encoder.config_hash} != {manifest.config_hash}): re-index into a new --db"
             )
-        return cls(path, encoder, manifest, MetadataStore.open(path, manifest.embed_dim))
+        return cls(path, encoder, manifest, store)
 
     # -- FAISS, kept in step with LanceDB ---------------------------------------------------
 
@@ -188,12 +229,27 @@ class Collection:
                 index = VectorIndex.load(path, self.manifest.embed_dim)
             except (OSError, ValueError, RuntimeError):  # corrupt or foreign file: LanceDB holds the truth
                 index = None
-        # Same ids, not just the same count: a crash between a delete and an add keeps the count.
-        if index is None or not np.array_equal(np.sort(index.ids()), self.store.ids(table)):
+        if index is not None and not self._catch_up(index, table):
+            index = None
+        if index is None:
             index = self._build_index(table)
         if self._use_gpu_index:
             index.to_gpu()
         return index
+
+    def _catch_up(self, index: VectorIndex, table: str) -> bool:
+        """Bring a saved index in step with LanceDB, which a crash or a concurrent writer may
+        have moved on: drop what LanceDB no longer holds, add what it gained. Ids are never
+        reused, so equal ids mean equal vectors. False when a rebuild is the better course."""
+        stored, indexed = self.store.ids(table), np.sort(index.ids())
+        if np.array_equal(stored, indexed):
+            return True
+        extra, missing = np.setdiff1d(indexed, stored), np.setdiff1d(stored, indexed)
+        if len(extra) + len(missing) > max(4096, len(stored) // 4):
+            return False
+        index.remove(extra)
+        index.add(*self.store.get_embeddings(table, missing))
+        return True
 
     def _build_index(self, table: str) -> VectorIndex:
         """The index planned for `table`'s size and the memory budget, built from LanceDB."""
@@ -203,7 +259,8 @@ class Collection:
             lambda: self.store.iter_embeddings(table, batch_size=65536),
             self.index_memory // len(TABLES),
         )
-        index.save(self._index_path(table))
+        if not self.store.read_only:  # readers never write: a writer may be saving this file
+            index.save(self._index_path(table))
         return index
 
     @property
@@ -217,8 +274,9 @@ class Collection:
         """Keep the indexes within `budget` bytes from now on (the next growth or rebuild)."""
         if budget <= 0:
             raise BtsearchError("the index memory budget must be positive")
-        self.manifest = dataclasses.replace(self.manifest, index_memory=int(budget))
-        self.manifest.save(self.path)
+        with self._writing():
+            self.manifest = dataclasses.replace(self.manifest, index_memory=int(budget))
+            self.manifest.save(self.path)
 
     def _save_index(self, table: str) -> None:
         """Write the index, retraining it first when the table has outgrown its plan."""
@@ -236,72 +294,156 @@ class Collection:
     # -- adding ----------------------------------------------------------------------------
 
     def add_images(
-        self, roots: list[str | os.PathLike], batch_size: int = 16, progress: bool = False, rerank_cache: bool = False
+        self,
+        roots: list[str | os.PathLike],
+        batch_size: int = 16,
+        progress: bool = False,
+        rerank_cache: bool = False,
+        keep_missing: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> IndexReport:
-        """Embed every image file under `roots` that is new or changed since it was indexed.
+        """Sync the collection with the image files under `roots`: embed new and changed files,
+        drop rows whose files are gone from under `roots` (unless `keep_missing`), and follow
+        touched and moved files without re-embedding them (their content hash tells).
 
+        Work is committed every few seconds, LanceDB first: a run killed at any point leaves a
+        consistent collection, and the next run picks up where it stopped.
         `rerank_cache=True` turns the re-rank cache on (it stays on): each image's bridge inputs
         are kept on disk in float16, so re-ranking reads them instead of the image file."""
-        if rerank_cache and self.rerank_cache is None:
-            self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE_DIR)
-        started = time.perf_counter()
-        report = IndexReport()
+        with self._writing():
+            if rerank_cache and self.rerank_cache is None:
+                self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE_DIR)
+            started = time.perf_counter()
+            report = IndexReport()
+            skip_log = SkipLog(self.path)
+            plan = self._plan_sync(roots, keep_missing, report)
+            index = self.index("images")
+            for row_id, values in plan.touched:
+                self.store.update_image(row_id, **values)
+            gone = plan.removed + plan.replaced
+            if gone:  # LanceDB first: a crash before FAISS follows is mended on the next open
+                self.store.delete_images(gone)
+                index.remove(np.asarray(gone, dtype=np.int64))
+            report.removed = len(plan.removed)
+            pending = _PendingImages()
+            replaced = set(plan.replaced_paths)
+            last_commit = last_save = time.monotonic()
+            with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+                batches = iter_image_batches(plan.todo, self.encoder.preprocess_image, batch_size, max_pixels=max_pixels)
+                for batch in batches:
+                    report.skipped.extend(batch.skipped)
+                    if batch.images:
+                        states = self.encoder.image_states(batch.pixels(), with_bridge=self.rerank_cache is not None)
+                        bridges = None if states.bridge is None else states.bridge.to(torch.float16).cpu().numpy()
+                        pending.add(batch.images, to_numpy(states.embeds), bridges)
+                        changed = sum(str(image.path) in replaced for image in batch.images)
+                        report.updated += changed
+                        report.added += len(batch.images) - changed
+                    if pending.full() or time.monotonic() - last_commit > COMMIT_INTERVAL_S:
+                        self._write_images(pending)
+                        last_commit = time.monotonic()
+                    bar.update(len(batch.images) + len(batch.skipped))
+                    if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
+                        self._save_index("images")
+                        last_save = time.monotonic()
+            self._write_images(pending)
+            report.updated += plan.moved
+            self._save_index("images")
+            skip_log.forget(str(path) for path in plan.seen)
+            for skipped in report.skipped:
+                skip_log.record(skipped.path, skipped.reason)
+            skip_log.forget_missing()
+            skip_log.save()
+            self.store.optimize()
+            report.seconds = time.perf_counter() - started
+            return report
+
+    def _plan_sync(self, roots: list[str | os.PathLike], keep_missing: bool, report: IndexReport) -> "_SyncPlan":
+        """Compare the files under `roots` with the stored rows; hash only where size or mtime
+        disagree, or where a new file may be a stored one that moved."""
+        plan = _SyncPlan()
+        unreadable: list[tuple[Path, str]] = []
+        files = find_images(roots, unreadable)
+        report.skipped.extend(SkippedImage(path, f"cannot list folder: {reason}") for path, reason in unreadable)
         known = self.store.image_files()
-        todo, replaced = [], []
-        for path in find_images(roots):
-            row = known.get(str(path))
-            if row is None:
-                todo.append(path)
+        on_disk = {str(path) for path in files}
+        under = [str(Path(root).resolve()) for root in roots]
+        vanished = [
+            row for path, row in known.items()
+            if path not in on_disk and any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under)
+        ]
+        # A file that vanished may have moved: match new files to vanished rows by size, then hash.
+        vanished_by_size: dict[int, list[dict]] = {}
+        for row in vanished:
+            if row.get("content_hash"):
+                vanished_by_size.setdefault(row["size"], []).append(row)
+        for path in files:
+            try:
+                stat = path.stat()
+            except OSError as error:
+                report.skipped.append(SkippedImage(path, error.strerror or str(error)))
                 continue
-            stat = path.stat()
-            if row["size"] == stat.st_size and row["mtime"] == stat.st_mtime:
-                report.unchanged += 1
-            else:
-                todo.append(path)
-                replaced.append(row["id"])
-        index = self.index("images")
-        if replaced:
-            self.store.delete_images(replaced)
-            index.remove(np.asarray(replaced, dtype=np.int64))
-        pending = _PendingImages()
-        last_save = time.monotonic()
-        with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            for batch in iter_image_batches(todo, self.encoder.preprocess_image, batch_size):
-                report.skipped.extend(batch.skipped)
-                if batch.images:
-                    states = self.encoder.image_states(batch.pixels(), with_bridge=self.rerank_cache is not None)
-                    bridges = None if states.bridge is None else states.bridge.to(torch.float16).cpu().numpy()
-                    pending.add(batch.images, to_numpy(states.embeds), bridges)
-                    report.added += len(batch.images)
-                if pending.full():
-                    self._write_images(pending)
-                bar.update(len(batch.images) + len(batch.skipped))
-                if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
-                    self._write_images(pending)
-                    self._save_index("images")
-                    last_save = time.monotonic()
-        self._write_images(pending)
-        report.updated = min(len(replaced), report.added)
-        report.added -= report.updated
-        self._save_index("images")
-        self.store.optimize()
-        report.seconds = time.perf_counter() - started
-        return report
+            facts = {"size": stat.st_size, "mtime": stat.st_mtime}
+            row = known.get(str(path))
+            try:
+                if row is not None:
+                    if row["size"] == stat.st_size and row["mtime"] == stat.st_mtime:
+                        report.unchanged += 1
+                        plan.seen.append(path)
+                    elif row.get("content_hash") and row["content_hash"] == file_hash(path):
+                        plan.touched.append((row["id"], facts))  # touched, not changed
+                        report.unchanged += 1
+                        plan.seen.append(path)
+                    else:
+                        plan.todo.append(path)
+                        plan.replaced.append(row["id"])
+                        plan.replaced_paths.append(str(path))
+                    continue
+                candidates = vanished_by_size.get(stat.st_size)
+                if candidates:
+                    digest = file_hash(path)
+                    match = next((r for r in candidates if r["content_hash"] == digest), None)
+                    if match is not None:
+                        candidates.remove(match)
+                        vanished.remove(match)
+                        plan.touched.append((match["id"], {**facts, "path": str(path)}))
+                        plan.moved += 1
+                        plan.seen.append(path)
+                        continue
+            except OSError as error:  # unreadable while hashing
+                report.skipped.append(SkippedImage(path, error.strerror or str(error)))
+                continue
+            plan.todo.append(path)
+        if not keep_missing:
+            plan.removed = [row["id"] for row in vanished]
+        return plan
 
     def _write_images(self, pending: "_PendingImages") -> None:
         """LanceDB first (the truth), then FAISS: a crash in between is mended on the next open."""
         if len(pending):
             rows, embeddings, bridges = pending.take()
             ids = self.store.add_images(rows, embeddings)
-            self.index("images").add(ids, embeddings)
-            if bridges is not None:
+            if bridges is not None:  # before FAISS: a searchable image finds its cached states
                 self.rerank_cache.append(ids, bridges)
+            self.index("images").add(ids, embeddings)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the collection's write lock: one writer at a time, whatever the process."""
+        if self.store.read_only:
+            raise CollectionError(f"{self.path} was opened read-only")
+        with _locked(self.path, self._lock):
+            yield
 
     def add_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed and store texts; returns their ids in order."""
         texts = [str(text) for text in texts]
         if any(not text.strip() for text in texts):
             raise BtsearchError("empty texts cannot be added")
+        with self._writing():
+            return self._add_texts(texts, batch_size, progress)
+
+    def _add_texts(self, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
         index = self.index("texts")
         all_ids = []
         with tqdm(total=len(texts), desc="embedding texts", unit="text", disable=not progress, dynamic_ncols=True) as bar:
@@ -357,9 +499,7 @@ class Collection:
         if k > len(index):
             notes.append(f"only {len(index)} {target} in the collection")
         wanted = min(max(k, candidates if rerank else k), len(index))
-        itc, ids = index.search(query.embeds.float().cpu().numpy(), wanted)
-        found = ids[0] >= 0  # an approximate index may find fewer than asked for
-        itc, ids = itc[0][found], ids[0][found]
+        itc, ids = self._recall(target, query.embeds.float().cpu().numpy()[0], wanted)
         rows = self.store.get_images(ids) if target == "images" else self.store.get_texts(ids)
         itm = np.full(len(ids), np.nan, dtype=np.float32)
         reranked = min(candidates, len(ids)) if rerank else 0
@@ -390,6 +530,21 @@ class Collection:
             )
         return SearchResult(query=label, target=target, hits=hits, reranked=int(np.sum(~np.isnan(itm))), notes=notes)
 
+    def _recall(self, table: str, query: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's best `wanted` (ITC cosines, ids) for one query vector, best first. PQ codes
+        only approximate the vectors: their top `PQ_REFINE` x wanted are re-scored with the
+        stored embeddings, so the reported cosines are exact and recall recovers."""
+        index = self.index(table)
+        if index.plan.kind != "ivfpq":
+            scores, ids = index.search(query[None], wanted)
+            found = ids[0] >= 0  # an approximate index may find fewer than asked for
+            return scores[0][found], ids[0][found]
+        ids = index.search(query[None], wanted * PQ_REFINE)[1][0]
+        ids, vectors = self.store.get_embeddings(table, ids[ids >= 0])
+        scores = vectors @ query
+        best = np.argsort(-scores, kind="stable")[:wanted]
+        return scores[best].astype(np.float32), ids[best]
+
     # -- facts -------------------------------------------------------------------------------
 
     def info(self) -> dict:
@@ -401,11 +556,16 @@ class Collection:
             "created": self.manifest.created,
             "images": self.store.count_images(),
             "texts": self.store.count_texts(),
+            "skipped": f"{len(SkipLog(self.path))} files (listed by `btsearch info --skipped`)",
             "index": "; ".join(f"{table} {self.index(table).describe()}, {self.index(table).nbytes() / 2**20:.1f} MiB" for table in TABLES),
             "index_memory": f"{self.index_memory / 2**30:.2f} GiB" + ("" if self.manifest.index_memory else " (a quarter of RAM)"),
             "rerank_cache": "off" if self.rerank_cache is None
             else f"{len(self.rerank_cache)} images, {self.rerank_cache.nbytes() / 2**20:.1f} MiB (float16)",
         }
+
+    def skipped(self) -> list[tuple[str, str, str]]:
+        """Files indexing skipped and has not indexed since: (path, reason, when), by path."""
+        return SkipLog(self.path).items()
 
     def evaluate(self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False) -> dict:
         """Recall of this collection's texts and images against known pairs; see `evaluation`."""

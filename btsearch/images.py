@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -13,20 +15,55 @@ from .errors import ImageReadError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully, apply its EXIF orientation, and convert any mode to RGB.
+# PIL's own bomb check errors only at twice its warning limit, and warns (noisily) below; this
+# limit is ours, checked from the header before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 180_000_000  # a 16,000 x 11,000 panorama passes; a 50K x 50K bomb does not
+Image.MAX_IMAGE_PIXELS = None
+
+
+def load_rgb(source: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Decode an image file (a path, or an open binary file) fully, apply its EXIF orientation,
+    and convert any mode to RGB.
 
     Alpha is composited on white (a transparent logo should look like a logo, not a black box);
     grey, palette, CMYK and 16-bit images are converted. Animated files give their first frame.
+    Images of more than `max_pixels` pixels are refused before decoding (decompression bombs).
     """
+    name = name or str(source)
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(f"cannot read image {name}: {width} x {height} pixels is over the limit of {max_pixels:,}")
             image.seek(0)
             image = ImageOps.exif_transpose(image)
             image.load()
             return to_rgb(image)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
+    except ImageReadError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read image {name}: {_reason(error)}") from error
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL can identify"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def content_hash(data: bytes) -> str:
+    """The file-content fingerprint stored with each image (blake2b, 128 bits, hex)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -47,19 +84,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def find_images(roots: list[str | os.PathLike]) -> list[Path]:
-    """Every image file under the given files and folders, in a stable order, each once."""
+def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Every image file under the given files and folders, in a stable order, each once.
+
+    Folder symlinks are not followed (no loops); file symlinks are, to their target. Folders
+    that cannot be listed are appended to `unreadable` as (path, reason) when it is given."""
+
+    def note(error: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((Path(error.filename), error.strerror or str(error)))
+
     found: dict[Path, None] = {}
     for root in roots:
         root = Path(root)
         if root.is_dir():
-            for folder, _, files in sorted(os.walk(root, followlinks=False)):
+            for folder, _, files in sorted(os.walk(root, followlinks=False, onerror=note)):
                 for name in sorted(files):
                     path = Path(folder) / name
                     if path.suffix.lower() in IMAGE_SUFFIXES:
-                        found.setdefault(path.resolve(), None)
-        elif root.exists():
-            found.setdefault(root.resolve(), None)
+                        found.setdefault(_resolve(path), None)
+        elif root.exists() or root.is_symlink():
+            found.setdefault(_resolve(root), None)
         else:
             raise FileNotFoundError(f"no such file or folder: {root}")
     return list(found)
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: keep the name, reading it will say why
+        return path.absolute()

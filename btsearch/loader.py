@@ -6,6 +6,7 @@ Threads suffice: PIL's decoders and resamplers and numpy's arithmetic release th
 
 from __future__ import annotations
 
+import io
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageReadError
-from .images import load_rgb
+from .images import DEFAULT_MAX_PIXELS, content_hash, load_rgb
 
 
 @dataclass
@@ -29,6 +30,7 @@ class LoadedImage:
     mtime: float
     width: int  # as displayed (after EXIF rotation)
     height: int
+    content_hash: str
 
 
 @dataclass
@@ -46,11 +48,15 @@ class ImageBatch:
         return np.stack([image.pixels for image in self.images])
 
 
-def _load_one(path: Path, preprocess: Callable[[Image.Image], np.ndarray]) -> LoadedImage | SkippedImage:
+def _load_one(path: Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> LoadedImage | SkippedImage:
     try:
-        stat = path.stat()
-        image = load_rgb(path)
-        return LoadedImage(path, preprocess(image), stat.st_size, stat.st_mtime, image.width, image.height)
+        with open(path, "rb") as f:  # read once: the bytes are both hashed and decoded
+            stat = os.fstat(f.fileno())
+            data = f.read()
+        if not data:
+            return SkippedImage(path, "empty file")
+        image = load_rgb(io.BytesIO(data), max_pixels=max_pixels, name=str(path))
+        return LoadedImage(path, preprocess(image), stat.st_size, stat.st_mtime, image.width, image.height, content_hash(data))
     except ImageReadError as error:
         return SkippedImage(path, str(error).removeprefix(f"cannot read image {path}: "))
     except OSError as error:
@@ -65,6 +71,7 @@ def iter_image_batches(
     batch_size: int,
     workers: int | None = None,
     prefetch: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[ImageBatch]:
     """Yield batches of loaded images (and the files that failed), in the order of `paths`."""
     workers = workers or min(4, os.cpu_count() or 1)
@@ -75,7 +82,7 @@ def iter_image_batches(
         def submit_next() -> bool:
             chunk = list(islice(paths, batch_size))
             if chunk:
-                pending.append([pool.submit(_load_one, path, preprocess) for path in chunk])
+                pending.append([pool.submit(_load_one, path, preprocess, max_pixels) for path in chunk])
             return bool(chunk)
 
         for _ in range(prefetch + 1):

@@ -18,6 +18,7 @@ from btsearch.device import DEVICE_CHOICES, PRECISION_CHOICES
 from btsearch.encoder import DEFAULT_MODEL
 from btsearch.errors import BtsearchError
 from btsearch.flickr30k import evaluate_flickr30k
+from btsearch.images import DEFAULT_MAX_PIXELS
 from btsearch.text_files import read_texts_file
 
 
@@ -105,16 +106,27 @@ def main():
     help="Memory the FAISS indexes may take, e.g. 2GiB; kept by the collection [default: a quarter of RAM]. "
     "Search is exact up to ~256K vectors, then IVF, with PQ codes when vectors would not fit.",
 )
+@click.option("--keep-missing", is_flag=True, help="Keep the entries of files gone from under PATHS (by default they are removed).")
+@click.option(
+    "--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+    help="Skip images with more pixels than this (decompression bombs), before decoding them.",
+)
 @device_option
-def index(paths, db, model, batch_size, rerank_cache, index_memory, device, precision):
-    """Add the images under PATHS (files or folders, recursively) to the collection.
+def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, device, precision):
+    """Sync the collection with the images under PATHS (files or folders, recursively).
 
-    Creates the collection if needed. Files already indexed and unchanged are skipped.
+    Creates the collection if needed. New and changed files are embedded (a file whose size or
+    mtime changed but whose content did not is only noted; a moved file keeps its entry),
+    entries of files gone from under PATHS are removed, unreadable files are skipped and
+    listed by `info --skipped`. Safe to interrupt at any point: the next run resumes.
     """
     collection = Collection.create(db, model=model, device=device, precision=precision)
     if index_memory is not None:
         collection.set_index_memory(index_memory)
-    report = collection.add_images(list(paths), batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache)
+    report = collection.add_images(
+        list(paths), batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
+        keep_missing=keep_missing, max_pixels=max_pixels,
+    )
     _print_index_report(report, collection)
 
 
@@ -122,7 +134,7 @@ def _print_index_report(report: IndexReport, collection: Collection) -> None:
     for skipped in report.skipped:
         click.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
     click.echo(
-        f"indexed {report.added} new, {report.updated} updated, {report.unchanged} unchanged, "
+        f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
         f"{len(report.skipped)} skipped in {report.seconds:.1f}s; "
         f"{collection.store.count_images()} images in {collection.path}"
     )
@@ -161,9 +173,9 @@ def search(text, image, db, k, candidates, no_rerank, as_json, model, device, pr
         raise BtsearchError("give either a TEXT query or --image PATH")
     if k < 1:
         raise BtsearchError("-k must be at least 1")
-    if candidates < 0:
-        raise BtsearchError("--candidates must not be negative")
-    collection = Collection.open(db, model=model, device=device, precision=precision)
+    if candidates < 1:
+        raise BtsearchError("--candidates must be at least 1 (--no-rerank ranks by ITC alone)")
+    collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
     result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank)
     _print_search(result, as_json)
 
@@ -226,9 +238,16 @@ def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_
 @main.command()
 @db_option
 @model_option
-def info(db, model):
+@click.option("--skipped", is_flag=True, help="List the files indexing skipped, with the reason, instead.")
+def info(db, model, skipped):
     """Show what a collection holds and which model built it."""
-    collection = Collection.open(db, model=model, load_model=False)
+    collection = Collection.open(db, model=model, load_model=False, read_only=True)
+    if skipped:
+        entries = collection.skipped()
+        for path, reason, when in entries:
+            click.echo(f"{path}\t{reason}\t{when}")
+        click.echo(f"{len(entries)} skipped files", err=True)
+        return
     for key, value in collection.info().items():
         click.echo(f"{key:<12} {value}")
 

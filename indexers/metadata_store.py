@@ -12,6 +12,7 @@ compaction rewrites the whole table each time it runs.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree
 
+from .atomic import atomic_write
+
 
 def images_schema(dim: int) -> pa.Schema:
     return pa.schema(
@@ -36,6 +39,9 @@ def images_schema(dim: int) -> pa.Schema:
             pa.field("width", pa.int32(), nullable=False),
             pa.field("height", pa.int32(), nullable=False),
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+            # blake2b-128 of the file's bytes: tells a touched file from a changed one, and finds
+            # a moved file's row. Null in rows from before the column existed.
+            pa.field("content_hash", pa.string(), nullable=True),
         ]
     )
 
@@ -60,6 +66,7 @@ _INDEXED_COLUMNS = {"images": ("id", "path"), "texts": ("id",)}
 # optimize() deletes older table versions; a reader that opened the table within this grace
 # period may still be reading one of them.
 VERSION_GRACE = timedelta(minutes=5)
+ID_RESERVATION = "next-ids.json"  # the smallest id never handed out, per table
 
 
 class ImageInfo(TypedDict):
@@ -70,6 +77,7 @@ class ImageInfo(TypedDict):
     mtime: float
     width: int
     height: int
+    content_hash: str | None
 
 
 class ImageRow(ImageInfo):
@@ -84,31 +92,51 @@ class TextRow(TypedDict):
 class MetadataStore:
     """The `images` and `texts` tables of one collection folder."""
 
-    def __init__(self, folder: Path, dim: int, tables: dict[str, lancedb.table.Table]) -> None:
+    def __init__(self, folder: Path, dim: int, tables: dict[str, lancedb.table.Table], read_only: bool = False) -> None:
         self.folder = folder
         self.dim = dim
+        self.read_only = read_only
         self._tables = tables
         self._next_ids: dict[str, int] = {}  # per table, read from it on the first add
         self._schemas = {name: make(dim) for name, make in _SCHEMAS.items()}
-        # Rows carry every column but the embedding.
+        # Rows carry every column but the embedding (of those the table has: a snapshot of an
+        # old collection may lack a newer column).
         self._row_columns = {
-            name: [column for column in schema.names if column != "embedding"] for name, schema in self._schemas.items()
+            name: [column for column in table.schema.names if column != "embedding"] for name, table in tables.items()
         }
 
     @classmethod
-    def open(cls, folder: str | os.PathLike[str], dim: int) -> MetadataStore:
-        """Open the database in `folder`, creating it and its tables if missing."""
+    def open(cls, folder: str | os.PathLike[str], dim: int, read_only: bool = False) -> MetadataStore:
+        """Open the database in `folder`, creating it and its tables if missing.
+
+        `read_only=True` opens a snapshot instead: the tables as of now, unchanged by writers
+        that commit later, so a reader's ids, rows and embeddings always agree."""
         folder = Path(folder)
         db = lancedb.connect(folder)
         tables = {}
         for name, make_schema in _SCHEMAS.items():
-            try:
-                tables[name] = db.create_table(name, schema=make_schema(dim), exist_ok=True)
-            except ValueError as e:  # exist_ok still insists on the same schema
-                raise ValueError(
-                    f"table {name!r} in {folder} does not have the expected schema (embedding dimension {dim}): {e}"
-                ) from e
-        return cls(folder, dim, tables)
+            schema = make_schema(dim)
+            if read_only:
+                try:
+                    table = db.open_table(name)
+                except (ValueError, FileNotFoundError) as e:
+                    raise ValueError(f"{folder} has no {name!r} table") from e
+                table.checkout(table.version)
+                tables[name] = table
+                continue
+            if name in db.list_tables().tables:
+                table = db.open_table(name)
+                for field in schema:  # columns added since the table was made (all nullable)
+                    if field.name not in table.schema.names:
+                        table.add_columns(field)
+                if table.schema != schema:
+                    raise ValueError(
+                        f"table {name!r} in {folder} does not have the expected schema (embedding dimension {dim}): {table.schema}"
+                    )
+            else:
+                table = db.create_table(name, schema=schema)
+            tables[name] = table
+        return cls(folder, dim, tables, read_only)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -137,6 +165,7 @@ class MetadataStore:
             "mtime": [image["mtime"] for image in images],
             "width": [image["width"] for image in images],
             "height": [image["height"] for image in images],
+            "content_hash": [image.get("content_hash") for image in images],
         }
         self._append("images", columns, embeddings)
         return ids
@@ -163,6 +192,16 @@ class MetadataStore:
             for column in _INDEXED_COLUMNS[name]:
                 if column not in indexed:
                     table.create_index(column, config=BTree())
+
+    def update_image(self, id: int, **values) -> None:
+        """Change an image row's file facts (`path`, `size`, `mtime`, `content_hash`) in place:
+        a touched or moved file keeps its id and embedding."""
+        unknown = set(values) - {"path", "size", "mtime", "content_hash"}
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+        if "path" in values:
+            values["path"] = _resolve(values["path"])
+        self._tables["images"].update(where=f"id = {int(id)}", values=values)
 
     def delete_images(self, ids: Iterable[int]) -> int:
         """Delete the rows with these ids (unknown ones are ignored); returns how many went."""
@@ -224,6 +263,19 @@ class MetadataStore:
             embeddings = batch.column("embedding").flatten().to_numpy().reshape(-1, self.dim)
             yield ids, embeddings
 
+    def get_embeddings(self, table: TableName, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids, embeddings)` of the rows with these ids (those that exist), in table order."""
+        ids = [int(i) for i in ids]
+        found_ids, found = [], []
+        for start in range(0, len(ids), 4096):  # keeps each SQL IN list short
+            chunk = ids[start : start + 4096]
+            batch = self._tables[table].search().where(f"id IN ({_sql_ints(chunk)})").select(["id", "embedding"]).to_arrow()
+            found_ids.append(batch.column("id").to_numpy())
+            found.append(batch.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, self.dim))
+        if not found:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        return np.concatenate(found_ids), np.ascontiguousarray(np.concatenate(found), dtype=np.float32)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _check_embeddings(self, embeddings: np.ndarray, n: int) -> np.ndarray:
@@ -240,9 +292,23 @@ class MetadataStore:
         # are therefore not reused by this store, but may be by a later one.
         if table not in self._next_ids:
             largest = pc.max(self._tables[table].search().select(["id"]).to_arrow()["id"]).as_py()
-            self._next_ids[table] = 0 if largest is None else largest + 1
+            self._next_ids[table] = max(0 if largest is None else largest + 1, self._reserved().get(table, 0))
         start = self._next_ids[table]
+        # Reserved on disk before use: an id deleted from the top is never handed out again,
+        # so caches keyed by id (FAISS, re-rank cache) cannot mistake a new row for an old one.
+        self._reserve(table, start + n)
         return np.arange(start, start + n, dtype=np.int64)
+
+    def _reserved(self) -> dict[str, int]:
+        try:
+            return json.loads((self.folder / ID_RESERVATION).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _reserve(self, table: TableName, next_id: int) -> None:
+        reserved = {**self._reserved(), table: next_id}
+        with atomic_write(self.folder / ID_RESERVATION) as f:
+            f.write(json.dumps(reserved).encode())
 
     def _append(self, table: TableName, columns: dict[str, object], embeddings: np.ndarray) -> None:
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)

@@ -72,7 +72,7 @@ def test_readable_table_and_info(collection, photos):
 
 
 def test_reindex_skips_unchanged(collection, photos):
-    assert "0 new, 0 updated, %d unchanged" % len(photos) in run("index", photos[0].parent, "--db", collection).output
+    assert "0 new, 0 updated, 0 removed, %d unchanged" % len(photos) in run("index", photos[0].parent, "--db", collection).output
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,7 @@ def test_images_round_trip_in_the_order_asked(store, tmp_path):
     assert ids.dtype == np.int64 and ids.tolist() == [0, 1, 2, 3, 4]
     rows = store.get_images(np.array([3, 0, 4, 3]))
     assert [row["id"] for row in rows] == [3, 0, 4, 3]
-    assert rows[0] == {"id": 3, "path": str(tmp_path / "3.jpg"), "size": 3, "mtime": 3.25, "width": 2, "height": 3}
+    assert rows[0] == {"id": 3, "path": str(tmp_path / "3.jpg"), "size": 3, "mtime": 3.25, "width": 2, "height": 3, "content_hash": None}
     assert store.get_images([]) == []
     with pytest.raises(KeyError):
         store.get_images([1, 77])
@@ -472,3 +472,40 @@ def test_ivf_search_never_returns_padding_as_an_id(ivf):
     index.nprobe = 1
     scores, found = index.search(clustered(3, seed=2), 6000)  # more than one list holds
     assert ((found >= 0) | (scores == -np.inf)).all() and (found < 0).any()
+
+
+def test_ids_are_never_reused_even_by_a_later_store(tmp_path):
+    """Caches keyed by id (FAISS, the re-rank cache) must never see an old id on a new row."""
+    store = MetadataStore.open(tmp_path / "db", DIM)
+    store.add_texts(["a", "b", "c"], unit_vectors(3))
+    store.delete_texts([1, 2])
+    later = MetadataStore.open(tmp_path / "db", DIM)
+    assert later.add_texts(["d"], unit_vectors(1)).tolist() == [3]
+
+
+def test_read_only_store_is_a_snapshot(tmp_path):
+    writer = MetadataStore.open(tmp_path / "db", DIM)
+    writer.add_texts(["a"], unit_vectors(1))
+    reader = MetadataStore.open(tmp_path / "db", DIM, read_only=True)
+    writer.add_texts(["b"], unit_vectors(1, seed=1))
+    writer.delete_texts([0])
+    assert reader.ids("texts").tolist() == [0] and reader.get_texts([0])[0]["text"] == "a"
+    assert writer.ids("texts").tolist() == [1]
+    with pytest.raises(ValueError, match="no 'images' table"):
+        MetadataStore.open(tmp_path / "empty", DIM, read_only=True)
+
+
+def test_an_older_images_table_gains_the_content_hash_column(tmp_path):
+    old_schema = metadata_store.images_schema(DIM)
+    old_schema = old_schema.remove(old_schema.get_field_index("content_hash"))
+    db = lancedb.connect(tmp_path / "db")
+    db.create_table("texts", schema=metadata_store.texts_schema(DIM))
+    db.create_table("images", schema=old_schema).add(
+        [{**image(tmp_path / "a.jpg"), "id": 0, "path": str(tmp_path / "a.jpg"), "embedding": unit_vectors(1)[0].tolist()}]
+    )
+    assert MetadataStore.open(tmp_path / "db", DIM, read_only=True).get_images([0])[0].get("content_hash") is None
+    store = MetadataStore.open(tmp_path / "db", DIM)
+    assert store.get_images([0])[0]["content_hash"] is None
+    store.update_image(0, content_hash="ab", mtime=9.5)
+    assert store.get_images([0])[0]["content_hash"] == "ab" and store.get_images([0])[0]["mtime"] == 9.5
+    np.testing.assert_allclose(store.get_embeddings("images", [0, 5])[1], unit_vectors(1))
