@@ -34,7 +34,9 @@ from .reranker import Reranker
 
 FORMAT_VERSION = 1
 TABLES = ("images", "texts")
-COMMIT_INTERVAL_S = 5.0  # LanceDB commits at least this often: a crash loses at most this much work
+# LanceDB commits at least this often: a crash loses at most this much work. Not after every
+# batch: each commit is a table version, and thousands of them slow every read until optimize.
+COMMIT_INTERVAL_S = float(os.environ.get("BTSEARCH_COMMIT_SECONDS", 5.0))
 INDEX_SAVE_INTERVAL_S = 30.0  # FAISS saves; a stale index is caught up from LanceDB on open
 RERANK_CACHE_DIR = "rerank-cache"
 PQ_REFINE = 4  # PQ candidates fetched per wanted hit, then re-scored exactly
@@ -112,6 +114,17 @@ class _SyncPlan:
     seen: list[Path] = field(default_factory=list)  # files the collection holds as they are
 
 
+# What a creation killed before writing its manifest (the last step) leaves behind.
+_CREATION_LEFTOVERS = {"images.lance", "texts.lance", "write.lock", "next-ids.json"}
+
+
+def _check_creatable(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise CollectionError(f"{path} is not a folder: --db names the collection's folder")
+    if path.is_dir() and {child.name for child in path.iterdir()} - _CREATION_LEFTOVERS:
+        raise CollectionError(f"{path} exists and is not an empty folder nor a btsearch collection")
+
+
 @contextlib.contextmanager
 def _locked(path: Path, lock: WriteLock | None = None):
     try:
@@ -144,13 +157,13 @@ class Collection:
         path = Path(path)
         if Manifest.exists(path):
             return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
-        if path.exists() and any(path.iterdir()):
-            raise CollectionError(f"{path} exists and is not an empty folder nor a btsearch collection")
+        _check_creatable(path)  # before loading a model for nothing
         encoder = encoder or Encoder.from_pretrained(model or DEFAULT_MODEL, device=device, precision=precision)
         path.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             if Manifest.exists(path):  # another process created it meanwhile
                 return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
+            _check_creatable(path)
             return cls._create(path, encoder)
 
     @classmethod
@@ -349,7 +362,7 @@ class Collection:
             self._write_images(pending)
             report.updated += plan.moved
             self._save_index("images")
-            skip_log.forget(str(path) for path in plan.seen)
+            skip_log.forget(str(path) for path in plan.seen + plan.todo)  # then the skipped go back in
             for skipped in report.skipped:
                 skip_log.record(skipped.path, skipped.reason)
             skip_log.forget_missing()

@@ -28,6 +28,7 @@ ITM_HEAD = "itm_score"
 log = logging.getLogger(__name__)
 
 # Keys of a config that say nothing about the weights' meaning and change with the library.
+PANORAMA_ASPECTS = (4.0, 2.0, 1.0)
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "output_hidden_states"}
 
 
@@ -107,6 +108,22 @@ class Encoder:
         `do_center_crop=True` is passed explicitly: the processor's `__call__` sets it, but the
         image processor's own `preprocess` may skip the crop when a saved config omits it.
         """
+        try:
+            return self._process(image)
+        except ValueError:
+            # The processor rounds the short side of an extreme panorama down to 0 pixels and
+            # fails; it would show the model a sliver anyway. Such images are centre-cropped to
+            # the widest of these aspect ratios that it takes (they end as a centre square).
+            long, short = max(image.size), min(image.size)
+            for aspect in PANORAMA_ASPECTS:
+                if long > aspect * short:
+                    try:
+                        return self._process(_crop_to_aspect(image, aspect))
+                    except ValueError:
+                        continue
+            raise
+
+    def _process(self, image: Image.Image) -> np.ndarray:
         features = self.processor.image_processor(images=[image], do_center_crop=True, return_tensors="np")
         return features["pixel_values"][0].astype(np.float32, copy=False)
 
@@ -198,3 +215,15 @@ def _check_heads(source: str, info: dict) -> bool:
     if not has_itm:
         log.warning("checkpoint %r has no ITM head (itm_score): results are ranked by ITC alone, without re-ranking", source)
     return has_itm
+
+
+def _crop_to_aspect(image: Image.Image, aspect: float) -> Image.Image:
+    """The centre of `image`, its long side cut to at most `aspect` times its short side."""
+    width, height = image.size
+    if width >= height:
+        keep = min(width, int(aspect * height))
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    keep = min(height, int(aspect * width))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))

@@ -112,6 +112,6 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
 
 def _resolve(path: Path) -> Path:
     try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: keep the name, reading it will say why
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a dangling link or a loop: keep the name, reading it will say why
         return path.absolute()

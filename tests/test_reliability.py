@@ -1,0 +1,349 @@
+"""Indexing as a sync, bad files and bad arguments, the write lock, and crashes for real.
+
+Every fault injected and bad input tried here is listed in the README's reliability table.
+"""
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from btsearch.cli.main import main
+from btsearch.collection import Collection
+from btsearch.indexers.write_lock import WriteLock
+
+QUERY = "a close up of a tabby cat"
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def counts(output: str) -> str:
+    """'3 new, 0 updated, 0 removed, 1 unchanged, 0 skipped' from the index summary."""
+    line = next(line for line in output.splitlines() if line.startswith("indexed "))
+    return line.removeprefix("indexed ").split(" in ")[0]
+
+
+def rows_by_path(db: Path) -> dict[str, dict]:
+    collection = Collection.open(db, load_model=False, read_only=True)
+    return {row["path"]: row for row in collection.store.image_files().values()}
+
+
+# -- sync -----------------------------------------------------------------------------------------
+
+
+def test_index_is_a_sync(tmp_path, random_checkpoint, photos):
+    folder, db = tmp_path / "photos", tmp_path / "db"
+    folder.mkdir()
+    for photo in photos[:4]:
+        shutil.copy(photo, folder / photo.name)
+    first = run("index", folder, "--db", db, "--model", random_checkpoint)
+    assert counts(first.output) == "4 new, 0 updated, 0 removed, 0 unchanged, 0 skipped"
+    before = rows_by_path(db)
+
+    a, b, c, d = sorted(folder.iterdir())
+    os.utime(a, (1e9, 1e9))  # touched: mtime differs, content does not
+    b.write_bytes(photos[5].read_bytes())  # changed in place
+    moved = folder / "sub" / "moved here.jpg"
+    moved.parent.mkdir()
+    c.rename(moved)  # moved: same content, new path
+    d.unlink()  # gone
+    second = run("index", folder, "--db", db)
+    assert counts(second.output) == "0 new, 2 updated, 1 removed, 1 unchanged, 0 skipped"
+    after = rows_by_path(db)
+    assert set(after) == {str(a.resolve()), str(b.resolve()), str(moved.resolve())}
+    assert after[str(a.resolve())]["id"] == before[str(a.resolve())]["id"]  # touched: row kept
+    assert after[str(a.resolve())]["mtime"] == 1e9
+    assert after[str(moved.resolve())]["id"] == before[str(c.resolve())]["id"]  # moved: row followed it
+    assert after[str(b.resolve())]["id"] != before[str(b.resolve())]["id"]  # changed: embedded anew
+    assert counts(run("index", folder, "--db", db).output) == "0 new, 0 updated, 0 removed, 3 unchanged, 0 skipped"
+
+    # --keep-missing keeps the entry of a gone file; a plain run then drops it.
+    a.unlink()
+    assert counts(run("index", folder, "--db", db, "--keep-missing").output) == "0 new, 0 updated, 0 removed, 2 unchanged, 0 skipped"
+    assert str(a.resolve()) in rows_by_path(db)
+    assert counts(run("index", folder, "--db", db).output) == "0 new, 0 updated, 1 removed, 2 unchanged, 0 skipped"
+    # Searches see exactly the rows LanceDB holds.
+    hits = json.loads(run("search", QUERY, "--db", db, "-k", 10, "--json").stdout)["hits"]
+    assert sorted(h["path"] for h in hits) == sorted(rows_by_path(db))
+
+
+def test_files_outside_the_given_paths_are_not_removed(tmp_path, random_checkpoint, photos):
+    one, two, db = tmp_path / "one", tmp_path / "two", tmp_path / "db"
+    for folder, photo in ((one, photos[0]), (two, photos[1])):
+        folder.mkdir()
+        shutil.copy(photo, folder / photo.name)
+    run("index", one, "--db", db, "--model", random_checkpoint)
+    assert counts(run("index", two, "--db", db).output) == "1 new, 0 updated, 0 removed, 0 unchanged, 0 skipped"
+    assert len(rows_by_path(db)) == 2
+
+
+# -- bad files ------------------------------------------------------------------------------------
+
+
+def write_awkward_files(folder: Path, photo: Path) -> tuple[dict[str, str], list[str]]:
+    """Files that must be skipped (name -> words of the reason) and files that must be indexed."""
+    folder.mkdir()
+    jpeg = photo.read_bytes()
+    rgb = Image.open(photo).convert("RGB")
+    bad = {
+        "truncated.jpg": "truncated",
+        "zero bytes.jpg": "empty file",
+        "text.jpg": "not an image",
+        "garbage.png": "not an image",
+        "bomb.png": "over the limit",
+        "loop-a.jpg": "symbolic links",
+        "loop-b.jpg": "symbolic links",
+        "dangling.jpg": "No such file",
+    }
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "zero bytes.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a photo\n")
+    (folder / "garbage.png").write_bytes(random.Random(0).randbytes(5000))
+    Image.new("L", (3000, 2000)).save(folder / "bomb.png")  # 6M pixels, over the test's limit
+    os.symlink(folder / "loop-b.jpg", folder / "loop-a.jpg")
+    os.symlink(folder / "loop-a.jpg", folder / "loop-b.jpg")
+    os.symlink(folder / "nowhere.jpg", folder / "dangling.jpg")
+    if os.geteuid() != 0:  # root reads everything
+        (folder / "no-permission.jpg").write_bytes(jpeg)
+        os.chmod(folder / "no-permission.jpg", 0)
+        bad["no-permission.jpg"] = "Permission denied"
+
+    good = []
+
+    def keep(name, image, **save):
+        image.save(folder / name, **save)
+        good.append(name)
+
+    keep("sixteen-bit.png", Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)))
+    keep("cmyk.jpg", rgb.convert("CMYK"))
+    keep("palette.png", rgb.convert("P", palette=Image.Palette.ADAPTIVE), transparency=0)
+    keep("alpha.png", rgb.convert("RGBA"))
+    frames = [rgb.resize((64, 48)), rgb.resize((64, 48)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    keep("animated.gif", frames[0], save_all=True, append_images=frames[1:], loop=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    keep("rotated.jpg", rgb.resize((120, 80)), exif=exif)
+    keep("panorama.jpg", rgb.resize((2400, 120)))
+    keep("ünïcode näme ☃.jpg", rgb)
+    return bad, good
+
+
+def test_bad_files_are_skipped_and_named_the_rest_indexed(tmp_path, random_checkpoint, photos):
+    folder, db = tmp_path / "awkward", tmp_path / "db"
+    bad, good = write_awkward_files(folder, photos[0])
+    result = run("index", folder, "--db", db, "--model", random_checkpoint, "--max-pixels", 5_000_000)
+    assert counts(result.output).startswith(f"{len(good)} new,") and counts(result.output).endswith(f"{len(bad)} skipped")
+    stored = {Path(path).name: row for path, row in rows_by_path(db).items()}
+    assert sorted(stored) == sorted(good)
+    assert (stored["rotated.jpg"]["width"], stored["rotated.jpg"]["height"]) == (80, 120)  # as displayed
+    for name, reason in bad.items():  # named on stderr with the reason ...
+        line = next(line for line in result.stderr.splitlines() if name in line)
+        assert reason.lower() in line.lower(), line
+    listed = run("info", "--skipped", "--db", db)  # ... and in the skip log
+    logged = {Path(line.split("\t")[0]).name: line.split("\t")[1] for line in listed.stdout.splitlines()}
+    assert sorted(logged) == sorted(bad)
+    assert f"skipped      {len(bad)} files" in run("info", "--db", db).output
+
+    # Fixed files leave the log; gone files leave it too.
+    (folder / "truncated.jpg").write_bytes(photos[1].read_bytes())
+    (folder / "text.jpg").unlink()
+    run("index", folder, "--db", db, "--max-pixels", 5_000_000)
+    logged = {Path(line.split("\t")[0]).name for line in run("info", "--skipped", "--db", db).stdout.splitlines()}
+    assert logged == set(bad) - {"truncated.jpg", "text.jpg"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "x", "--db", "{db}", "--candidates", "0"], "--candidates must be at least 1"),
+        (["search", "", "--db", "{db}"], "the text query is empty"),
+        (["search", "   ", "--db", "{db}"], "the text query is empty"),
+        (["search", "--image", "{notimage}", "--db", "{db}"], "cannot read image"),
+        (["search", "--image", "{nofile}", "--db", "{db}"], "cannot read image"),
+        (["search", "--image", "{photo}", "--db", "{empty}"], "no texts to search"),
+        (["search", "x", "--db", "{empty}"], "no images to search"),
+        (["index", "{photo}", "--db", "{plain}"], "not an empty folder nor a btsearch collection"),
+        (["index", "{photo}", "--db", "{missing}", "--model", "{broken}"], "config.json"),
+    ],
+)
+def test_more_bad_arguments_are_one_line_on_stderr(tmp_path, random_checkpoint, photos, args, message):
+    db, empty = tmp_path / "db", tmp_path / "empty"
+    run("index", photos[0], "--db", db, "--model", random_checkpoint)
+    run("add-texts", write_texts(tmp_path / "texts.txt", ["a cat"]), "--db", db)
+    Collection.create(empty, model=str(random_checkpoint))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "something").write_text("x")
+    broken = tmp_path / "broken"
+    shutil.copytree(random_checkpoint, broken)
+    (broken / "config.json").unlink()
+    (tmp_path / "notimage.jpg").write_text("no")
+    names = dict(db=db, empty=empty, plain=tmp_path / "plain", photo=photos[0], notimage=tmp_path / "notimage.jpg",
+                 nofile=tmp_path / "nofile.jpg", broken=broken, missing=tmp_path / "missing")
+    result = CliRunner().invoke(main, [a.format(**names) for a in args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(f"{text}\n" for text in texts), encoding="utf-8")
+    return path
+
+
+def test_odd_but_valid_requests_work_with_a_note(tmp_path, random_checkpoint, photos):
+    db = tmp_path / "db"
+    run("index", photos[0], photos[1], "--db", db, "--model", random_checkpoint)
+    result = run("search", "cat " * 2500, "--db", db, "--json", "-k", 50, "--candidates", 500)
+    assert len(json.loads(result.stdout)["hits"]) == 2  # k and candidates capped at the collection
+    assert "truncated" in result.stderr and "only 2 images" in result.stderr
+
+
+# -- the write lock -------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_free(tmp_path, random_checkpoint, photos):
+    db = tmp_path / "db"
+    run("index", photos[0], "--db", db, "--model", random_checkpoint)
+    with WriteLock(db):
+        result = run("index", photos[1], "--db", db, ok=False)
+        assert result.exit_code == 1 and "being written by another btsearch process (pid" in result.stderr
+        assert len(json.loads(run("search", QUERY, "--db", db, "--json").stdout)["hits"]) == 1  # readers go on
+    # A writer killed while holding the lock leaves nothing to clean up.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from btsearch.indexers.write_lock import WriteLock; import time\nwith WriteLock({str(db)!r}):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert counts(run("index", photos[1], "--db", db).output).startswith("1 new")
+
+
+# -- crashes, for real ----------------------------------------------------------------------------
+
+INDEX_SCRIPT = "import sys; from btsearch.cli.main import main; sys.exit(main())"
+
+
+def index_command(folder: Path, db: Path, checkpoint: Path) -> list[str]:
+    return [sys.executable, "-c", INDEX_SCRIPT, "index", str(folder), "--db", str(db), "--model", str(checkpoint),
+            "--batch-size", "2", "--precision", "fp32"]
+
+
+def many_photos(folder: Path, photos: list[Path], n: int) -> Path:
+    """`n` distinct photos: the sample photos, flipped and rotated."""
+    folder.mkdir()
+    for i in range(n):
+        image = Image.open(photos[i % len(photos)]).convert("RGB").rotate(90 * (i // len(photos)), expand=True)
+        image.save(folder / f"photo {i:03d}.jpg", quality=90)
+    return folder
+
+
+def snapshot(db: Path) -> dict[str, np.ndarray]:
+    """Path -> embedding of a collection, checking that FAISS and LanceDB agree and nothing repeats."""
+    collection = Collection.open(db, load_model=False, read_only=True)
+    files = collection.store.image_files()
+    assert len(files) == collection.store.count_images()  # no path twice
+    ids, vectors = collection.store.get_embeddings("images", [row["id"] for row in files.values()])
+    saved = collection.index("images")  # caught up in memory if the last run died before saving
+    assert sorted(saved.ids()) == sorted(ids.tolist())
+    by_id = dict(zip(ids.tolist(), vectors))
+    return {path: by_id[row["id"]] for path, row in files.items()}
+
+
+def test_sigkill_at_random_points_then_resume_equals_a_clean_build(tmp_path, random_checkpoint, photos):
+    folder = many_photos(tmp_path / "photos", photos, 24)
+    env = {**os.environ, "BTSEARCH_COMMIT_SECONDS": "0", "HF_HUB_OFFLINE": "1"}  # commit every batch
+    clean = tmp_path / "clean"
+    started = time.monotonic()
+    subprocess.run(index_command(folder, clean, random_checkpoint), env=env, check=True, capture_output=True)
+    duration = time.monotonic() - started
+    expected = snapshot(clean)
+    assert len(expected) == 24
+
+    db = tmp_path / "killed"
+    rng = random.Random(1234)
+    for _ in range(4):
+        process = subprocess.Popen(index_command(folder, db, random_checkpoint), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if (db / "manifest.json").exists():
+            partial = snapshot(db)  # opens and is consistent after every kill
+            assert set(partial) <= set(expected)
+    result = subprocess.run(index_command(folder, db, random_checkpoint), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    resumed = snapshot(db)
+    assert sorted(resumed) == sorted(expected)
+    for path, vector in expected.items():
+        np.testing.assert_allclose(resumed[path], vector, atol=1e-5)
+
+
+# -- readers while a writer indexes ---------------------------------------------------------------
+
+READER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from btsearch.collection import Collection
+    from btsearch.encoder import Encoder
+    db, checkpoint, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    encoder = Encoder.from_pretrained(checkpoint, precision="fp32")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        collection = Collection.open(db, encoder=encoder, read_only=True)
+        count = collection.store.count_images()
+        paths = set(collection.store.image_files())
+        result = collection.search(text="a photo of a cat", k=8, candidates=3)
+        hits = result.hits
+        print(json.dumps({
+            "count": count,
+            "hits": len(hits),
+            "ok": len(hits) == min(8, count)
+            and len({h.id for h in hits}) == len(hits)
+            and all(h.path in paths for h in hits)
+            and [h.itc_score for h in hits[3:]] == sorted((h.itc_score for h in hits[3:]), reverse=True),
+        }), flush=True)
+    """
+)
+
+
+def test_readers_see_consistent_snapshots_while_one_writer_indexes(tmp_path, random_checkpoint, photos):
+    folder = many_photos(tmp_path / "photos", photos, 24)
+    db = tmp_path / "db"
+    run("index", folder / "photo 000.jpg", "--db", db, "--model", random_checkpoint, "--precision", "fp32")
+    env = {**os.environ, "BTSEARCH_COMMIT_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
+    writer = subprocess.Popen(index_command(folder, db, random_checkpoint), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    readers = [
+        subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(db), str(random_checkpoint), "12"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    time.sleep(2)
+    second = subprocess.run(index_command(folder, db, random_checkpoint), env=env, capture_output=True, text=True)
+    outputs = [reader.communicate(timeout=240) for reader in readers]
+    _, writer_err = writer.communicate(timeout=240)
+    assert writer.returncode == 0, writer_err
+    if second.returncode != 0:  # it ran while the first writer held the lock
+        assert "being written by another btsearch process" in second.stderr
+    answers = []
+    for reader, (out, err) in zip(readers, outputs):
+        assert reader.returncode == 0, err
+        answers += [json.loads(line) for line in out.splitlines()]
+    assert len(answers) >= 4 and all(answer["ok"] for answer in answers), answers
+    assert len(snapshot(db)) == 24
