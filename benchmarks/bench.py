@@ -63,15 +63,20 @@ def build(size: str, device: torch.device, dtype: torch.dtype, work: Path):
     )
     side = shape["image_size"]
     processor = BridgeTowerProcessor(BridgeTowerImageProcessorPil(size={"shortest_edge": side}, crop_size={"shortest_edge": side}), tokenizer)
-    reference_dtype = default_dtype(device)
+    reference_dtype = reference_dtype_for(device)
     ours = BridgeTowerRetrievalModel(config).eval()
     state = ours.state_dict()
     itc = BridgeTowerForContrastiveLearning(config).eval()
     itc.load_state_dict(state, strict=False)
     itm = BridgeTowerForImageAndTextRetrieval(config).eval()
     itm.load_state_dict(state, strict=False)
-    encoder = Encoder(ours.to(device, dtype), processor, f"random-{size}", device, has_itm=True)
+    encoder = Encoder(ours.to(device, dtype).keep_heads_in_float32(), processor, f"random-{size}", device, has_itm=True)
     return encoder, processor, itc.to(device, reference_dtype), itm.to(device, reference_dtype)
+
+
+def reference_dtype_for(device: torch.device) -> torch.dtype:
+    """transformers as people run it: float32 on a CPU (its default), half precision on a GPU."""
+    return default_dtype(device) if device.type == "cuda" else torch.float32
 
 
 def write_photos(folder: Path, count: int) -> list[Path]:
@@ -225,7 +230,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     print(f"btsearch benchmark: {args.size} architecture, random weights, device {device} "
-          f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'}); btsearch in {dtype}, transformers in {default_dtype(device)}")
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'}); btsearch in {dtype}, transformers in {reference_dtype_for(device)}")
     print(f"| {'figure':<58} | {'btsearch':>10} | {'transformers':>12} | {'ratio':>6} |")
     print(f"|{'-' * 60}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|")
     for name, ours, theirs, _ in rows:

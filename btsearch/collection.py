@@ -331,8 +331,7 @@ class Collection:
             skip_log = SkipLog(self.path)
             plan = self._plan_sync(roots, keep_missing, report)
             index = self.index("images")
-            for row_id, values in plan.touched:
-                self.store.update_image(row_id, **values)
+            self.store.update_images(plan.touched)
             gone = plan.removed + plan.replaced
             if gone:  # LanceDB first: a crash before FAISS follows is mended on the next open
                 self.store.delete_images(gone)

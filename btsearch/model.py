@@ -61,6 +61,11 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
         self.itc_text_head = BridgeTowerContrastiveHead(config.hidden_size, config.contrastive_hidden_size)
         self.itc_image_head = BridgeTowerContrastiveHead(config.hidden_size, config.contrastive_hidden_size)
         self.itm_score = BridgeTowerITMHead(config.hidden_size * 2)
+        # Where the image ITC head reads: "transformed" (transformers' convention) or "ln_post"
+        # (microsoft/BridgeTower's, recorded by `btsearch convert`).
+        self.itc_image_head_input = getattr(config, "itc_image_head_input", "transformed")
+        if self.itc_image_head_input not in ("transformed", "ln_post"):
+            raise ValueError(f"unknown itc_image_head_input {self.itc_image_head_input!r} in the config")
         self.post_init()
 
     # -- shapes -------------------------------------------------------------------------------
@@ -133,9 +138,12 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
                 if bridge_index == 0:
                     state = bt.cross_modal_image_layernorm(state)
                 bridge.append(state)
-        # BridgeTowerForContrastiveLearning: ln_post, the (shared) image transform and the image
-        # token type come *before* the ITC image head.
-        cls = self._itc_image_transform(visual.forward_post(hidden[0:1]))[:, 0, :] + token_type
+        cls = visual.forward_post(hidden[0:1])[:, 0, :]
+        if self.itc_image_head_input != "ln_post":
+            # BridgeTowerForContrastiveLearning: the (shared) image transform and the image token
+            # type come *before* the ITC image head. microsoft/BridgeTower's own checkpoints
+            # (converted by `btsearch convert`) apply the head to ln_post's output directly.
+            cls = self._itc_image_transform(cls[:, None, :])[:, 0, :] + token_type
         embeds = nn.functional.normalize(_run_head(self.itc_image_head, cls), dim=-1, p=2)
         return TowerOutput(embeds=embeds, bridge=torch.stack(bridge, dim=1) if with_bridge else None)
 

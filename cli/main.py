@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 from btsearch.collection import Collection, IndexReport, SearchResult
+from btsearch.convert import FAMILIES
+from btsearch.convert import convert as convert_checkpoint
 from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
 from btsearch.device import DEVICE_CHOICES, PRECISION_CHOICES
 from btsearch.encoder import DEFAULT_MODEL
@@ -233,6 +235,29 @@ def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_
         t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
         i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
         click.echo(f"{name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--family", type=click.Choice(FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
+@click.option("--tokenizer", default=None, metavar="ID|DIR", help="Tokenizer to ship with it [default: the checkpoint config's, e.g. roberta-base].")
+def convert(source, out_dir, family, tokenizer):
+    """Convert an original checkpoint (microsoft/BridgeTower's Lightning .ckpt) into a folder
+    that --model loads: config, safetensors weights, processor and tokenizer.
+
+    The architecture (sizes, layers, image size such as 384 px after fine-tuning) is read from
+    the tensor shapes; a key with no place in the layout, or a missing one, is an error that
+    names it.
+    """
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise BtsearchError(f"{out_dir} is not empty: convert into a new folder")
+    out, config = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
+    click.echo(
+        f"wrote {out}: BridgeTower, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"
+        f"{config.vision_config.num_hidden_layers} uni-modal and {config.num_hidden_layers} cross-modal layers, "
+        f"{config.vision_config.image_size} px images; search with --model {out}"
+    )
 
 
 @main.command()

@@ -193,15 +193,24 @@ class MetadataStore:
                 if column not in indexed:
                     table.create_index(column, config=BTree())
 
-    def update_image(self, id: int, **values) -> None:
-        """Change an image row's file facts (`path`, `size`, `mtime`, `content_hash`) in place:
-        a touched or moved file keeps its id and embedding."""
-        unknown = set(values) - {"path", "size", "mtime", "content_hash"}
-        if unknown:
-            raise ValueError(f"cannot update {sorted(unknown)}")
-        if "path" in values:
-            values["path"] = _resolve(values["path"])
-        self._tables["images"].update(where=f"id = {int(id)}", values=values)
+    def update_images(self, changes: Sequence[tuple[int, dict]]) -> None:
+        """Change image rows' file facts (`path`, `size`, `mtime`, `content_hash`) in place, as
+        `(id, {column: value})` pairs: a touched or moved file keeps its id and embedding.
+        One merge per 4096 rows, not one table version per row."""
+        for start in range(0, len(changes), 4096):
+            chunk = dict(changes[start : start + 4096])
+            for values in chunk.values():
+                unknown = set(values) - {"path", "size", "mtime", "content_hash"}
+                if unknown:
+                    raise ValueError(f"cannot update {sorted(unknown)}")
+            table = self._tables["images"]
+            current = table.search().where(f"id IN ({_sql_ints(chunk)})").to_arrow().to_pylist()
+            if len(current) != len(chunk):
+                raise KeyError(f"no images with ids {sorted(set(chunk) - {row['id'] for row in current})[:10]}")
+            for row in current:
+                row.update(chunk[row["id"]])
+                row["path"] = _resolve(row["path"])
+            table.merge_insert("id").when_matched_update_all().execute(pa.Table.from_pylist(current, schema=self._schemas["images"]))
 
     def delete_images(self, ids: Iterable[int]) -> int:
         """Delete the rows with these ids (unknown ones are ignored); returns how many went."""

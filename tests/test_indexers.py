@@ -506,6 +506,20 @@ def test_an_older_images_table_gains_the_content_hash_column(tmp_path):
     assert MetadataStore.open(tmp_path / "db", DIM, read_only=True).get_images([0])[0].get("content_hash") is None
     store = MetadataStore.open(tmp_path / "db", DIM)
     assert store.get_images([0])[0]["content_hash"] is None
-    store.update_image(0, content_hash="ab", mtime=9.5)
+    store.update_images([(0, {"content_hash": "ab", "mtime": 9.5})])
     assert store.get_images([0])[0]["content_hash"] == "ab" and store.get_images([0])[0]["mtime"] == 9.5
     np.testing.assert_allclose(store.get_embeddings("images", [0, 5])[1], unit_vectors(1))
+
+
+def test_update_images_changes_facts_in_place(store, tmp_path):
+    ids = store.add_images([image(tmp_path / f"{i}.jpg", size=i) for i in range(3)], unit_vectors(3))
+    store.update_images([(ids[0], {"path": tmp_path / "moved.jpg", "mtime": 7.0}), (ids[2], {"size": 99})])
+    rows = store.get_images(ids)
+    assert rows[0]["path"] == str(tmp_path / "moved.jpg") and rows[0]["mtime"] == 7.0 and rows[0]["size"] == 0
+    assert rows[1]["path"] == str(tmp_path / "1.jpg") and rows[2]["size"] == 99
+    found, vectors = store.get_embeddings("images", ids)
+    np.testing.assert_allclose(vectors[np.argsort(found)], unit_vectors(3))  # embeddings untouched
+    with pytest.raises(ValueError, match="cannot update"):
+        store.update_images([(ids[0], {"embedding": [0.0] * DIM})])
+    with pytest.raises(KeyError):
+        store.update_images([(12345, {"size": 1})])

@@ -1,0 +1,172 @@
+"""`btsearch convert`: microsoft/BridgeTower's Lightning checkpoints into a --model folder.
+
+The original checkpoint is written here from the documented layout of microsoft/BridgeTower
+(src/modules/bt_module.py, clip_model.py): keys without prefix, CLIP's ViT under
+`vit_model.visual` with `conv1` / `class_embedding` / `positional_embedding`, a learnable
+`temperature`, CLIP's unused text-tower leftovers, and the training config in
+`hyper_parameters["config"]`.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import BridgeTowerForContrastiveLearning
+
+from btsearch.cli.main import main
+from btsearch.convert import ConversionError, convert
+from btsearch.encoder import Encoder
+from btsearch.small_checkpoint import build_small_checkpoint
+
+from . import reference
+
+CAPTIONS = ["a close up of a tabby cat", "a cup of coffee on a red saucer"]
+
+
+def to_original_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' key names back to microsoft/BridgeTower's (written by hand from its code)."""
+    visual = "bridgetower.vision_model.visual."
+    renames = {
+        visual + "embeddings.patch_embedding.weight": "vit_model.visual.conv1.weight",
+        visual + "embeddings.class_embedding": "vit_model.visual.class_embedding",
+        visual + "embeddings.position_embedding.weight": "vit_model.visual.positional_embedding",
+    }
+    original = {}
+    for key, tensor in hf_state.items():
+        if key in renames:
+            original[renames[key]] = tensor
+        elif key.startswith("bridgetower.text_model."):
+            original["text_transformer." + key.removeprefix("bridgetower.text_model.")] = tensor
+        elif key.startswith(visual):
+            original["vit_model.visual." + key.removeprefix(visual)] = tensor
+        elif key.startswith("bridgetower."):
+            original[key.removeprefix("bridgetower.")] = tensor
+        elif key == "logit_scale":
+            original["temperature"] = torch.exp(-tensor)  # logit_scale = log(1 / temperature)
+        elif key.startswith(("itm_score.", "itc_text_head.", "itc_image_head.")):
+            original[key] = tensor
+    original["vit_model.positional_embedding"] = torch.zeros(77, 512)  # CLIP text-tower leftovers
+    original["vit_model.ln_final.weight"] = torch.ones(512)
+    original["vit_model.ln_final.bias"] = torch.zeros(512)
+    return original
+
+
+@pytest.fixture(scope="module")
+def original_checkpoint(tmp_path_factory):
+    """A small trained-like BridgeTower saved as microsoft/BridgeTower saves it; returns (ckpt, hf folder)."""
+    hf_folder = build_small_checkpoint(tmp_path_factory.mktemp("hf"), seed=5, train_steps=20)
+    state = to_original_layout(load_file(hf_folder / "model.safetensors"))
+    config = json.loads((hf_folder / "config.json").read_text())
+    ckpt = tmp_path_factory.mktemp("orig") / "bridgetower_irtr.ckpt"
+    torch.save(
+        {
+            "epoch": 9,
+            "state_dict": state,
+            "hyper_parameters": {"config": {
+                "image_size": config["vision_config"]["image_size"], "tokenizer": str(hf_folder),
+                "num_heads": config["num_attention_heads"], "max_text_len": 40, "vit": "CLIP-ViT-B/16",
+            }},
+        },
+        ckpt,
+    )
+    return ckpt, hf_folder
+
+
+@pytest.fixture(scope="module")
+def converted(original_checkpoint, tmp_path_factory):
+    ckpt, _ = original_checkpoint
+    out = tmp_path_factory.mktemp("converted") / "model"
+    result = CliRunner().invoke(main, ["convert", str(ckpt), str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"search with --model {out}" in result.output
+    return out
+
+
+def test_itm_scores_equal_transformers_on_the_converted_folder(converted, photos):
+    encoder = Encoder.from_pretrained(str(converted), device="cpu", precision="fp32")
+    texts = encoder.text_states(CAPTIONS, with_bridge=True)
+    images = encoder.image_states(np.stack([encoder.preprocess_image(reference.load_rgb(p)) for p in photos[:2]]), with_bridge=True)
+    for t, caption in enumerate(CAPTIONS):
+        for i, photo in enumerate(photos[:2]):
+            ours = encoder.match(
+                type(texts)(embeds=None, bridge=texts.bridge[t : t + 1], mask=texts.mask[t : t + 1]),
+                type(images)(embeds=None, bridge=images.bridge[i : i + 1]),
+            )
+            assert float(ours[0]) == pytest.approx(reference.itm_logit(converted, caption, photo), abs=1e-4)
+
+
+def test_itc_follows_the_original_convention_and_text_equals_transformers(converted, original_checkpoint, photos):
+    config = json.loads((converted / "config.json").read_text())
+    assert config["itc_image_head_input"] == "ln_post"
+    encoder = Encoder.from_pretrained(str(converted), device="cpu", precision="fp32")
+    ref_text, ref_image = reference.itc_embeddings(converted, CAPTIONS, photos[:2])
+    np.testing.assert_allclose(encoder.embed_texts(CAPTIONS), ref_text, atol=1e-5)
+
+    # The original: the image ITC head on ln_post of the last image layer's [CLS], nothing between.
+    model = BridgeTowerForContrastiveLearning.from_pretrained(converted).eval()
+    visual = model.bridgetower.vision_model.visual
+    pixels = reference.pixel_values(converted, photos[:2])
+    with torch.no_grad():
+        hidden = visual.forward_pre(pixels)
+        for block in visual.transformer.resblocks:
+            hidden = block(hidden)
+        original = torch.nn.functional.normalize(model.itc_image_head(visual.forward_post(hidden)[:, 0, :]), dim=-1)
+    ours = encoder.embed_pixels(pixels.numpy())
+    np.testing.assert_allclose(ours, original.numpy(), atol=1e-5)
+    assert not np.allclose(ours, ref_image, atol=1e-3)  # transformers' convention gives other vectors
+
+
+def test_transformers_convention_stays_the_default(original_checkpoint, photos):
+    _, hf_folder = original_checkpoint  # a hub-style folder records no convention
+    encoder = Encoder.from_pretrained(str(hf_folder), device="cpu", precision="fp32")
+    _, ref_image = reference.itc_embeddings(hf_folder, CAPTIONS, photos[:2])
+    np.testing.assert_allclose(encoder.embed_pixels(reference.pixel_values(hf_folder, photos[:2]).numpy()), ref_image, atol=1e-5)
+
+
+def test_converted_folder_round_trips_and_keeps_the_training_setup(converted, original_checkpoint, tmp_path, photos):
+    ckpt, hf_folder = original_checkpoint
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    weights = load_file(converted / "model.safetensors")
+    assert "vit_model.ln_final.weight" not in weights and "bridgetower.vision_model.visual.embeddings.patch_embedding.weight" in weights
+    assert float(weights["logit_scale"]) == pytest.approx(math.log(1 / float(saved["temperature"])), abs=1e-5)
+    tokenizer_config = json.loads((converted / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 40  # captions cut where training cut them
+    # Scores are stable under save/load of the converted model.
+    first = Encoder.from_pretrained(str(converted), device="cpu", precision="fp32")
+    first.model.save_pretrained(tmp_path / "again")
+    first.processor.save_pretrained(tmp_path / "again")
+    second = Encoder.from_pretrained(str(tmp_path / "again"), device="cpu", precision="fp32")
+    pixels = reference.pixel_values(converted, photos[:1]).numpy()
+    np.testing.assert_array_equal(first.embed_pixels(pixels), second.embed_pixels(pixels))
+    np.testing.assert_array_equal(first.embed_texts(CAPTIONS), second.embed_texts(CAPTIONS))
+
+
+def test_unmapped_and_missing_keys_are_named(original_checkpoint, tmp_path):
+    ckpt, hf_folder = original_checkpoint
+    checkpoint = torch.load(ckpt, weights_only=True)
+    extra = dict(checkpoint, state_dict={**checkpoint["state_dict"], "vqa_classifier.0.weight": torch.zeros(2, 2)})
+    torch.save(extra, tmp_path / "extra.ckpt")
+    with pytest.raises(ConversionError, match=r"1 keys have no place.*vqa_classifier\.0\.weight"):
+        convert(tmp_path / "extra.ckpt", tmp_path / "out1")
+    state = dict(checkpoint["state_dict"])
+    del state["cross_modal_image_layers.1.output.dense.weight"]
+    torch.save(dict(checkpoint, state_dict=state), tmp_path / "missing.ckpt")
+    with pytest.raises(ConversionError, match=r"bridgetower\.cross_modal_image_layers\.1\.output\.dense\.weight"):
+        convert(tmp_path / "missing.ckpt", tmp_path / "out2")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "junk.ckpt"), str(tmp_path / "out3")])
+    assert result.exit_code == 1 and "cannot read" in result.stderr and "Traceback" not in result.output
+    with pytest.raises(ConversionError, match="not managertower"):
+        convert(ckpt, tmp_path / "out4", family="managertower")
+
+
+def test_a_converted_model_indexes_and_searches(converted, photos, tmp_path):
+    db = tmp_path / "db"
+    result = CliRunner().invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(converted)])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(CliRunner().invoke(main, ["search", CAPTIONS[0], "--db", str(db), "-k", "3", "--json"]).stdout)["hits"]
+    assert len(hits) == 3 and all(h["itm_score"] is not None for h in hits[:3])
