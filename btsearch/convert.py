@@ -1,5 +1,6 @@
-"""Convert microsoft/BridgeTower's released PyTorch Lightning checkpoints into a folder that
-`--model` (and transformers' own BridgeTower classes) load.
+"""Convert the papers' released PyTorch Lightning checkpoints into a folder that `--model` loads:
+microsoft/BridgeTower's into transformers' BridgeTower layout (its own classes load them too),
+LooperXX/ManagerTower's into `managertower.ManagerTowerRetrievalModel`'s.
 
 The original `.ckpt` holds `state_dict` (keys without prefix: `text_transformer.*`,
 `vit_model.visual.*`, `cross_modal_*`, heads) and `hyper_parameters["config"]` (the training
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +45,23 @@ _BRIDGETOWER_KEYS = [
     (r"token_type_embeddings\.weight", r"bridgetower.token_type_embeddings.weight"),
     (r"((?:itm_score|itc_text_head|itc_image_head|mlm_score)\..+)", r"\1"),
 ]
+# LooperXX/ManagerTower: the same towers and cross-modal layers, managers instead of link towers.
+_VISUAL_KEYS = [
+    (r"vit_model\.visual\.conv1\.weight", r"vision_model.visual.embeddings.patch_embedding.weight"),
+    (r"vit_model\.visual\.class_embedding", r"vision_model.visual.embeddings.class_embedding"),
+    (r"vit_model\.visual\.positional_embedding", r"vision_model.visual.embeddings.position_embedding.weight"),
+    (r"vit_model\.visual\.((?:ln_pre|ln_post|ln_separate|transformer)\..+)", r"vision_model.visual.\1"),
+]
+_MANAGERTOWER_KEYS = [
+    (r"text_transformer\.(.+)", r"text_model.\1"),
+    *_VISUAL_KEYS,
+    (r"(cross_modal_(?:text|image)_(?:transform|layers|pooler|manager_tower)\..+)", r"\1"),
+    (r"((?:token_type_embeddings|layer_embeddings_text|layer_embeddings_image)\.weight)", r"\1"),
+    (r"cross_modal_itc_(text|image)_head\.(.+)", r"itc_\1_head.\2"),
+    (r"(itm_score\..+)", r"\1"),
+]
+# Heads a checkpoint may carry that retrieval does not use: dropped, and said so.
+_MANAGERTOWER_UNUSED_HEADS = ("mlm_score.",)
 # CLIP's text tower, loaded with the ViT by the original code and never used.
 _UNUSED_KEYS = {"vit_model.positional_embedding", "vit_model.ln_final.weight", "vit_model.ln_final.bias"}
 
@@ -152,7 +171,31 @@ def bridgetower_config(state: dict[str, torch.Tensor], hparams: dict) -> BridgeT
 
 def bridgetower_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict in transformers' layout; every original key is mapped or named in an error."""
-    rules = [(re.compile(pattern + r"\Z"), template) for pattern, template in _BRIDGETOWER_KEYS]
+    return _map_keys(state, _BRIDGETOWER_KEYS, "BridgeTower")
+
+
+def managertower_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict in `ManagerTowerRetrievalModel`'s layout, and the unused head keys dropped."""
+    dropped = sorted(key for key in state if key.startswith(_MANAGERTOWER_UNUSED_HEADS))
+    kept = {key: value for key, value in state.items() if key not in set(dropped)}
+    return _map_keys(kept, _MANAGERTOWER_KEYS, "ManagerTower"), dropped
+
+
+def managertower_config(state: dict[str, torch.Tensor], hparams: dict) -> BridgeTowerConfig:
+    from .managertower import managertower_config as mark
+
+    renamed = {key.replace("cross_modal_itc_", "itc_"): value for key, value in state.items()}
+    config = bridgetower_config(renamed, hparams)
+    scores = {side: _shape(state, f"cross_modal_{side}_manager_tower.0.manager_layer.layer_scores") for side in ("text", "image")}
+    if scores["text"][1] != scores["image"][1]:
+        raise ConversionError(f"the text and image managers manage {scores['text'][1]} and {scores['image'][1]} layers: btsearch needs the same number")
+    adaptive = "cross_modal_text_manager_tower.1.manager_layer.linear_controller.weight" in state
+    vector = scores["text"][-1] == config.hidden_size
+    return mark(config, "AAUE" if adaptive else "SAUE", scores["text"][1], "vector" if vector else "scalar")
+
+
+def _map_keys(state: dict[str, torch.Tensor], rule_list, family: str) -> dict[str, torch.Tensor]:
+    rules = [(re.compile(pattern + r"\Z"), template) for pattern, template in rule_list]
     out, unmapped = {}, []
     for key, tensor in state.items():
         if key in _UNUSED_KEYS or key.endswith("embeddings.position_ids"):  # and a buffer transformers rebuilds
@@ -167,7 +210,7 @@ def bridgetower_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         else:
             unmapped.append(key)
     if unmapped:
-        raise ConversionError(f"{len(unmapped)} keys have no place in BridgeTower's layout: {', '.join(sorted(unmapped)[:20])}")
+        raise ConversionError(f"{len(unmapped)} keys have no place in {family}'s layout: {', '.join(sorted(unmapped)[:20])}")
     return out
 
 
@@ -182,13 +225,19 @@ def check_complete(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
         raise ConversionError(f"{len(wrong)} weights have another shape than the inferred architecture: {', '.join(wrong[:20])}")
 
 
-def convert(
-    source: str | os.PathLike, out_dir: str | os.PathLike, family: str = "auto", tokenizer: str | None = None
-) -> tuple[Path, BridgeTowerConfig]:
+@dataclass
+class Conversion:
+    folder: Path
+    family: str
+    config: BridgeTowerConfig
+    dropped: list[str]  # checkpoint keys of heads retrieval does not use
+
+
+def convert(source: str | os.PathLike, out_dir: str | os.PathLike, family: str = "auto", tokenizer: str | None = None) -> Conversion:
     """Write a `--model` folder (config, safetensors weights, processor, tokenizer) for `source`."""
     from safetensors.torch import save_file
 
-    from .model import BridgeTowerRetrievalModel
+    from .encoder import model_class_for
 
     if family not in FAMILIES:
         raise ConversionError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -196,12 +245,14 @@ def convert(
     found = detect_family(state)
     if family != "auto" and family != found:
         raise ConversionError(f"{source} holds a {found} checkpoint, not {family}")
+    dropped: list[str] = []
     if found == "managertower":
-        raise ConversionError("ManagerTower checkpoints are not supported yet: btsearch converts BridgeTower's")
-    config = bridgetower_config(state, hparams)
-    weights = bridgetower_state_dict(state)
-    model = BridgeTowerRetrievalModel(config)
-    check_complete(model, weights)
+        config = managertower_config(state, hparams)
+        weights, dropped = managertower_state_dict(state)
+    else:
+        config = bridgetower_config(state, hparams)
+        weights = bridgetower_state_dict(state)
+    check_complete(model_class_for(config)(config), weights)
     tokenizer_source = tokenizer or hparams.get("tokenizer") or "roberta-base"
     try:
         text_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
@@ -217,8 +268,9 @@ def convert(
     image_processor = BridgeTowerImageProcessorPil(size={"shortest_edge": side}, crop_size={"shortest_edge": side})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config.architectures = ["BridgeTowerForImageAndTextRetrieval"]
+    if found == "bridgetower":
+        config.architectures = ["BridgeTowerForImageAndTextRetrieval"]
     config.save_pretrained(out_dir)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     BridgeTowerProcessor(image_processor, text_tokenizer).save_pretrained(out_dir)
-    return out_dir, config
+    return Conversion(out_dir, found, config, dropped)

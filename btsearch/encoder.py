@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from transformers import BridgeTowerConfig
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -83,7 +84,8 @@ class Encoder:
         transformers.logging.set_verbosity_error()  # unused heads (MLM, ITC cross-modal) are expected
         transformers.logging.disable_progress_bar()
         try:
-            model, info = BridgeTowerRetrievalModel.from_pretrained(model_id, output_loading_info=True)
+            model_class = model_class_for(BridgeTowerConfig.from_pretrained(model_id))
+            model, info = model_class.from_pretrained(model_id, output_loading_info=True)
             processor = AutoProcessor.from_pretrained(model_id)
         except OSError as error:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
@@ -128,8 +130,10 @@ class Encoder:
         return features["pixel_values"][0].astype(np.float32, copy=False)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # ManagerTower's managers see padding (they apply no mask): pad as in training, always.
+        padding = "max_length" if getattr(self.model.config, "pads_text_to_max_length", False) else True
         tokens = self.processor.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+            list(texts), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
         return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
 
@@ -180,6 +184,13 @@ class Encoder:
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
+
+
+def model_class_for(config) -> type:
+    """The retrieval model of the family a config names (`model_family`; BridgeTower by default)."""
+    from .managertower import ManagerTowerRetrievalModel, is_managertower
+
+    return ManagerTowerRetrievalModel if is_managertower(config) else BridgeTowerRetrievalModel
 
 
 def _first_line(error: BaseException) -> str:

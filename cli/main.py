@@ -243,8 +243,9 @@ def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_
 @click.option("--family", type=click.Choice(FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
 @click.option("--tokenizer", default=None, metavar="ID|DIR", help="Tokenizer to ship with it [default: the checkpoint config's, e.g. roberta-base].")
 def convert(source, out_dir, family, tokenizer):
-    """Convert an original checkpoint (microsoft/BridgeTower's Lightning .ckpt) into a folder
-    that --model loads: config, safetensors weights, processor and tokenizer.
+    """Convert an original checkpoint (a Lightning .ckpt of microsoft/BridgeTower or
+    LooperXX/ManagerTower) into a folder that --model loads: config, safetensors weights,
+    processor and tokenizer.
 
     The architecture (sizes, layers, image size such as 384 px after fine-tuning) is read from
     the tensor shapes; a key with no place in the layout, or a missing one, is an error that
@@ -252,11 +253,15 @@ def convert(source, out_dir, family, tokenizer):
     """
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BtsearchError(f"{out_dir} is not empty: convert into a new folder")
-    out, config = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
+    done = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
+    config = done.config
+    if done.dropped:
+        click.echo(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}", err=True)
+    family_name = "ManagerTower" if done.family == "managertower" else "BridgeTower"
     click.echo(
-        f"wrote {out}: BridgeTower, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"
+        f"wrote {done.folder}: {family_name}, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"
         f"{config.vision_config.num_hidden_layers} uni-modal and {config.num_hidden_layers} cross-modal layers, "
-        f"{config.vision_config.image_size} px images; search with --model {out}"
+        f"{config.vision_config.image_size} px images; search with --model {done.folder}"
     )
 
 
