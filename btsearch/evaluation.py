@@ -52,6 +52,17 @@ def rerank_order(itc: np.ndarray, candidates: int, itm: np.ndarray | None) -> np
     return np.concatenate([head_sorted, by_itc[:, k:]], axis=1)
 
 
+def rerank_order_union(itc: np.ndarray, itm: np.ndarray) -> np.ndarray:
+    """Per row, every column with an ITM score (NaN: none) first, by ITM, then the rest by ITC.
+
+    This is what microsoft/BridgeTower's and LooperXX/ManagerTower's evaluation code ranks by: it
+    takes the element-wise max of the image-to-text and text-to-image score matrices (-100
+    outside each direction's top k), so a pair scored for either direction counts in both."""
+    scored = ~np.isnan(itm)
+    column = np.broadcast_to(np.arange(itc.shape[1]), itc.shape)
+    return np.lexsort((column, -itc, np.where(scored, -itm, 0.0), ~scored), axis=-1)
+
+
 def ranks_of(order: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:
     """For each row, the best position in `order` of any of its target columns."""
     position = np.empty_like(order)
@@ -63,14 +74,19 @@ def recall(ranks: np.ndarray) -> dict[str, float]:
     return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in RECALL_AT}
 
 
-def recall_table(itc_t2i: np.ndarray, caption_image: np.ndarray, candidates: int, itm_t2i: np.ndarray | None) -> dict:
+def recall_table(itc_t2i: np.ndarray, caption_image: np.ndarray, candidates: int, itm_t2i: np.ndarray | None, union: bool = False) -> dict:
     """Both directions' recall from the (captions x images) ITC matrix and, at the top-k places
-    of each direction, the ITM matrix (NaN elsewhere)."""
+    of each direction, the ITM matrix (NaN elsewhere). `union`: rank by every ITM score either
+    direction computed (`rerank_order_union`), not just the query's own top k."""
     n_images = itc_t2i.shape[1]
     images_captions = [np.flatnonzero(caption_image == i) for i in range(n_images)]
-    t2i = ranks_of(rerank_order(itc_t2i, candidates, itm_t2i), [np.array([i]) for i in caption_image])
     itm_i2t = itm_t2i.T if itm_t2i is not None else None
-    i2t = ranks_of(rerank_order(itc_t2i.T, candidates, itm_i2t), images_captions)
+    if union:
+        t2i_order, i2t_order = rerank_order_union(itc_t2i, itm_t2i), rerank_order_union(itc_t2i.T, itm_i2t)
+    else:
+        t2i_order, i2t_order = rerank_order(itc_t2i, candidates, itm_t2i), rerank_order(itc_t2i.T, candidates, itm_i2t)
+    t2i = ranks_of(t2i_order, [np.array([i]) for i in caption_image])
+    i2t = ranks_of(i2t_order, images_captions)
     result = {"text_to_image": recall(t2i), "image_to_text": recall(i2t)}
     result["rsum"] = sum(result["text_to_image"].values()) + sum(result["image_to_text"].values())
     return result
@@ -103,8 +119,9 @@ def evaluate_collection(
             collection, _needed_pairs(itc, candidates), progress
         )
         result["rerank"] = recall_table(itc, caption_image, candidates, itm)
+        result["rerank_union"] = recall_table(itc, caption_image, candidates, itm, union=True)
     else:
-        result["rerank"] = None
+        result["rerank"] = result["rerank_union"] = None
     result.update(
         num_images=int(len(image_ids)),
         num_texts=int(len(text_ids)),

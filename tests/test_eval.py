@@ -124,3 +124,35 @@ def test_bad_annotations_are_named(tmp_path, flickr, trained_checkpoint):
     result = CliRunner().invoke(main, ["eval", "flickr30k", "--annotations", str(root / "dataset_flickr30k.json"),
                                        "--images", str(image_dir), "--split", "val"])
     assert result.exit_code == 1 and "no images in split 'val'" in result.stderr
+
+
+def test_union_protocol_equals_the_max_of_both_directions_matrices():
+    """BridgeTower's and ManagerTower's eval code: ITM scores at each direction's top-k, -100
+    elsewhere, element-wise max of the two matrices, then both directions rank by it."""
+    from btsearch.evaluation import recall_table
+
+    rng = np.random.default_rng(3)
+    n_images, k = 12, 3
+    caption_image = np.repeat(np.arange(n_images), 5)
+    itc = rng.standard_normal((len(caption_image), n_images)).astype(np.float32)
+    itm_all = rng.standard_normal(itc.shape).astype(np.float32)
+    t2i_top = np.argsort(-itc, axis=1, kind="stable")[:, :k]
+    i2t_top = np.argsort(-itc.T, axis=1, kind="stable")[:, :k]
+    t2i_matrix = np.full(itc.shape, -100.0)
+    i2t_matrix = np.full(itc.shape, -100.0)
+    for t, cols in enumerate(t2i_top):
+        t2i_matrix[t, cols] = itm_all[t, cols]
+    for i, rows in enumerate(i2t_top):
+        i2t_matrix[rows, i] = itm_all[rows, i]
+    scores = np.maximum(t2i_matrix, i2t_matrix)
+    itm = np.where(scores > -100, scores, np.nan).astype(np.float32)  # what PairScores.fill returns
+
+    def ranked(score_rows, itc_rows):  # ties (the -100s) in ITC order, as btsearch breaks them
+        return [sorted(range(len(row)), key=lambda j: (-row[j], -itc_row[j], j)) for row, itc_row in zip(score_rows, itc_rows)]
+
+    t2i = [order.index(caption_image[t]) for t, order in enumerate(ranked(scores, itc))]
+    i2t = [min(order.index(t) for t in np.flatnonzero(caption_image == i)) for i, order in enumerate(ranked(scores.T, itc.T))]
+    result = recall_table(itc, caption_image, k, itm, union=True)
+    assert result["text_to_image"] == pytest.approx({f"R@{n}": 100.0 * np.mean(np.array(t2i) < n) for n in (1, 5, 10)})
+    assert result["image_to_text"] == pytest.approx({f"R@{n}": 100.0 * np.mean(np.array(i2t) < n) for n in (1, 5, 10)})
+    assert result != recall_table(itc, caption_image, k, itm)  # the two protocols differ here
