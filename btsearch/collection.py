@@ -479,17 +479,26 @@ class Collection:
         k: int = 10,
         candidates: int = 128,
         rerank: bool = True,
+        target: str | None = None,
     ) -> SearchResult:
         """Text finds images; an image (a path) finds texts. FAISS recalls the top `candidates`
-        by ITC, the ITM head re-ranks them, and the rest follow in ITC order up to `k` hits."""
+        by ITC, the ITM head re-ranks them, and the rest follow in ITC order up to `k` hits.
+        `target` ("images" or "texts") overrides what is searched: an image finding images (or a
+        text finding texts) ranks by ITC cosine alone, since ITM scores text-image pairs."""
         if (text is None) == (image is None):
             raise BtsearchError("give a text query or an image query (not both)")
+        cross_modal_target = "images" if text is not None else "texts"
+        if target is not None and target not in TABLES:
+            raise BtsearchError(f"unknown target {target!r}: choose images or texts")
         if k < 1:
             raise BtsearchError("k must be at least 1")
         if candidates < 0:
             raise BtsearchError("candidates must not be negative")
         notes: list[str] = []
-        target = "images" if text is not None else "texts"
+        target = target or cross_modal_target
+        if target != cross_modal_target and rerank:
+            notes.append(f"{'image' if image is not None else 'text'}-to-{target[:-1]} search ranks by ITC cosine alone (ITM scores text-image pairs)")
+            rerank = False
         index = self.index(target)
         if len(index) == 0:
             hint = "btsearch index PATH" if target == "images" else "btsearch add-texts FILE"

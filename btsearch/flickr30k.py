@@ -1,4 +1,4 @@
-"""Flickr30K: reading its annotations and measuring recall on it end to end.
+"""Flickr30K and MSCOCO (Karpathy splits): reading their annotations and measuring recall end to end.
 
 The split's images and captions go into a collection kept in a cache folder, so a second run
 reuses every embedding and ITM score already computed.
@@ -34,6 +34,17 @@ class Benchmark:
 def read_flickr30k(annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
     """Karpathy's `dataset_flickr30k.json`, or the CSV of the `flickr30k` hub data set
     (columns `raw` = JSON list of captions, `filename`, `split`)."""
+    return read_benchmark("flickr30k", annotations, images_dir, split)
+
+
+def read_coco(annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
+    """Karpathy's `dataset_coco.json` (5K test images); images under `images_dir`/val2014/ etc.
+    as its `filepath` says, or directly in `images_dir`."""
+    return read_benchmark("coco", annotations, images_dir, split)
+
+
+def read_benchmark(name: str, annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
+    """A Karpathy-format JSON (or the flickr30k hub CSV): images of `split` and their captions."""
     annotations, images_dir = Path(annotations), Path(images_dir)
     if not annotations.is_file():
         raise BtsearchError(f"no annotation file at {annotations}")
@@ -46,24 +57,27 @@ def read_flickr30k(annotations: str | Path, images_dir: str | Path, split: str =
         raise BtsearchError(f"{annotations} has no images in split {split!r} (splits: {', '.join(splits) or 'none'})")
     image_paths, captions, caption_image = [], [], []
     for index, (filename, texts) in enumerate(chosen):
-        image_paths.append(images_dir / filename)
+        path = images_dir / filename
+        if not path.is_file() and (images_dir / Path(filename).name).is_file():  # a flattened folder
+            path = images_dir / Path(filename).name
+        image_paths.append(path)
         captions.extend(texts)
         caption_image.extend([index] * len(texts))
     missing = [path for path in image_paths if not path.is_file()]
     if missing:
         raise BtsearchError(f"{len(missing)} of {len(image_paths)} images of split {split!r} are not in {images_dir}, e.g. {missing[0].name}")
-    return Benchmark(f"flickr30k-{split}", image_paths, captions, np.asarray(caption_image, dtype=np.int64))
+    return Benchmark(f"{name}-{split}", image_paths, captions, np.asarray(caption_image, dtype=np.int64))
 
 
 def _read_karpathy_json(path: Path) -> list[tuple[str, str, list[str]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return [
-            (image["filename"], image["split"], [sentence["raw"].strip() for sentence in image["sentences"]])
+            (os.path.join(image.get("filepath", ""), image["filename"]), image["split"], [sentence["raw"].strip() for sentence in image["sentences"]])
             for image in data["images"]
         ]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise BtsearchError(f"{path} is not Karpathy's dataset_flickr30k.json layout: {error!r}") from error
+        raise BtsearchError(f"{path} is not in the layout of Karpathy's dataset_*.json: {error!r}") from error
 
 
 def _read_hub_csv(path: Path) -> list[tuple[str, str, list[str]]]:
@@ -93,9 +107,10 @@ def evaluate_flickr30k(
     device: str = "auto",
     progress: bool = False,
     precision: str = "auto",
+    dataset: str = "flickr30k",
 ) -> dict:
     """Index the split's images and captions into a cached collection, then measure recall."""
-    benchmark = read_flickr30k(annotations, images_dir, split)
+    benchmark = read_benchmark(dataset, annotations, images_dir, split)
     model_id = resolve_model_id(model or DEFAULT_MODEL)
     key = hashlib.sha256(f"{model_id}\n{Path(annotations).resolve()}\n{split}".encode()).hexdigest()[:12]
     collection = Collection.create(Path(cache_dir or default_cache_dir()) / f"{benchmark.name}-{key}", model=model_id, device=device, precision=precision)

@@ -19,6 +19,7 @@ from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
 from btsearch.device import DEVICE_CHOICES, PRECISION_CHOICES
 from btsearch.encoder import DEFAULT_MODEL
 from btsearch.errors import BtsearchError
+from btsearch.export import export_collection
 from btsearch.flickr30k import evaluate_flickr30k
 from btsearch.images import DEFAULT_MAX_PIXELS
 from btsearch.text_files import read_texts_file
@@ -167,9 +168,14 @@ def add_texts(file, db, model, device, precision):
 @click.option("--candidates", default=128, show_default=True, type=int, help="FAISS candidates re-ranked by ITM.")
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no cross-modal encoder).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--paths", "bare", is_flag=True, help="Print only the hits' paths (or texts), one a line, for piping (| xargs).")
+@click.option(
+    "--target", type=click.Choice(["images", "texts"]), default=None,
+    help="What to search [default: images for TEXT, texts for --image]; --image Q --target images finds similar images (by ITC).",
+)
 @model_option
 @device_option
-def search(text, image, db, k, candidates, no_rerank, as_json, model, device, precision):
+def search(text, image, db, k, candidates, no_rerank, as_json, bare, target, model, device, precision):
     """Find images matching TEXT, or texts matching --image."""
     if (text is None) == (image is None):
         raise BtsearchError("give either a TEXT query or --image PATH")
@@ -178,14 +184,20 @@ def search(text, image, db, k, candidates, no_rerank, as_json, model, device, pr
     if candidates < 1:
         raise BtsearchError("--candidates must be at least 1 (--no-rerank ranks by ITC alone)")
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
-    result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank)
-    _print_search(result, as_json)
+    if as_json and bare:
+        raise BtsearchError("--json and --paths are two output formats: choose one")
+    result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target)
+    _print_search(result, as_json, bare)
 
 
-def _print_search(result: SearchResult, as_json: bool) -> None:
+def _print_search(result: SearchResult, as_json: bool, bare: bool = False) -> None:
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     field = "path" if result.target == "images" else "text"
+    if bare:
+        for hit in result.hits:
+            click.echo(getattr(hit, field))
+        return
     if as_json:
         hits = [
             {"rank": hit.rank, field: getattr(hit, field), "itc_score": hit.itc_score, "itm_score": hit.itm_score}
@@ -204,37 +216,47 @@ def eval_group():
     """Measure retrieval recall on a benchmark."""
 
 
-@eval_group.command("flickr30k")
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Karpathy's dataset_flickr30k.json, or the flickr30k hub CSV.")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder holding the Flickr30K images.")
-@click.option("--split", default="test", show_default=True, help="Karpathy split to evaluate.")
-@model_option
-@click.option("--candidates", default=128, show_default=True, type=click.IntRange(min=0), help="ITC top-k re-ranked by ITM per query (the paper: 128).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@device_option
-def eval_flickr30k(annotations, images, split, model, candidates, cache_dir, as_json, device, precision):
-    """R@1/5/10 both ways on Flickr30K (ALBEF/BridgeTower protocol), ITC alone and re-ranked.
+def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
+    """`eval NAME`: the same options and output for each Karpathy-split benchmark."""
+
+    @eval_group.command(name)
+    @click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help=annotations_help)
+    @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help=f"Folder holding the {title} images.")
+    @click.option("--split", default="test", show_default=True, help="Karpathy split to evaluate.")
+    @model_option
+    @click.option("--candidates", default=default_k, show_default=True, type=click.IntRange(min=0), help=f"ITC top-k re-ranked by ITM per query (the papers: {default_k}).")
+    @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    @device_option
+    def command(annotations, images, split, model, candidates, cache_dir, as_json, device, precision):
+        result = evaluate_flickr30k(
+            annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
+            cache_dir=cache_dir, device=device, precision=precision, progress=_progress(), dataset=name,
+        )
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        click.echo(f"{title} {split}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
+        click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}")
+        rows = [("ITC", result["itc"])]
+        if result["rerank"] is not None:
+            rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
+        for row_name, table in rows:
+            t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
+            i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
+            click.echo(f"{row_name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+
+    command.__doc__ = f"""R@1/5/10 both ways on {title} (ALBEF/BridgeTower protocol), ITC alone and re-ranked.
 
     Embeddings and ITM scores are cached: a second run with another --candidates computes only
     the pairs not scored yet, and an interrupted run resumes.
     """
-    result = evaluate_flickr30k(
-        annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
-        cache_dir=cache_dir, device=device, precision=precision, progress=_progress(),
-    )
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    click.echo(f"Flickr30K {split}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
-    click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}")
-    rows = [("ITC", result["itc"])]
-    if result["rerank"] is not None:
-        rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
-    for name, table in rows:
-        t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
-        i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
-        click.echo(f"{name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+    command.help = command.__doc__
+    return command
+
+
+eval_flickr30k = _eval_command("flickr30k", "Flickr30K", 128, "Karpathy's dataset_flickr30k.json, or the flickr30k hub CSV.")
+eval_coco = _eval_command("coco", "MSCOCO", 256, "Karpathy's dataset_coco.json (images under --images/val2014/ as its filepath says, or directly).")
 
 
 @main.command()
@@ -263,6 +285,21 @@ def convert(source, out_dir, family, tokenizer):
         f"{config.vision_config.num_hidden_layers} uni-modal and {config.num_hidden_layers} cross-modal layers, "
         f"{config.vision_config.image_size} px images; search with --model {done.folder}"
     )
+
+
+@main.command()
+@db_option
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into (created).")
+def export(db, out_dir):
+    """Write the collection's embeddings as .npy and metadata as parquet, in clip-retrieval's
+    layout (img_emb/, metadata/, text_emb/, text_metadata/), which autofaiss reads.
+
+    The LanceDB tables are readable as they are, too: pyarrow, pandas and DuckDB open
+    DIR/images.lance and DIR/texts.lance (e.g. `lancedb.connect(DIR).open_table("images").to_pandas()`).
+    """
+    collection = Collection.open(db, load_model=False, read_only=True)
+    written = export_collection(collection.store, out_dir)
+    click.echo(f"exported {written['images']} images and {written['texts']} texts to {out_dir}")
 
 
 @main.command()

@@ -285,6 +285,12 @@ class MetadataStore:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         return np.concatenate(found_ids), np.ascontiguousarray(np.concatenate(found), dtype=np.float32)
 
+    def iter_batches(self, table: TableName, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Every row of `table`, embedding included, as Arrow record batches (for export)."""
+        for batch in self._tables[table].search().to_batches(batch_size):
+            if batch.num_rows:
+                yield batch
+
     # -- internals -----------------------------------------------------------------------------
 
     def _check_embeddings(self, embeddings: np.ndarray, n: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,25 @@ def test_union_protocol_equals_the_max_of_both_directions_matrices():
     assert result["text_to_image"] == pytest.approx({f"R@{n}": 100.0 * np.mean(np.array(t2i) < n) for n in (1, 5, 10)})
     assert result["image_to_text"] == pytest.approx({f"R@{n}": 100.0 * np.mean(np.array(i2t) < n) for n in (1, 5, 10)})
     assert result != recall_table(itc, caption_image, k, itm)  # the two protocols differ here
+
+
+def test_coco_reads_karpathy_filepaths_and_equals_the_same_data_as_flickr(flickr, trained_checkpoint, tmp_path):
+    root, image_dir, test = flickr
+    coco_images = tmp_path / "coco" / "val2014"
+    coco_images.mkdir(parents=True)
+    images = []
+    for image in test:
+        (coco_images / image["filename"]).write_bytes((image_dir / image["filename"]).read_bytes())
+        images.append({**image, "filepath": "val2014", "split": "test"})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    common = ["--model", trained_checkpoint, "--candidates", 2, "--precision", "fp32", "--json", "--cache-dir", tmp_path / "cache"]
+    coco = CliRunner().invoke(main, [str(a) for a in ["eval", "coco", "--annotations", tmp_path / "dataset_coco.json", "--images", tmp_path / "coco", *common]])
+    assert coco.exit_code == 0, coco.output
+    flickr_run = CliRunner().invoke(main, [str(a) for a in ["eval", "flickr30k", "--annotations", root / "dataset_flickr30k.json", "--images", image_dir, *common]])
+    ours, theirs = json.loads(coco.stdout), json.loads(flickr_run.stdout)
+    assert ours["num_images"] == len(test) and ours["itc"] == theirs["itc"]
+    for direction in ("text_to_image", "image_to_text"):
+        assert ours["rerank"][direction] == pytest.approx(theirs["rerank"][direction])
+    assert ours["rerank_union"] is not None
+    help_text = CliRunner().invoke(main, ["eval", "coco", "--help"]).output
+    assert re.search(r"\[default:\s+256;", help_text)  # COCO's k by convention

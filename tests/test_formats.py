@@ -1,0 +1,74 @@
+"""Formats people already use: clip-retrieval's export layout, bare paths for piping, and
+image-to-image search."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from btsearch.cli.main import main
+from btsearch.collection import Collection
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory, random_checkpoint, photos):
+    db = tmp_path_factory.mktemp("formats") / "db"
+    run("index", photos[0].parent, "--db", db, "--model", random_checkpoint, "--precision", "fp32")
+    texts = tmp_path_factory.mktemp("texts") / "t.txt"
+    texts.write_text("a cat\na cup of coffee\na rocket at night\n")
+    run("add-texts", texts, "--db", db, "--precision", "fp32")
+    return db
+
+
+def test_export_writes_clip_retrieval_layout(db, tmp_path, photos):
+    out = tmp_path / "export"
+    assert f"exported {len(photos)} images and 3 texts" in run("export", "--db", db, "--out", out).output
+    store = Collection.open(db, load_model=False, read_only=True).store
+    for emb, meta, key, column in (("img_emb", "metadata", "path", "image_path"), ("text_emb", "text_metadata", "text", "caption")):
+        embeddings = np.load(out / emb / f"{emb}_0.npy")
+        metadata = pq.read_table(out / meta / f"{meta}_0.parquet").to_pylist()
+        assert embeddings.dtype == np.float32 and len(embeddings) == len(metadata)
+        table = "images" if emb == "img_emb" else "texts"
+        ids, stored = store.get_embeddings(table, [row["id"] for row in metadata])
+        by_id = dict(zip(ids.tolist(), stored))
+        rows = {row["id"]: row for row in (store.get_images if table == "images" else store.get_texts)([r["id"] for r in metadata])}
+        for vector, row in zip(embeddings, metadata):
+            np.testing.assert_array_equal(vector, by_id[row["id"]])
+            assert row[column] == rows[row["id"]][key]
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_export_of_an_empty_table_and_small_shards(tmp_path, random_checkpoint, photos):
+    from btsearch.export import export_collection
+
+    db = tmp_path / "db"
+    run("index", photos[0], photos[1], photos[2], "--db", db, "--model", random_checkpoint)
+    written = export_collection(Collection.open(db, load_model=False, read_only=True).store, tmp_path / "out", shard_rows=2)
+    assert written == {"images": 3, "texts": 0}
+    assert [len(np.load(tmp_path / "out" / "img_emb" / f"img_emb_{n}.npy")) for n in (0, 1)] == [2, 1]
+    assert np.load(tmp_path / "out" / "text_emb" / "text_emb_0.npy").shape == (0, 32)
+
+
+def test_paths_prints_bare_paths_for_piping(db, photos):
+    lines = run("search", "a photo", "--db", db, "-k", 4, "--candidates", 2, "--paths").stdout.splitlines()
+    assert len(lines) == 4 and all(line in {str(p.resolve()) for p in photos} for line in lines)
+    texts = run("search", "--image", photos[0], "--db", db, "-k", 2, "--paths").stdout.splitlines()
+    assert len(texts) == 2 and set(texts) <= {"a cat", "a cup of coffee", "a rocket at night"}
+    result = run("search", "x", "--db", db, "--paths", "--json", ok=False)
+    assert result.exit_code == 1 and "choose one" in result.stderr
+
+
+def test_image_to_image_search_finds_the_image_itself_first(db, photos):
+    result = run("search", "--image", photos[3], "--target", "images", "--db", db, "-k", 3, "--json")
+    hits = json.loads(result.stdout)["hits"]
+    assert hits[0]["path"] == str(photos[3].resolve()) and hits[0]["itc_score"] == pytest.approx(1.0, abs=1e-4)
+    assert all(h["itm_score"] is None for h in hits) and "ranks by ITC cosine alone" in result.stderr
