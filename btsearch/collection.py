@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .encoder import DEFAULT_MODEL, Encoder, resolve_model_id
 from .errors import BtsearchError, CollectionError
 from .evaluation import evaluate_collection
-from .images import DEFAULT_MAX_PIXELS, file_hash, find_images, load_rgb
+from .images import DEFAULT_MAX_PIXELS, file_hash, find_images, load_rgb, to_rgb
 from .encoder import to_numpy
 from .indexers import BridgeCache, Manifest, MetadataStore, VectorIndex
 from .indexers.skip_log import SkipLog
@@ -475,7 +476,7 @@ class Collection:
     def search(
         self,
         text: str | None = None,
-        image: str | os.PathLike | None = None,
+        image: str | os.PathLike | Image.Image | None = None,
         k: int = 10,
         candidates: int = 128,
         rerank: bool = True,
@@ -514,9 +515,10 @@ class Collection:
             query = self.encoder.text_states([text], with_bridge=rerank)
             label = text
         else:
-            pixels = self.encoder.preprocess_image(load_rgb(image))[None]
+            picture = image if isinstance(image, Image.Image) else load_rgb(image)
+            pixels = self.encoder.preprocess_image(to_rgb(picture))[None]
             query = self.encoder.image_states(pixels, with_bridge=rerank)
-            label = str(image)
+            label = "uploaded image" if isinstance(image, Image.Image) else str(image)
         if k > len(index):
             notes.append(f"only {len(index)} {target} in the collection")
         wanted = min(max(k, candidates if rerank else k), len(index))

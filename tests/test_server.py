@@ -1,0 +1,108 @@
+"""`btsearch serve`: the HTTP API (through FastAPI's test client) and the page it serves."""
+
+import io
+import threading
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from btsearch.cli.main import main
+from btsearch.collection import Collection
+from btsearch.encoder import Encoder
+from btsearch.server import create_app
+
+from . import reference
+
+QUERY = "a close up of a tabby cat"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, trained_checkpoint, photos, photo_captions):
+    db = tmp_path_factory.mktemp("serve") / "db"
+    assert CliRunner().invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32"]).exit_code == 0
+    texts = tmp_path_factory.mktemp("texts") / "captions.txt"
+    texts.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
+    assert CliRunner().invoke(main, ["add-texts", str(texts), "--db", str(db), "--precision", "fp32"]).exit_code == 0
+    encoder = Encoder.from_pretrained(str(trained_checkpoint), precision="fp32")
+    return TestClient(create_app(db, encoder=encoder)), db, encoder
+
+
+def test_text_search_matches_the_library_and_serves_thumbnails(served, photos):
+    client, db, encoder = served
+    response = client.get("/api/search", params={"q": QUERY, "k": 3, "candidates": 3})
+    assert response.status_code == 200
+    body = response.json()
+    expected = Collection.open(db, encoder=encoder, read_only=True).search(text=QUERY, k=3, candidates=3)
+    assert [h["path"] for h in body["hits"]] == [h.path for h in expected.hits]
+    assert body["hits"][0]["path"].endswith("chelsea.jpg")  # the trained checkpoint knows its cat
+    assert [h["itm_score"] for h in body["hits"]] == pytest.approx([h.itm_score for h in expected.hits], abs=1e-5)
+    thumb = client.get(body["hits"][0]["thumbnail"], params={"size": 128})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 128
+    full = client.get(body["hits"][0]["image"])
+    assert full.status_code == 200 and full.content == open(body["hits"][0]["path"], "rb").read()
+
+
+def test_upload_and_image_id_find_captions(served, photos, photo_captions):
+    client, db, _ = served
+    chelsea = next(p for p in photos if p.name == "chelsea.jpg")
+    with open(chelsea, "rb") as f:
+        response = client.post("/api/search/image", params={"k": 3, "candidates": 5}, files={"file": ("q.jpg", f, "image/jpeg")})
+    assert response.status_code == 200 and response.json()["target"] == "texts"
+    assert response.json()["hits"][0]["text"] in photo_captions["chelsea"]
+    image_id = Collection.open(db, load_model=False, read_only=True).store.image_by_path(chelsea)["id"]
+    by_id = client.get("/api/search", params={"image_id": image_id, "k": 3, "candidates": 5}).json()
+    assert [h["text"] for h in by_id["hits"]] == [h["text"] for h in response.json()["hits"]]
+    similar = client.get("/api/search", params={"image_id": image_id, "target": "images", "k": 2}).json()
+    assert similar["hits"][0]["id"] == image_id and similar["notes"]
+
+
+def test_bad_requests_get_a_clear_4xx(served):
+    client, _, _ = served
+    assert client.get("/api/search").status_code == 400
+    assert "empty" in client.get("/api/search", params={"q": "  "}).json()["detail"]
+    assert client.get("/api/search", params={"q": "x", "k": 0}).status_code == 422
+    assert client.get("/api/images/999999/thumbnail").status_code == 404
+    assert client.get("/api/images/0/thumbnail", params={"size": 77}).status_code == 400
+    bad = client.post("/api/search/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")})
+    assert bad.status_code == 400 and "cannot read image" in bad.json()["detail"]
+
+
+def test_concurrent_requests_queue_and_metrics_count_them(served):
+    client, _, _ = served
+    before = client.get("/api/metrics").json()["requests"]
+    results = []
+
+    def ask(i):
+        results.append(client.get("/api/search", params={"q": f"a photo number {i}", "k": 2, "candidates": 2}).status_code)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 6
+    metrics = client.get("/api/metrics").json()
+    assert metrics["requests"] == before + 6 and metrics["latency_ms"]["p50"] > 0
+    assert metrics["index"]["images"].startswith("Flat") and metrics["images"] == 11
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["texts"] > 0
+
+
+def test_page_and_openapi_schema(served):
+    client, _, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="q"' in page.text and "/api/search/image" in page.text
+    schema = client.get("/openapi.json").json()
+    assert {"/api/search", "/api/search/image", "/api/health", "/api/metrics"} <= set(schema["paths"])
+
+
+def test_a_writer_committing_is_seen_by_the_server(served, tmp_path, photos):
+    client, db, encoder = served
+    count = client.get("/api/health").json()["images"]
+    extra = tmp_path / "extra.jpg"
+    Image.open(photos[0]).rotate(90).save(extra)
+    Collection.open(db, encoder=encoder).add_images([extra])
+    assert client.get("/api/health").json()["images"] == count + 1
