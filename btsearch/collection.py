@@ -40,6 +40,7 @@ TABLES = ("images", "texts")
 COMMIT_INTERVAL_S = float(os.environ.get("BTSEARCH_COMMIT_SECONDS", 5.0))
 INDEX_SAVE_INTERVAL_S = 30.0  # FAISS saves; a stale index is caught up from LanceDB on open
 RERANK_CACHE_DIR = "rerank-cache"
+MEDIA_DIR = "media"  # images extracted from tar shards and parquet bytes
 PQ_REFINE = 4  # PQ candidates fetched per wanted hit, then re-scored exactly
 WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
 WRITE_BRIDGE_BYTES = 256 * 2**20  # ...or fewer, when their re-rank cache states would fill this
@@ -380,10 +381,12 @@ class Collection:
         report.skipped.extend(SkippedImage(path, f"cannot list folder: {reason}") for path, reason in unreadable)
         known = self.store.image_files()
         on_disk = {str(path) for path in files}
-        under = [str(Path(root).resolve()) for root in roots]
+        resolved = [Path(root).resolve() for root in roots]
+        file_roots = {str(root) for root in resolved if not root.is_dir()}
+        folder_roots = tuple(str(root).rstrip(os.sep) + os.sep for root in resolved if root.is_dir())
         vanished = [
             row for path, row in known.items()
-            if path not in on_disk and any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under)
+            if path not in on_disk and (path in file_roots or path.startswith(folder_roots))
         ]
         # A file that vanished may have moved: match new files to vanished rows by size, then hash.
         vanished_by_size: dict[int, list[dict]] = {}

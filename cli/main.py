@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from btsearch.collection import Collection, IndexReport, SearchResult
+from btsearch.collection import MEDIA_DIR, Collection, IndexReport, SearchResult
 from btsearch.convert import FAMILIES
 from btsearch.convert import convert as convert_checkpoint
 from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
@@ -20,6 +20,7 @@ from btsearch.device import DEVICE_CHOICES, PRECISION_CHOICES
 from btsearch.encoder import DEFAULT_MODEL
 from btsearch.errors import BtsearchError
 from btsearch.export import export_collection
+from btsearch.sources import expand_inputs
 from btsearch.flickr30k import evaluate_flickr30k
 from btsearch.images import DEFAULT_MAX_PIXELS
 from btsearch.text_files import read_texts_file
@@ -114,9 +115,11 @@ def main():
     "--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
     help="Skip images with more pixels than this (decompression bombs), before decoding them.",
 )
+@click.option("--captions", "with_captions", is_flag=True, help="Also add the captions that come with the images (webdataset .txt/.json members, a parquet caption column) as texts.")
 @device_option
-def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, device, precision):
-    """Sync the collection with the images under PATHS (files or folders, recursively).
+def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, with_captions, device, precision):
+    """Sync the collection with the images under PATHS: folders (recursively), image files,
+    webdataset .tar shards, or parquet files with a path or image-bytes column.
 
     Creates the collection if needed. New and changed files are embedded (a file whose size or
     mtime changed but whose content did not is only noted; a moved file keeps its entry),
@@ -126,11 +129,19 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     collection = Collection.create(db, model=model, device=device, precision=precision)
     if index_memory is not None:
         collection.set_index_memory(index_memory)
+    inputs = expand_inputs(list(paths), collection.path / MEDIA_DIR)
+    for path, reason in inputs.missing:
+        click.echo(f"skipped {path}: {reason}", err=True)
     report = collection.add_images(
-        list(paths), batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
+        inputs.roots, batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels,
     )
     _print_index_report(report, collection)
+    if with_captions and inputs.captions:
+        known = {row["text"] for row in collection.store.get_texts(collection.store.ids("texts"))}
+        new_captions = list(dict.fromkeys(c for c in inputs.captions if c not in known))
+        collection.add_texts(new_captions, progress=_progress())
+        click.echo(f"added {len(new_captions)} captions as texts ({len(inputs.captions) - len(new_captions)} already there)")
 
 
 def _print_index_report(report: IndexReport, collection: Collection) -> None:

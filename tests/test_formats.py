@@ -1,7 +1,9 @@
 """Formats people already use: clip-retrieval's export layout, bare paths for piping, and
 image-to-image search."""
 
+import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -72,3 +74,60 @@ def test_image_to_image_search_finds_the_image_itself_first(db, photos):
     hits = json.loads(result.stdout)["hits"]
     assert hits[0]["path"] == str(photos[3].resolve()) and hits[0]["itc_score"] == pytest.approx(1.0, abs=1e-4)
     assert all(h["itm_score"] is None for h in hits) and "ranks by ITC cosine alone" in result.stderr
+
+
+def test_webdataset_shards_are_indexed_with_their_captions(tmp_path, random_checkpoint, photos):
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    members = {
+        "000.jpg": photos[0].read_bytes(), "000.txt": b"a woman in a space suit",
+        "001.png": _png(photos[1]), "001.json": json.dumps({"caption": "a cat looking up"}).encode(),
+        "002.jpg": photos[2].read_bytes(),
+        "003.jpg": b"not a jpeg at all",
+    }
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    db = tmp_path / "db"
+    result = run("index", shard, "--db", db, "--model", random_checkpoint, "--captions")
+    assert "indexed 3 new, 0 updated, 0 removed, 0 unchanged, 1 skipped" in result.stdout
+    assert "added 2 captions as texts (0 already there)" in result.stdout and "003.jpg" in result.stderr
+    store = Collection.open(db, load_model=False, read_only=True).store
+    assert sorted(row["text"] for row in store.get_texts(store.ids("texts"))) == ["a cat looking up", "a woman in a space suit"]
+    assert all(Path(path).parent.parent == (db / "media").resolve() for path in store.image_files())
+    again = run("index", shard, "--db", db, "--captions")  # extracted once: nothing new
+    assert "indexed 0 new, 0 updated, 0 removed, 3 unchanged, 1 skipped" in again.stdout
+    assert "added 0 captions as texts (2 already there)" in again.stdout
+
+
+def test_parquet_with_bytes_or_paths(tmp_path, random_checkpoint, photos):
+    import pyarrow as pa
+
+    with_bytes = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": photos[0].read_bytes(), "path": None}, {"bytes": photos[3].read_bytes(), "path": None}],
+                             "caption": ["first caption", None]}), with_bytes)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "a.jpg").write_bytes(photos[4].read_bytes())
+    with_paths = tmp_path / "paths.parquet"
+    pq.write_table(pa.table({"path": ["files/a.jpg", "files/gone.jpg"], "text": ["a photo", "lost"]}), with_paths)
+    db = tmp_path / "db"
+    result = run("index", with_bytes, with_paths, "--db", db, "--model", random_checkpoint, "--captions")
+    assert "indexed 3 new" in result.stdout and "gone.jpg: listed in paths.parquet but not on disk" in result.stderr
+    assert "added 3 captions as texts" in result.stdout
+    stored = set(Collection.open(db, load_model=False, read_only=True).store.image_files())
+    assert str((tmp_path / "files" / "a.jpg").resolve()) in stored  # used in place, not copied
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"url": ["http://example.com/x.jpg"]}), bad)
+    failed = run("index", bad, "--db", db, ok=False)
+    assert failed.exit_code == 1 and "has no image column" in failed.stderr
+
+
+def _png(path) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(path).save(out, format="PNG")
+    return out.getvalue()

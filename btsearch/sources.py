@@ -1,0 +1,152 @@
+"""Image inputs beyond folders: webdataset tar shards and parquet tables, with their captions.
+
+A collection stores a file path per image (re-ranking, thumbnails and the server read it), so
+images that live inside a shard or a parquet file are extracted once into the collection's
+`media/` folder; parquet rows that name a file are used in place. Captions found beside the
+images (a webdataset `.txt` or `.json` member, a parquet caption column) are returned so the
+caller can add them as texts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from .errors import BtsearchError
+from .images import IMAGE_SUFFIXES
+
+PATH_COLUMNS = ("path", "image_path", "filepath", "file", "filename")
+BYTES_COLUMNS = ("image", "bytes", "jpg", "png", "img")
+CAPTION_COLUMNS = ("caption", "text", "txt", "title")
+CAPTION_KEYS = ("caption", "text", "txt")
+
+
+@dataclass
+class ExpandedInputs:
+    roots: list[Path] = field(default_factory=list)  # what add_images syncs: folders and files
+    captions: list[str] = field(default_factory=list)  # captions that came with the images
+    missing: list[tuple[Path, str]] = field(default_factory=list)  # listed files not on disk, and why
+
+
+def is_container(path: Path) -> bool:
+    return path.is_file() and (path.suffix.lower() == ".parquet" or path.name.lower().endswith((".tar", ".tar.gz", ".tgz")))
+
+
+def expand_inputs(paths: list[Path], media_dir: Path) -> ExpandedInputs:
+    """Folders and image files pass through; shards and parquet files become the images they
+    hold (extracted under `media_dir`, once) plus their captions."""
+    out = ExpandedInputs()
+    for path in paths:
+        path = Path(path)
+        if not is_container(path):
+            out.roots.append(path)
+        elif path.suffix.lower() == ".parquet":
+            _expand_parquet(path, media_dir / _safe(path.stem), out)
+        else:
+            _expand_tar(path, media_dir / _safe(path.name.split(".")[0]), out)
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
+
+
+def _write_once(target: Path, data: bytes) -> None:
+    if target.exists() and target.stat().st_size == len(data):
+        return  # extracted by an earlier run: keep its mtime, so the sync sees it unchanged
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
+    """webdataset: members grouped by key (the name up to its first dot); an image member and a
+    `.txt` / `.json` caption member of the same key belong together."""
+    try:
+        with tarfile.open(shard) as tar:
+            captions: dict[str, str] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                key, _, extension = base.partition(".")
+                key = os.path.join(directory, key)
+                suffix = "." + extension.lower().rsplit(".", 1)[-1] if extension else ""
+                data = tar.extractfile(member).read()
+                if suffix in IMAGE_SUFFIXES:
+                    _write_once(folder / (_safe(key.replace(os.sep, "__")) + suffix), data)
+                elif suffix in (".txt", ".json"):
+                    caption = _caption_from(data, suffix)
+                    if caption:
+                        captions[key] = caption
+            out.captions.extend(captions.values())
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise BtsearchError(f"cannot read the shard {shard}: {error}") from error
+    out.roots.append(folder)
+
+
+def _caption_from(data: bytes, suffix: str) -> str | None:
+    text = data.decode("utf-8", errors="replace").strip()
+    if suffix == ".txt":
+        return text or None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, dict):
+        for key in CAPTION_KEYS:
+            if isinstance(value.get(key), str) and value[key].strip():
+                return value[key].strip()
+    return None
+
+
+def _expand_parquet(table_path: Path, folder: Path, out: ExpandedInputs) -> None:
+    """A column of file paths (relative ones to the parquet's folder) or of image bytes (also
+    Hugging Face's {"bytes", "path"} struct), and an optional caption column."""
+    try:
+        table = pq.read_table(table_path)
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
+        raise BtsearchError(f"cannot read the parquet file {table_path}: {error}") from error
+    names = {name.lower(): name for name in table.column_names}
+    path_column = next((names[c] for c in PATH_COLUMNS if c in names), None)
+    bytes_column = next((names[c] for c in BYTES_COLUMNS if c in names), None)
+    caption_column = next((names[c] for c in CAPTION_COLUMNS if c in names), None)
+    if path_column is None and bytes_column is None:
+        raise BtsearchError(
+            f"{table_path} has no image column: name one {', '.join(PATH_COLUMNS)} (file paths) or {', '.join(BYTES_COLUMNS)} (image bytes)"
+        )
+    captions = table.column(caption_column).to_pylist() if caption_column else [None] * table.num_rows
+    if bytes_column is not None:
+        for row, value in enumerate(table.column(bytes_column).to_pylist()):
+            data = value.get("bytes") if isinstance(value, dict) else value
+            if not data:
+                continue
+            _write_once(folder / f"row{row:08d}{_image_suffix(data)}", bytes(data))
+        out.roots.append(folder)
+    else:
+        for value in table.column(path_column).to_pylist():
+            if value:
+                path = Path(value)
+                path = path if path.is_absolute() else table_path.parent / path
+                if path.exists():
+                    out.roots.append(path)
+                else:
+                    out.missing.append((path, f"listed in {table_path.name} but not on disk"))
+    out.captions.extend(str(c).strip() for c in captions if c is not None and str(c).strip())
+
+
+def _image_suffix(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = (image.format or "").lower()
+    except (UnidentifiedImageError, OSError):
+        return ".jpg"  # not an image: indexing will skip it, naming why
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(kind, f".{kind}" if f".{kind}" in IMAGE_SUFFIXES else ".jpg")
