@@ -593,6 +593,8 @@ class Collection:
         """Files indexing skipped and has not indexed since: (path, reason, when), by path."""
         return SkipLog(self.path).items()
 
-    def evaluate(self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False) -> dict:
+    def evaluate(
+        self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False, details: bool = False
+    ) -> dict:
         """Recall of this collection's texts and images against known pairs; see `evaluation`."""
-        return evaluate_collection(self, caption_image, text_ids, image_ids, candidates=candidates, progress=progress)
+        return evaluate_collection(self, caption_image, text_ids, image_ids, candidates=candidates, progress=progress, details=details)

@@ -92,6 +92,27 @@ def recall_table(itc_t2i: np.ndarray, caption_image: np.ndarray, candidates: int
     return result
 
 
+def ranking_details(itc: np.ndarray, caption_image: np.ndarray, candidates: int, itm: np.ndarray | None, top: int = 5) -> dict:
+    """Per caption: its image's rank by ITC alone and after re-ranking, the re-ranked top hits
+    with their scores; per image: the best rank of its captions both ways. Arrays, for reports."""
+    n_images = itc.shape[1]
+    images_captions = [np.flatnonzero(caption_image == i) for i in range(n_images)]
+    by_itc_t2i = rerank_order(itc, 0, None)
+    by_itc_i2t = rerank_order(itc.T, 0, None)
+    final_t2i = rerank_order(itc, candidates, itm) if itm is not None else by_itc_t2i
+    final_i2t = rerank_order(itc.T, candidates, itm.T) if itm is not None else by_itc_i2t
+    top_hits = final_t2i[:, :top]
+    return {
+        "t2i_rank_itc": ranks_of(by_itc_t2i, [np.array([i]) for i in caption_image]),
+        "t2i_rank": ranks_of(final_t2i, [np.array([i]) for i in caption_image]),
+        "i2t_rank_itc": ranks_of(by_itc_i2t, images_captions),
+        "i2t_rank": ranks_of(final_i2t, images_captions),
+        "t2i_top": top_hits,
+        "t2i_top_itc": np.take_along_axis(itc, top_hits, axis=1),
+        "t2i_top_itm": np.take_along_axis(itm, top_hits, axis=1) if itm is not None else None,
+    }
+
+
 def top_candidates(itc: np.ndarray, candidates: int) -> np.ndarray:
     return np.argsort(-itc, axis=1, kind="stable")[:, : min(candidates, itc.shape[1])]
 
@@ -106,9 +127,11 @@ def evaluate_collection(
     image_ids: np.ndarray,
     candidates: int = 128,
     progress: bool = False,
+    details: bool = False,
 ) -> dict:
     """Recall of the collection's texts `text_ids` against its images `image_ids`, where caption
-    t shows image `caption_image[t]`, for ITC alone and ITC top-`candidates` re-ranked by ITM."""
+    t shows image `caption_image[t]`, for ITC alone and ITC top-`candidates` re-ranked by ITM.
+    `details=True` adds per-query ranks and top hits (`ranking_details`) for a report."""
     started = time.perf_counter()
     text_embeds = _embeddings(collection, "texts", text_ids)
     image_embeds = _embeddings(collection, "images", image_ids)
@@ -121,7 +144,10 @@ def evaluate_collection(
         result["rerank"] = recall_table(itc, caption_image, candidates, itm)
         result["rerank_union"] = recall_table(itc, caption_image, candidates, itm, union=True)
     else:
+        itm = None
         result["rerank"] = result["rerank_union"] = None
+    if details:
+        result["details"] = ranking_details(itc, caption_image, candidates, itm)
     result.update(
         num_images=int(len(image_ids)),
         num_texts=int(len(text_ids)),

@@ -108,6 +108,7 @@ def evaluate_flickr30k(
     progress: bool = False,
     precision: str = "auto",
     dataset: str = "flickr30k",
+    report_dir: str | Path | None = None,
 ) -> dict:
     """Index the split's images and captions into a cached collection, then measure recall."""
     benchmark = read_benchmark(dataset, annotations, images_dir, split)
@@ -120,7 +121,12 @@ def evaluate_flickr30k(
         raise BtsearchError(f"{len(report.skipped)} benchmark images cannot be read, e.g. {first.path}: {first.reason}")
     image_ids = _image_ids(collection, benchmark.image_paths)
     text_ids = _caption_ids(collection, benchmark.captions, progress)
-    return collection.evaluate(benchmark.caption_image, text_ids, image_ids, candidates=candidates, progress=progress)
+    result = collection.evaluate(benchmark.caption_image, text_ids, image_ids, candidates=candidates, progress=progress, details=report_dir is not None)
+    if report_dir is not None:
+        from .report import write_report
+
+        result["report"] = str(write_report(report_dir, result.pop("details"), result, benchmark))
+    return result
 
 
 def _image_ids(collection: Collection, paths: list[Path]) -> np.ndarray:

@@ -238,12 +238,16 @@ def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
     @click.option("--candidates", default=default_k, show_default=True, type=click.IntRange(min=0), help=f"ITC top-k re-ranked by ITM per query (the papers: {default_k}).")
     @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Also write a self-contained HTML report into this folder: the table beside published figures, recall@K curves, worst failures.")
     @device_option
-    def command(annotations, images, split, model, candidates, cache_dir, as_json, device, precision):
+    def command(annotations, images, split, model, candidates, cache_dir, as_json, report_dir, device, precision):
         result = evaluate_flickr30k(
             annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
-            cache_dir=cache_dir, device=device, precision=precision, progress=_progress(), dataset=name,
+            cache_dir=cache_dir, device=device, precision=precision, progress=_progress(), dataset=name, report_dir=report_dir,
         )
+        if report_dir is not None:
+            click.echo(f"report: {result['report']}", err=True)
         if as_json:
             click.echo(json.dumps(result))
             return

@@ -179,3 +179,21 @@ def test_coco_reads_karpathy_filepaths_and_equals_the_same_data_as_flickr(flickr
     assert ours["rerank_union"] is not None
     help_text = CliRunner().invoke(main, ["eval", "coco", "--help"]).output
     assert re.search(r"\[default:\s+256;", help_text)  # COCO's k by convention
+
+
+def test_report_is_self_contained_html_with_curves_and_failures(flickr, trained_checkpoint, tmp_path):
+    root, image_dir, test = flickr
+    args = ["eval", "flickr30k", "--annotations", root / "dataset_flickr30k.json", "--images", image_dir, "--model", trained_checkpoint,
+            "--candidates", 2, "--cache-dir", tmp_path / "cache", "--report", tmp_path / "report", "--json"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["report"] == str(tmp_path / "report" / "report.html") and "details" not in out
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "published: BridgeTower-base (4M)" in page and "85.8 / 97.6 / 98.9" in page
+    assert "data:image/png;base64," in page and (tmp_path / "report" / "recall_curves.png").read_bytes()[:4] == b"\x89PNG"
+    t2i = " / ".join(f"{v:.1f}" for v in out["rerank"]["text_to_image"].values())
+    assert t2i in page  # the table shows this run's numbers
+    assert "Fixed:" in page and "Broken:" in page
+    if out["rerank"]["text_to_image"]["R@1"] < 100:  # some caption missed: it is shown with its image and the top 5
+        assert page.count("<figure") >= 6 and "its image, rank" in page
