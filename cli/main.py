@@ -30,6 +30,8 @@ class _Group(click.Group):
     """Turns btsearch's own errors into one line on stderr, never a traceback."""
 
     def invoke(self, ctx):
+        global _QUIET
+        _QUIET = False  # each invocation starts loud; a subcommand's --quiet sets it while parsing
         try:
             return super().invoke(ctx)
         except (BtsearchError, FileNotFoundError) as error:
@@ -37,8 +39,28 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+_QUIET = False
+
+
+def _set_quiet(ctx, param, value):
+    global _QUIET
+    _QUIET = bool(value)
+
+
+quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, expose_value=False, is_eager=True, callback=_set_quiet,
+    help="No progress bars, notes or skipped-file lines on stderr (errors still print; `info --skipped` lists skips).",
+)
+
+
 def _progress() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr.isatty() and not _QUIET
+
+
+def _say(message: str) -> None:
+    """A note for the person at the terminal, on stderr; silent with --quiet."""
+    if not _QUIET:
+        click.echo(message, err=True)
 
 
 model_option = click.option(
@@ -117,6 +139,7 @@ def main():
 )
 @click.option("--captions", "with_captions", is_flag=True, help="Also add the captions that come with the images (webdataset .txt/.json members, a parquet caption column) as texts.")
 @device_option
+@quiet_option
 def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, with_captions, device, precision):
     """Sync the collection with the images under PATHS: folders (recursively), image files,
     webdataset .tar shards, or parquet files with a path or image-bytes column.
@@ -131,7 +154,7 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         collection.set_index_memory(index_memory)
     inputs = expand_inputs(list(paths), collection.path / MEDIA_DIR)
     for path, reason in inputs.missing:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        _say(f"skipped {path}: {reason}")
     report = collection.add_images(
         inputs.roots, batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels,
@@ -146,7 +169,7 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
 
 def _print_index_report(report: IndexReport, collection: Collection) -> None:
     for skipped in report.skipped:
-        click.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+        _say(f"skipped {skipped.path}: {skipped.reason}")
     click.echo(
         f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
         f"{len(report.skipped)} skipped in {report.seconds:.1f}s; "
@@ -159,6 +182,7 @@ def _print_index_report(report: IndexReport, collection: Collection) -> None:
 @db_option
 @model_option
 @device_option
+@quiet_option
 def add_texts(file, db, model, device, precision):
     """Add the texts of FILE to the collection, for image-to-text search.
 
@@ -186,6 +210,7 @@ def add_texts(file, db, model, device, precision):
 )
 @model_option
 @device_option
+@quiet_option
 def search(text, image, db, k, candidates, no_rerank, as_json, bare, target, model, device, precision):
     """Find images matching TEXT, or texts matching --image."""
     if (text is None) == (image is None):
@@ -203,7 +228,7 @@ def search(text, image, db, k, candidates, no_rerank, as_json, bare, target, mod
 
 def _print_search(result: SearchResult, as_json: bool, bare: bool = False) -> None:
     for note in result.notes:
-        click.echo(f"note: {note}", err=True)
+        _say(f"note: {note}")
     field = "path" if result.target == "images" else "text"
     if bare:
         for hit in result.hits:
@@ -241,13 +266,14 @@ def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
     @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Also write a self-contained HTML report into this folder: the table beside published figures, recall@K curves, worst failures.")
     @device_option
+    @quiet_option
     def command(annotations, images, split, model, candidates, cache_dir, as_json, report_dir, device, precision):
         result = evaluate_flickr30k(
             annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
             cache_dir=cache_dir, device=device, precision=precision, progress=_progress(), dataset=name, report_dir=report_dir,
         )
         if report_dir is not None:
-            click.echo(f"report: {result['report']}", err=True)
+            _say(f"report: {result['report']}")
         if as_json:
             click.echo(json.dumps(result))
             return
@@ -279,6 +305,7 @@ eval_coco = _eval_command("coco", "MSCOCO", 256, "Karpathy's dataset_coco.json (
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--family", type=click.Choice(FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
 @click.option("--tokenizer", default=None, metavar="ID|DIR", help="Tokenizer to ship with it [default: the checkpoint config's, e.g. roberta-base].")
+@quiet_option
 def convert(source, out_dir, family, tokenizer):
     """Convert an original checkpoint (a Lightning .ckpt of microsoft/BridgeTower or
     LooperXX/ManagerTower) into a folder that --model loads: config, safetensors weights,
@@ -293,7 +320,7 @@ def convert(source, out_dir, family, tokenizer):
     done = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
     config = done.config
     if done.dropped:
-        click.echo(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}", err=True)
+        _say(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}")
     family_name = "ManagerTower" if done.family == "managertower" else "BridgeTower"
     click.echo(
         f"wrote {done.folder}: {family_name}, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"

@@ -131,3 +131,20 @@ def _png(path) -> bytes:
     out = io.BytesIO()
     Image.open(path).save(out, format="PNG")
     return out.getvalue()
+
+
+def test_quiet_silences_notes_and_skips_but_not_results_or_errors(tmp_path, random_checkpoint, photos):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photos[0].read_bytes())
+    (folder / "broken.jpg").write_bytes(b"nope")
+    db = tmp_path / "db"
+    loud = run("index", folder, "--db", db, "--model", random_checkpoint)
+    assert "broken.jpg" in loud.stderr
+    quiet = run("index", folder, "--db", db, "--quiet")
+    assert quiet.stderr == "" and "0 new, 0 updated, 0 removed, 1 unchanged, 1 skipped" in quiet.stdout
+    result = run("search", "x" * 3000, "--db", db, "-q", "--json")
+    assert result.stderr == "" and json.loads(result.stdout)["hits"]
+    assert "truncated" in run("search", "x" * 3000, "--db", db, "--json").stderr  # the next call is loud again
+    failed = run("search", "", "--db", db, "--quiet", ok=False)
+    assert failed.exit_code == 1 and "empty" in failed.stderr
