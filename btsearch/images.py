@@ -87,18 +87,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Every image file under the given files and folders, in a stable order, each once.
 
-    Folder symlinks are not followed (no loops); file symlinks are, to their target. Folders
-    that cannot be listed are appended to `unreadable` as (path, reason) when it is given."""
+    Symlinks are followed, each folder walked once (a link loop ends where it comes back);
+    a file is found once under its resolved path however many links lead to it. Folders that
+    cannot be listed are appended to `unreadable` as (path, reason) when it is given."""
 
     def note(error: OSError) -> None:
         if unreadable is not None:
             unreadable.append((Path(error.filename), error.strerror or str(error)))
 
     found: dict[Path, None] = {}
+    visited: set[tuple[int, int]] = set()  # folders by (device, inode): each is walked once
     for root in roots:
         root = Path(root)
         if root.is_dir():
-            for folder, _, files in sorted(os.walk(root, followlinks=False, onerror=note)):
+            for folder, subfolders, files in os.walk(root, followlinks=True, onerror=note):
+                try:
+                    info = os.stat(folder)
+                except OSError as error:
+                    note(error)
+                    subfolders[:] = []
+                    continue
+                if (info.st_dev, info.st_ino) in visited:  # a link back up, or to a folder seen already
+                    subfolders[:] = []
+                    continue
+                visited.add((info.st_dev, info.st_ino))
+                subfolders.sort()
                 for name in sorted(files):
                     path = Path(folder) / name
                     if path.suffix.lower() in IMAGE_SUFFIXES:

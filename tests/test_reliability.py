@@ -347,3 +347,20 @@ def test_readers_see_consistent_snapshots_while_one_writer_indexes(tmp_path, ran
         answers += [json.loads(line) for line in out.splitlines()]
     assert len(answers) >= 4 and all(answer["ok"] for answer in answers), answers
     assert len(snapshot(db)) == 24
+
+
+def test_folder_symlinks_are_followed_once(tmp_path, photos):
+    from btsearch.images import find_images
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(photos[0], root / "a" / "one.jpg")
+    shutil.copy(photos[1], elsewhere / "two.jpg")
+    os.symlink(elsewhere, root / "linked")  # a folder outside, reached by a link
+    os.symlink(root, root / "a" / "loop")  # a link back up: must not loop
+    os.symlink(elsewhere, root / "again")  # a second link to the same folder
+    found = find_images([root])
+    assert sorted(p.name for p in found) == ["one.jpg", "two.jpg"]
+    assert len(found) == len(set(found))
