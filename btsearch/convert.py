@@ -34,27 +34,30 @@ from .errors import BtsearchError
 ITC_IMAGE_INPUT_KEY = "itc_image_head_input"  # config attribute: "ln_post" (original) or "transformed" (transformers)
 FAMILIES = ("auto", "bridgetower", "managertower")
 
+
+def _clip_visual_keys(prefix: str) -> list[tuple[str, str]]:
+    """The original CLIP ViT keys under `vit_model.visual`, renamed into transformers' vision model at `prefix`."""
+    visual = prefix + "vision_model.visual."
+    return [
+        (r"vit_model\.visual\.conv1\.weight", visual + "embeddings.patch_embedding.weight"),
+        (r"vit_model\.visual\.class_embedding", visual + "embeddings.class_embedding"),
+        (r"vit_model\.visual\.positional_embedding", visual + "embeddings.position_embedding.weight"),
+        (r"vit_model\.visual\.((?:ln_pre|ln_post|ln_separate|transformer)\..+)", visual + r"\1"),
+    ]
+
+
 # original key (regex) -> transformers key (template)
 _BRIDGETOWER_KEYS = [
     (r"text_transformer\.(.+)", r"bridgetower.text_model.\1"),
-    (r"vit_model\.visual\.conv1\.weight", r"bridgetower.vision_model.visual.embeddings.patch_embedding.weight"),
-    (r"vit_model\.visual\.class_embedding", r"bridgetower.vision_model.visual.embeddings.class_embedding"),
-    (r"vit_model\.visual\.positional_embedding", r"bridgetower.vision_model.visual.embeddings.position_embedding.weight"),
-    (r"vit_model\.visual\.((?:ln_pre|ln_post|ln_separate|transformer)\..+)", r"bridgetower.vision_model.visual.\1"),
+    *_clip_visual_keys("bridgetower."),
     (r"(cross_modal_(?:text|image)_(?:transform|layers|pooler|layernorm|link_tower)\..+)", r"bridgetower.\1"),
     (r"token_type_embeddings\.weight", r"bridgetower.token_type_embeddings.weight"),
     (r"((?:itm_score|itc_text_head|itc_image_head|mlm_score)\..+)", r"\1"),
 ]
 # LooperXX/ManagerTower: the same towers and cross-modal layers, managers instead of link towers.
-_VISUAL_KEYS = [
-    (r"vit_model\.visual\.conv1\.weight", r"vision_model.visual.embeddings.patch_embedding.weight"),
-    (r"vit_model\.visual\.class_embedding", r"vision_model.visual.embeddings.class_embedding"),
-    (r"vit_model\.visual\.positional_embedding", r"vision_model.visual.embeddings.position_embedding.weight"),
-    (r"vit_model\.visual\.((?:ln_pre|ln_post|ln_separate|transformer)\..+)", r"vision_model.visual.\1"),
-]
 _MANAGERTOWER_KEYS = [
     (r"text_transformer\.(.+)", r"text_model.\1"),
-    *_VISUAL_KEYS,
+    *_clip_visual_keys(""),
     (r"(cross_modal_(?:text|image)_(?:transform|layers|pooler|manager_tower)\..+)", r"\1"),
     (r"((?:token_type_embeddings|layer_embeddings_text|layer_embeddings_image)\.weight)", r"\1"),
     (r"cross_modal_itc_(text|image)_head\.(.+)", r"itc_\1_head.\2"),
