@@ -14,7 +14,6 @@ Prints build time, memory, one-query latency and recall@10 against exact search.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import time

@@ -6,7 +6,6 @@ Errors the user can act on print one line on stderr and exit 1; results go to st
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

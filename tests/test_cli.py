@@ -10,15 +10,9 @@ from click.testing import CliRunner
 from btsearch.cli.main import main
 
 from . import reference
+from .helpers import run
 
 QUERY = "a close up of a tabby cat"
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + str(result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

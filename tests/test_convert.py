@@ -23,43 +23,16 @@ from btsearch.encoder import Encoder
 from btsearch.small_checkpoint import build_small_checkpoint
 
 from . import reference
+from .helpers import to_original_layout
 
 CAPTIONS = ["a close up of a tabby cat", "a cup of coffee on a red saucer"]
-
-
-def to_original_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' key names back to microsoft/BridgeTower's (written by hand from its code)."""
-    visual = "bridgetower.vision_model.visual."
-    renames = {
-        visual + "embeddings.patch_embedding.weight": "vit_model.visual.conv1.weight",
-        visual + "embeddings.class_embedding": "vit_model.visual.class_embedding",
-        visual + "embeddings.position_embedding.weight": "vit_model.visual.positional_embedding",
-    }
-    original = {}
-    for key, tensor in hf_state.items():
-        if key in renames:
-            original[renames[key]] = tensor
-        elif key.startswith("bridgetower.text_model."):
-            original["text_transformer." + key.removeprefix("bridgetower.text_model.")] = tensor
-        elif key.startswith(visual):
-            original["vit_model.visual." + key.removeprefix(visual)] = tensor
-        elif key.startswith("bridgetower."):
-            original[key.removeprefix("bridgetower.")] = tensor
-        elif key == "logit_scale":
-            original["temperature"] = torch.exp(-tensor)  # logit_scale = log(1 / temperature)
-        elif key.startswith(("itm_score.", "itc_text_head.", "itc_image_head.")):
-            original[key] = tensor
-    original["vit_model.positional_embedding"] = torch.zeros(77, 512)  # CLIP text-tower leftovers
-    original["vit_model.ln_final.weight"] = torch.ones(512)
-    original["vit_model.ln_final.bias"] = torch.zeros(512)
-    return original
 
 
 @pytest.fixture(scope="module")
 def original_checkpoint(tmp_path_factory):
     """A small trained-like BridgeTower saved as microsoft/BridgeTower saves it; returns (ckpt, hf folder)."""
     hf_folder = build_small_checkpoint(tmp_path_factory.mktemp("hf"), seed=5, train_steps=20)
-    state = to_original_layout(load_file(hf_folder / "model.safetensors"))
+    state = to_original_layout(load_file(hf_folder / "model.safetensors"), body="bridgetower.")
     config = json.loads((hf_folder / "config.json").read_text())
     ckpt = tmp_path_factory.mktemp("orig") / "bridgetower_irtr.ckpt"
     torch.save(

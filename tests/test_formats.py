@@ -8,17 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from btsearch.cli.main import main
 from btsearch.collection import Collection
 
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + str(result.exception)
-    return result
+from .helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -17,35 +17,9 @@ from btsearch.model import TowerOutput
 from btsearch.small_checkpoint import small_config
 
 from . import reference
+from .helpers import to_original_layout
 
 CAPTIONS = ["a close up of a tabby cat", "a cup of coffee on a red saucer on a wooden table"]
-
-
-def to_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our key names back to LooperXX/ManagerTower's (written by hand from its code)."""
-    visual = "vision_model.visual."
-    renames = {
-        visual + "embeddings.patch_embedding.weight": "vit_model.visual.conv1.weight",
-        visual + "embeddings.class_embedding": "vit_model.visual.class_embedding",
-        visual + "embeddings.position_embedding.weight": "vit_model.visual.positional_embedding",
-    }
-    original = {}
-    for key, tensor in state.items():
-        if key in renames:
-            original[renames[key]] = tensor
-        elif key.startswith("text_model."):
-            original["text_transformer." + key.removeprefix("text_model.")] = tensor
-        elif key.startswith(visual):
-            original["vit_model.visual." + key.removeprefix(visual)] = tensor
-        elif key.startswith(("itc_text_head.", "itc_image_head.")):
-            original["cross_modal_" + key.replace("itc_", "itc_", 1)] = tensor
-        elif key == "logit_scale":
-            original["temperature"] = torch.exp(-tensor)
-        else:
-            original[key] = tensor
-    original["mlm_score.decoder.weight"] = torch.zeros(8, 4)  # a pre-training head retrieval does not use
-    original["vit_model.ln_final.weight"] = torch.ones(512)  # CLIP text-tower leftovers
-    return original
 
 
 @pytest.fixture(scope="module", params=["AAUE", "SAUE"])
@@ -64,7 +38,9 @@ def converted(request, random_checkpoint, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("mt") / "managertower.ckpt"
     state = {key: value for key, value in model.state_dict().items() if not key.endswith("position_ids")}
     hparams = {"config": {"image_size": config.vision_config.image_size, "num_heads": 2, "max_text_len": 24, "model_type": "MT"}}
-    torch.save({"state_dict": to_original_layout(state), "hyper_parameters": hparams}, ckpt)
+    original = to_original_layout(state, itc_prefix="cross_modal_")
+    original["mlm_score.decoder.weight"] = torch.zeros(8, 4)  # a pre-training head retrieval does not use
+    torch.save({"state_dict": original, "hyper_parameters": hparams}, ckpt)
     out = tmp_path_factory.mktemp("mt-converted") / "model"
     result = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--tokenizer", str(random_checkpoint)])
     assert result.exit_code == 0, result.output

@@ -3,7 +3,6 @@
 Every fault injected and bad input tried here is listed in the README's reliability table.
 """
 
-import io
 import json
 import os
 import random
@@ -24,14 +23,9 @@ from btsearch.cli.main import main
 from btsearch.collection import Collection
 from btsearch.indexers.write_lock import WriteLock
 
+from .helpers import run
+
 QUERY = "a close up of a tabby cat"
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + str(result.exception)
-    return result
 
 
 def counts(output: str) -> str:

@@ -1,0 +1,48 @@
+"""Helpers shared by the test modules: the CLI runner, and the papers' original checkpoint layout."""
+
+import torch
+from click.testing import CliRunner
+
+from btsearch.cli.main import main
+
+
+def run(*args, ok=True):
+    """`btsearch ARGS` in-process; with `ok`, it must exit 0."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def to_original_layout(state: dict[str, torch.Tensor], body: str = "", itc_prefix: str = "") -> dict[str, torch.Tensor]:
+    """Our key names back to the authors' (written by hand from microsoft/BridgeTower's and
+    LooperXX/ManagerTower's code): the body under `body` in ours ("bridgetower." for
+    transformers' layout) has no prefix there, CLIP's ViT sits under `vit_model.visual`, the ITC
+    heads gain `itc_prefix` ("cross_modal_" in ManagerTower), and `logit_scale` is a temperature.
+    CLIP's unused text-tower leftovers are added, as the original code saves them."""
+    visual = body + "vision_model.visual."
+    renames = {
+        visual + "embeddings.patch_embedding.weight": "vit_model.visual.conv1.weight",
+        visual + "embeddings.class_embedding": "vit_model.visual.class_embedding",
+        visual + "embeddings.position_embedding.weight": "vit_model.visual.positional_embedding",
+    }
+    original = {}
+    for key, tensor in state.items():
+        if key in renames:
+            original[renames[key]] = tensor
+        elif key.startswith(body + "text_model."):
+            original["text_transformer." + key.removeprefix(body + "text_model.")] = tensor
+        elif key.startswith(visual):
+            original["vit_model.visual." + key.removeprefix(visual)] = tensor
+        elif key == "logit_scale":
+            original["temperature"] = torch.exp(-tensor)  # logit_scale = log(1 / temperature)
+        elif key.startswith(("itc_text_head.", "itc_image_head.")):
+            original[itc_prefix + key] = tensor
+        elif key.startswith("itm_score."):
+            original[key] = tensor
+        elif key.startswith(body):  # the rest of the body (transformers' itc_cross_modal_head has no original)
+            original[key.removeprefix(body)] = tensor
+    original["vit_model.positional_embedding"] = torch.zeros(77, 512)
+    original["vit_model.ln_final.weight"] = torch.ones(512)
+    original["vit_model.ln_final.bias"] = torch.zeros(512)
+    return original
