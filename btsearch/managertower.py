@@ -36,7 +36,16 @@ from transformers.models.bridgetower.modeling_bridgetower import (
     BridgeTowerVisionModel,
 )
 
-from .model import DEFAULT_CONTRASTIVE_SIZE, IMAGE_TOKEN_TYPE, TEXT_TOKEN_TYPE, TowerOutput, _cross_layer_first_token, _run_head
+from .model import (
+    DEFAULT_CONTRASTIVE_SIZE,
+    IMAGE_TOKEN_TYPE,
+    TEXT_TOKEN_TYPE,
+    RetrievalHeads,
+    TowerOutput,
+    _cross_layer_first_token,
+    _run_head,
+    token_type_embedding,
+)
 
 FAMILY = "managertower"
 MANAGER_TYPES = ("SAUE", "AAUE")
@@ -132,7 +141,7 @@ def managertower_config(base: BridgeTowerConfig, manager_type: str = "AAUE", man
     return base
 
 
-class ManagerTowerRetrievalModel(BridgeTowerPreTrainedModel):
+class ManagerTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
     """ManagerTower's towers, managers, cross-modal layers, ITC heads and ITM head."""
 
     base_model_prefix = "managertower"
@@ -167,20 +176,7 @@ class ManagerTowerRetrievalModel(BridgeTowerPreTrainedModel):
     def num_bridge_layers(self) -> int:
         return self.config.managed_layers
 
-    @property
-    def embed_dim(self) -> int:
-        return self.config.contrastive_hidden_size
-
-    def keep_heads_in_float32(self) -> "ManagerTowerRetrievalModel":
-        for head in (self.itc_text_head, self.itc_image_head, self.itm_score):
-            head.float()
-        return self
-
     # -- towers ---------------------------------------------------------------------------------
-
-    def _embed_type(self, token_type: int, like: torch.Tensor) -> torch.Tensor:
-        ids = torch.full((1,), token_type, dtype=torch.long, device=like.device)
-        return self.token_type_embeddings(ids).to(like.dtype)
 
     def _text_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         return create_bidirectional_mask(config=self.config.text_config, inputs_embeds=hidden[:, 0:1, :], attention_mask=attention_mask)
@@ -190,7 +186,7 @@ class ManagerTowerRetrievalModel(BridgeTowerPreTrainedModel):
         first = layer_embeddings.num_embeddings - len(layers)
         rows = layer_embeddings.weight[first:].to(layers[0].dtype)
         return torch.stack(
-            [transform(layer) + self._embed_type(token_type, layer) + rows[r] for r, layer in enumerate(layers)], dim=1
+            [transform(layer) + token_type_embedding(self.token_type_embeddings, token_type, layer) + rows[r] for r, layer in enumerate(layers)], dim=1
         )
 
     @torch.inference_mode()

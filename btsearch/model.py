@@ -46,7 +46,23 @@ class TowerOutput:
     mask: torch.Tensor | None = None  # (B, S) text attention mask; None for images (never padded)
 
 
-class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
+class RetrievalHeads:
+    """What every retrieval model family shares about its heads (`itc_text_head`,
+    `itc_image_head`, `itm_score`): the ITC width, and keeping them in float32."""
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.contrastive_hidden_size
+
+    def keep_heads_in_float32(self):
+        """After a cast to half precision: the ITC and ITM heads (a few linear layers, no cost)
+        go back to float32, so scores are not rounded to half precision's 8 or 11 bits."""
+        for head in (self.itc_text_head, self.itc_image_head, self.itm_score):
+            head.float()
+        return self
+
+
+class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
     """The BridgeTower body with the ITC heads and the ITM head, loaded from one state dict.
 
     Parameter names equal those of transformers' task models (`bridgetower.*`, `itc_text_head`,
@@ -84,15 +100,10 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
         """
         return len(self.bridgetower.text_model.encoder.layer) - self.num_bridge_layers
 
-    @property
-    def embed_dim(self) -> int:
-        return self.config.contrastive_hidden_size
-
     # -- towers -------------------------------------------------------------------------------
 
     def _token_type(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        ids = torch.full((1,), index, dtype=torch.long, device=like.device)
-        return self.bridgetower.token_type_embeddings(ids).to(like.dtype)
+        return token_type_embedding(self.bridgetower.token_type_embeddings, index, like)
 
     def _text_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         # The reference builds its text mask from a one-token query slice; do the same.
@@ -181,12 +192,11 @@ class BridgeTowerRetrievalModel(BridgeTowerPreTrainedModel):
         pooled = bt.get_cls_features(text_out, image_out)
         return _run_head(self.itm_score, pooled)[:, 1]
 
-    def keep_heads_in_float32(self) -> "BridgeTowerRetrievalModel":
-        """After a cast to half precision: the ITC and ITM heads (a few linear layers, no cost)
-        go back to float32, so scores are not rounded to half precision's 8 or 11 bits."""
-        for head in (self.itc_text_head, self.itc_image_head, self.itm_score):
-            head.float()
-        return self
+
+def token_type_embedding(embeddings: nn.Embedding, index: int, like: torch.Tensor) -> torch.Tensor:
+    """Row `index` of a token-type table, on `like`'s device and in its dtype, shape (1, H)."""
+    ids = torch.full((1,), index, dtype=torch.long, device=like.device)
+    return embeddings(ids).to(like.dtype)
 
 
 def _run_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
