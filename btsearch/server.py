@@ -23,6 +23,7 @@ from PIL import UnidentifiedImageError
 from .collection import Collection, SearchResult
 from .encoder import Encoder
 from .errors import BtsearchError
+from .indexers import MetadataStore
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 
 THUMBNAIL_SIZES = (128, 256, 512)
@@ -32,22 +33,19 @@ MAX_UPLOAD_BYTES = 50 * 2**20
 class _Service:
     """The collection snapshot, the model, and the figures /api/metrics reports."""
 
-    def __init__(self, path: Path, encoder: Encoder):
-        self.path = path
-        self.encoder = encoder
+    def __init__(self, collection: Collection):
+        self.path = collection.path
+        self.encoder = collection.encoder
         self.lock = threading.Lock()
         self.requests = 0
         self.errors = 0
         self.latencies: deque[float] = deque(maxlen=1000)
-        self._collection: Collection | None = None
-        self._versions: tuple | None = None
+        self._collection = collection
 
     def collection(self) -> Collection:
         """The latest committed snapshot, reopened only when a writer has committed since."""
-        versions = _table_versions(self.path)
-        if self._collection is None or versions != self._versions:
+        if MetadataStore.latest_versions(self.path) != self._collection.store.versions():
             self._collection = Collection.open(self.path, encoder=self.encoder, read_only=True)
-            self._versions = versions
         return self._collection
 
     def search(self, **kwargs) -> SearchResult:
@@ -61,13 +59,6 @@ class _Service:
                 raise HTTPException(status_code=400, detail=str(error)) from None
             finally:
                 self.latencies.append(1000 * (time.perf_counter() - started))
-
-
-def _table_versions(path: Path) -> tuple:
-    import lancedb
-
-    db = lancedb.connect(path)
-    return tuple(db.open_table(name).version for name in ("images", "texts"))
 
 
 def _hits_json(result: SearchResult) -> dict:
@@ -84,8 +75,7 @@ def _hits_json(result: SearchResult) -> dict:
 
 def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto") -> FastAPI:
     path = Path(path)
-    collection = Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True)
-    service = _Service(path, collection.encoder)
+    service = _Service(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True))
     app = FastAPI(title="btsearch", description="Search images with text and texts with images (BridgeTower).", version="0.1.0")
 
     def image_row(image_id: int) -> dict:

@@ -248,6 +248,16 @@ class MetadataStore:
         """All ids of `table`, sorted."""
         return np.sort(self._tables[table].search().select(["id"]).to_arrow()["id"].to_numpy())
 
+    def versions(self) -> tuple[int, ...]:
+        """The table versions this store reads (for a read-only store, its snapshot's)."""
+        return tuple(self._tables[name].version for name in _SCHEMAS)
+
+    @staticmethod
+    def latest_versions(folder: str | os.PathLike[str]) -> tuple[int, ...]:
+        """The newest committed table versions in `folder`: a snapshot older than these is stale."""
+        db = lancedb.connect(Path(folder))
+        return tuple(db.open_table(name).version for name in _SCHEMAS)
+
     def count_rows(self, table: TableName) -> int:
         return self._tables[table].count_rows()
 
