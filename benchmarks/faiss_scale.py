@@ -21,15 +21,10 @@ import time
 import faiss
 import numpy as np
 
+from btsearch.cli.main import parse_size
 from btsearch.indexers.vector_index import VectorIndex, exact_search, plan_index
 
 BATCH = 65_536
-
-
-def parse_bytes(text: str) -> int:
-    units = {"": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
-    number = text.rstrip("kKmMgGiIbB")
-    return int(float(number) * units[text[len(number):].lower()])
 
 
 class Embeddings:
@@ -87,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--memory-budget", type=parse_bytes, default=None, help="e.g. 256MiB: forces PQ codes")
+    parser.add_argument("--memory-budget", type=parse_size, default=None, help="e.g. 256MiB: forces PQ codes")
     parser.add_argument("--queries", type=int, default=500)
     args = parser.parse_args()
 

@@ -83,24 +83,34 @@ def device_option(command):
     )(command)
 
 
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from a size such as 512MiB, 2GiB, 1.5G or 1000000; ValueError if it is none."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _SIZE_UNITS else (text, "")
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"{value!r} is not a size such as 512MiB or 2GiB") from None
+    if size <= 0:
+        raise ValueError(f"{value!r} is not a positive size")
+    return size
+
+
 class ByteSize(click.ParamType):
     """A size in bytes: 512MiB, 2GiB, 1.5G, 1000000."""
 
     name = "size"
-    _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
-        number, unit = (text[:-1], text[-1]) if text and text[-1] in self._UNITS else (text, "")
         try:
-            size = int(float(number) * self._UNITS[unit])
-        except ValueError:
-            self.fail(f"{value!r} is not a size such as 512MiB or 2GiB", param, ctx)
-        if size <= 0:
-            self.fail(f"{value!r} is not a positive size", param, ctx)
-        return size
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 db_option = click.option("--db", required=True, type=click.Path(file_okay=False, path_type=Path), help="The collection folder.")
