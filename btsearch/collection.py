@@ -300,11 +300,12 @@ class Collection:
             wanted = plan_index(len(index), index.dim, self.index_memory // len(TABLES))
         except ValueError as error:
             raise CollectionError(f"{error}: raise --index-memory") from error
-        if needs_rebuild(index.plan, wanted):
-            self._indexes[table] = index = self._build_index(table)
-            if self._use_gpu_index:
-                index.to_gpu()
-        index.save(self._index_path(table))
+        if not needs_rebuild(index.plan, wanted):
+            index.save(self._index_path(table))
+            return
+        self._indexes[table] = index = self._build_index(table)  # which saves it
+        if self._use_gpu_index:
+            index.to_gpu()
 
     # -- adding ----------------------------------------------------------------------------
 
