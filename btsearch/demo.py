@@ -47,7 +47,7 @@ def prepare_demo(workdir: str | Path, model: str, device: str = "auto", precisio
         return Encoder.from_pretrained(model, device=device, precision=precision), None
     fallback = workdir / "small-checkpoint"
     if not (fallback / "model.safetensors").exists():
-        build_small_checkpoint(fallback, train_steps=FALLBACK_TRAIN_STEPS)
+        build_small_checkpoint(fallback, train_steps=FALLBACK_TRAIN_STEPS, max_train_steps=2 * FALLBACK_TRAIN_STEPS)
     note = (
         f"{model} cannot be downloaded here (no connection to {HUB_HOST[0]}, nothing cached). "
         f"Falling back to a SMALL LOCAL CHECKPOINT ({resolve_model_id(str(fallback))}) trained for a few "

@@ -166,6 +166,7 @@ def build_small_checkpoint(
     out_dir: str | Path,
     *,
     train_steps: int = 0,
+    max_train_steps: int | None = None,
     seed: int = 0,
     heads=("itc", "itm"),
     image_size: int = 64,
@@ -176,9 +177,12 @@ def build_small_checkpoint(
     `heads` picks the head weights written: ("itc", "itm") like the hub's
     `bridgetower-large-itm-mlm-itc`, ("itm",) without any `itc_*` key or `logit_scale`,
     () the body alone like `bridgetower-base`. `train_steps` > 0 trains briefly on the sample
-    photos: 150 steps (about 11 s on 2 idle CPU cores) rank each photo first for its own
-    captions. The result depends only on `seed` and the arguments (for a given torch thread
-    count). `config_overrides` go to `small_config`.
+    photos: 150 steps (about 11 s on 2 idle CPU cores) usually rank each photo first for its
+    own captions. With `max_train_steps`, training goes on in rounds of a third of
+    `train_steps` until they do (by ITC and ITM, both ways) or that budget is spent: tests
+    that assert rankings stay meaningful when a new torch or transformers version shifts the
+    random initialisation. The result depends only on `seed` and the arguments (for a given
+    torch thread count). `config_overrides` go to `small_config`.
     """
     unknown_heads = set(heads) - {"itc", "itm"}
     if unknown_heads:
@@ -199,7 +203,12 @@ def build_small_checkpoint(
     # One body under both heads, as in the hub checkpoint that holds them side by side.
     itm_model.bridgetower = itc_model.bridgetower
     if train_steps > 0:
-        train_on_sample_photos(itc_model, itm_model, processor, train_steps)
+        batch = sample_batch(processor)
+        train_on_sample_photos(itc_model, itm_model, batch, train_steps)
+        trained, extra = train_steps, max(1, train_steps // 3)
+        while max_train_steps is not None and trained + extra <= max_train_steps and sample_ranking_misses(itc_model, itm_model, batch):
+            train_on_sample_photos(itc_model, itm_model, batch, extra)
+            trained += extra
 
     state = {f"bridgetower.{key}": value for key, value in itc_model.bridgetower.state_dict().items()}
     if "itc" in heads:
@@ -229,7 +238,36 @@ def sample_batch(processor: BridgeTowerProcessor):
     return pixel_values, texts, owners
 
 
-def train_on_sample_photos(itc_model, itm_model, processor, steps: int, lr: float = 1e-3) -> None:
+@torch.no_grad()
+def sample_ranking_misses(itc_model, itm_model, batch) -> int:
+    """How many of the sample's rankings put a wrong item first.
+
+    Counted over every caption (is its own photo first?) and every photo (is one of its own
+    captions first?), by ITC cosine and by ITM logit alike: 0 means the checkpoint ranks the
+    sample perfectly.
+    """
+    pixel_values, texts, owners = batch
+    num_photos, num_captions = len(pixel_values), len(owners)
+    itc = itc_model(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"], pixel_values=pixel_values[owners])
+    # Each photo's embedding from its first caption's row (the image tower ignores the text).
+    first_rows = torch.stack([torch.nonzero(owners == photo)[0, 0] for photo in range(num_photos)])
+    image_embeds = itc.image_embeds[first_rows]
+    itc_scores = itc.text_embeds @ image_embeds.T
+    captions = torch.arange(num_captions).repeat_interleave(num_photos)
+    photos = torch.arange(num_photos).repeat(num_captions)
+    itm_scores = itm_model(
+        input_ids=texts["input_ids"][captions],
+        attention_mask=texts["attention_mask"][captions],
+        pixel_values=pixel_values[photos],
+    ).logits[:, 1].view(num_captions, num_photos)
+    misses = 0
+    for scores in (itc_scores, itm_scores):
+        misses += int((scores.argmax(dim=1) != owners).sum())
+        misses += int((owners[scores.argmax(dim=0)] != torch.arange(num_photos)).sum())
+    return misses
+
+
+def train_on_sample_photos(itc_model, itm_model, batch, steps: int, lr: float = 1e-3) -> None:
     """Train the shared body and both heads with the ITC loss plus an ITM loss.
 
     Each step draws one caption per photo. ITC: the contrastive model's own loss over the
@@ -237,7 +275,7 @@ def train_on_sample_photos(itc_model, itm_model, processor, steps: int, lr: floa
     caption and, for every caption, another photo (label 0): the second kind of negative is
     the one text-to-image ranking needs. Randomness comes from torch's global generator.
     """
-    pixel_values, texts, owners = sample_batch(processor)
+    pixel_values, texts, owners = batch
     num_photos = len(pixel_values)
     photos = torch.arange(num_photos)
     captions_of = [torch.nonzero(owners == photo).flatten() for photo in photos]

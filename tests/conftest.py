@@ -30,7 +30,9 @@ def random_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """Briefly trained on the sample photos, so that rankings mean something."""
-    return build_small_checkpoint(tmp_path_factory.mktemp("trained-ckpt"), train_steps=TRAIN_STEPS, seed=0)
+    return build_small_checkpoint(
+        tmp_path_factory.mktemp("trained-ckpt"), train_steps=TRAIN_STEPS, max_train_steps=2 * TRAIN_STEPS, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
