@@ -449,7 +449,14 @@ class Collection:
         """Hold the collection's write lock: one writer at a time, whatever the process."""
         if self.store.read_only:
             raise CollectionError(f"{self.path} was opened read-only")
+        outermost = not self._lock.held
         with _locked(self.path, self._lock):
+            if outermost and self.store.refresh():
+                # Another writer committed between our open and our lock: plan from its work,
+                # with the FAISS index and re-rank cache it saved.
+                self._indexes.clear()
+                if BridgeCache.exists(self.path / RERANK_CACHE_DIR):
+                    self.rerank_cache = BridgeCache(self.path / RERANK_CACHE_DIR)
             yield
 
     def add_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:

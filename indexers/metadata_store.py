@@ -248,6 +248,24 @@ class MetadataStore:
         """All ids of `table`, sorted."""
         return np.sort(self._tables[table].search().select(["id"]).to_arrow()["id"].to_numpy())
 
+    def refresh(self) -> bool:
+        """Move a writable store to the tables' newest versions; True if another process had
+        committed since this store last looked.
+
+        LanceDB does not look for other processes' commits on its own (no read consistency
+        interval), so a writer calls this once it holds the write lock: planning from an older
+        version would index again what the previous writer just added."""
+        if self.read_only:
+            raise ValueError("a read-only store is a snapshot: open the collection again to see newer commits")
+        before = self.versions()
+        for table in self._tables.values():
+            table.checkout_latest()
+        if self.versions() == before:
+            return False
+        self._next_ids.clear()
+        self._row_columns = {name: [c for c in table.schema.names if c != "embedding"] for name, table in self._tables.items()}
+        return True
+
     def versions(self) -> tuple[int, ...]:
         """The table versions this store reads (for a read-only store, its snapshot's)."""
         return tuple(self._tables[name].version for name in _SCHEMAS)

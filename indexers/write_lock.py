@@ -35,6 +35,10 @@ class WriteLock:
         self._fd: int | None = None
         self._depth = 0
 
+    @property
+    def held(self) -> bool:
+        return self._depth > 0
+
     def __enter__(self) -> WriteLock:
         if self._depth == 0:
             self._acquire()

@@ -21,6 +21,7 @@ from PIL import Image
 
 from btsearch.cli.main import main
 from btsearch.collection import Collection
+from btsearch.encoder import Encoder
 from btsearch.indexers.write_lock import WriteLock
 
 from .helpers import run
@@ -228,6 +229,22 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_free(tmp_path, ra
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert counts(run("index", photos[1], "--db", db).output).startswith("1 new")
+
+
+def test_a_writer_opened_before_another_commits_plans_from_that_work(tmp_path, random_checkpoint, photos):
+    # Both opened before either writes, as two `index` runs that start together: the one that
+    # gets the lock second must see the first one's rows, FAISS index and re-rank cache.
+    db = tmp_path / "db"
+    run("index", photos[0], "--db", db, "--model", random_checkpoint)
+    encoder = Encoder.from_pretrained(str(random_checkpoint))
+    first, second = Collection.open(db, encoder=encoder), Collection.open(db, encoder=encoder)
+    assert first.add_images([photos[0].parent], rerank_cache=True).added == len(photos) - 1
+    report = second.add_images([photos[0].parent])
+    assert (report.added, report.unchanged) == (0, len(photos))
+    assert second.store.count_images() == len(second.store.image_files()) == len(photos)
+    assert sorted(second.index("images").ids()) == sorted(second.store.ids("images"))
+    assert second.rerank_cache is not None and len(second.rerank_cache) == len(photos) - 1
+    assert len(snapshot(db)) == len(photos)
 
 
 # -- crashes, for real ----------------------------------------------------------------------------
