@@ -179,7 +179,7 @@ WEB_PAGE = """<!doctype html>
  #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:.8rem}
  figure{margin:0} figure img{width:100%;height:160px;object-fit:cover;cursor:pointer;border-radius:4px}
  figcaption,.score{font-size:.8rem;color:#555;word-break:break-all} ol#texts li{margin:.3rem 0}
- #status{color:#a00;min-height:1.2em} dialog img{max-width:90vw;max-height:80vh}
+ #status{color:#555;min-height:1.2em} #status.error{color:#a00} dialog img{max-width:90vw;max-height:80vh}
 </style></head><body>
 <h1>btsearch</h1>
 <form id="search"><input type="text" id="q" placeholder="Describe a picture..." autofocus>
@@ -191,7 +191,7 @@ WEB_PAGE = """<!doctype html>
 const $ = (id) => document.getElementById(id);
 function fmt(x) { return x === null ? "-" : x.toFixed(3); }
 function show(data) {
-  $("status").textContent = data.notes.join("; ");
+  $("status").className = ""; $("status").textContent = data.notes.join("; ");
   $("grid").innerHTML = ""; $("texts").innerHTML = "";
   for (const hit of data.hits) {
     if (data.target === "images") {
@@ -209,10 +209,14 @@ function show(data) {
   }
 }
 async function call(url, options) {
-  $("status").textContent = "searching...";
+  $("status").className = ""; $("status").textContent = "searching...";
   const response = await fetch(url, options);
   const data = await response.json();
-  if (!response.ok) { $("status").textContent = data.detail; return; }
+  if (!response.ok) {
+    // 4xx from btsearch carry one line; FastAPI's validation errors carry a list.
+    const detail = Array.isArray(data.detail) ? data.detail.map((e) => `${e.loc.at(-1)}: ${e.msg}`).join("; ") : data.detail;
+    $("status").className = "error"; $("status").textContent = detail; return;
+  }
   show(data);
 }
 $("search").onsubmit = (event) => {

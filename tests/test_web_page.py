@@ -1,0 +1,162 @@
+"""The web page of `btsearch serve`, end to end in headless Chromium driven by Playwright.
+
+The real server (uvicorn on a free port) serves the trained test checkpoint's collection of
+sample photos; the browser types a query, uploads an image through the file input and by drag
+and drop, and opens a hit. Chromium is Debian's (`/usr/bin/chromium`, installed by `.ci/run`):
+without it these tests skip, unless BTSEARCH_REQUIRE_BROWSER=1 (as CI sets) makes that a failure.
+"""
+
+import base64
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from btsearch.cli.main import main
+from btsearch.encoder import Encoder
+from btsearch.server import create_app
+
+CHROMIUM = os.environ.get("BTSEARCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium's background services would try a network this machine does not have.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000  # a search on 2 busy cores with the model on CPU takes seconds, not minutes
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    if not os.path.isfile(CHROMIUM):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+missing = _browser_missing()
+if missing and os.environ.get("BTSEARCH_REQUIRE_BROWSER") == "1":
+    raise RuntimeError(f"BTSEARCH_REQUIRE_BROWSER=1 but {missing}")
+pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, trained_checkpoint, photos, photo_captions):
+    import uvicorn
+
+    db = tmp_path_factory.mktemp("web") / "db"
+    runner = CliRunner()
+    assert runner.invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32", "--quiet"]).exit_code == 0
+    captions = tmp_path_factory.mktemp("web-texts") / "captions.txt"
+    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
+    assert runner.invoke(main, ["add-texts", str(captions), "--db", str(db), "--precision", "fp32", "--quiet"]).exit_code == 0
+
+    app = create_app(db, encoder=Encoder.from_pretrained(str(trained_checkpoint), precision="fp32"))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server_url):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server_url)
+    yield page
+    context.close()
+    assert not errors, f"the page raised: {errors}"
+
+
+def test_typing_a_query_shows_the_expected_photo_first_and_opens_it(page, photos):
+    page.fill("#q", "a close up of a tabby cat")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#grid figure.hit")
+    captions = page.locator("#grid figure.hit figcaption").all_inner_texts()
+    assert len(captions) == len(photos)  # k=24 on an 11-photo collection shows every photo
+    assert captions[0].startswith("#1 itm ") and captions[0].endswith("chelsea.jpg"), captions[0]
+    # Both scores are shown, the re-ranked ones with an ITM logit.
+    assert " itc " in captions[0] and "itm -" not in captions[0]
+    thumbnail = page.locator("#grid figure.hit img").first
+    thumbnail.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle())
+
+    thumbnail.click()
+    page.wait_for_selector("#viewer[open]")
+    assert page.inner_text("#fullpath").endswith("chelsea.jpg")
+    page.wait_for_function("() => document.getElementById('full').naturalWidth > 0")
+
+
+def test_uploading_an_image_lists_its_captions(page, photos, photo_captions):
+    chelsea = next(p for p in photos if p.name == "chelsea.jpg")
+    page.set_input_files("#file", str(chelsea))
+    page.wait_for_selector("#texts li.hit")
+    first = page.locator("#texts li.hit").first.inner_text()
+    assert any(first.startswith(caption) for caption in photo_captions["chelsea"]), first
+    assert page.locator("#grid figure").count() == 0
+
+
+def test_dropping_an_image_lists_its_captions(page, photos, photo_captions):
+    astronaut = next(p for p in photos if p.name == "astronaut.jpg")
+    payload = base64.b64encode(astronaut.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """(payload) => {
+            const bytes = Uint8Array.from(atob(payload), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+            return transfer;
+        }""",
+        payload,
+    )
+    page.dispatch_event("#drop", "dragover", {"dataTransfer": transfer})
+    assert "over" in page.get_attribute("#drop", "class")
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#texts li.hit")
+    first = page.locator("#texts li.hit").first.inner_text()
+    assert any(first.startswith(caption) for caption in photo_captions["astronaut"]), first
+
+
+def test_a_file_that_is_not_an_image_gets_the_servers_reason(page, tmp_path):
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("these are not pixels")
+    page.set_input_files("#file", str(notes))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('cannot read image')")
+    assert page.locator("#texts li").count() == 0 and page.locator("#grid figure").count() == 0
+    assert page.get_attribute("#status", "class") == "error"
+
