@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
     BridgeTowerConfig,
     BridgeTowerForContrastiveLearning,
@@ -80,8 +79,11 @@ def reference_dtype_for(device: torch.device) -> torch.dtype:
 
 
 def write_photos(folder: Path, count: int) -> list[Path]:
-    """JPEGs of Flickr-like size (500 px long side) cut from the sample photos."""
-    sources = [load_rgb(p) for p in write_sample_photos(folder / "sources")]
+    """`count` JPEGs of Flickr-like size (500 px long side) cut from the sample photos, alone
+    in `folder` (the sources go elsewhere: indexing `folder` must see exactly `count` files)."""
+    with tempfile.TemporaryDirectory() as sources_folder:
+        sources = [load_rgb(p) for p in write_sample_photos(sources_folder)]
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
     for n in range(count):
@@ -143,7 +145,9 @@ def main() -> None:
 
         # Indexing: files on disk to stored embeddings.
         def ours_index():
-            Collection.create(work / f"db-{time.perf_counter_ns()}", encoder=encoder).add_images([work / "photos"], batch_size=args.batch_size)
+            db = Collection.create(work / f"db-{time.perf_counter_ns()}", encoder=encoder)
+            report = db.add_images([work / "photos"], batch_size=args.batch_size)
+            assert report.added == len(photos), f"indexed {report.added} files, not the {len(photos)} timed"
 
         def reference_index():
             for batch in batches:
