@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from .indexers.atomic import atomic_write
 from .indexers.metadata_store import MetadataStore
@@ -28,7 +29,9 @@ _LAYOUT = {  # table -> (embedding folder, metadata folder, {our column: their c
 }
 
 
-def export_collection(store: MetadataStore, out_dir: str | os.PathLike, shard_rows: int = SHARD_ROWS) -> dict[str, int]:
+def export_collection(
+    store: MetadataStore, out_dir: str | os.PathLike, shard_rows: int = SHARD_ROWS, progress: bool = False
+) -> dict[str, int]:
     """Write both tables under `out_dir`; returns the rows written per table."""
     out_dir = Path(out_dir)
     written = {}
@@ -36,9 +39,11 @@ def export_collection(store: MetadataStore, out_dir: str | os.PathLike, shard_ro
         (out_dir / emb_folder).mkdir(parents=True, exist_ok=True)
         (out_dir / meta_folder).mkdir(parents=True, exist_ok=True)
         shard, pending, count = 0, [], 0
+        bar = tqdm(total=store.count_rows(table), desc=f"exporting {table}", unit="row", disable=not progress, dynamic_ncols=True)
         for batch in store.iter_batches(table):
             pending.append(batch)
             count += batch.num_rows
+            bar.update(batch.num_rows)
             while sum(b.num_rows for b in pending) >= shard_rows:
                 rows = pa.Table.from_batches(pending)
                 _write_shard(out_dir, emb_folder, meta_folder, shard, rows.slice(0, shard_rows), columns, store.dim)
@@ -46,6 +51,7 @@ def export_collection(store: MetadataStore, out_dir: str | os.PathLike, shard_ro
         if pending or shard == 0:
             rows = pa.Table.from_batches(pending) if pending else None
             _write_shard(out_dir, emb_folder, meta_folder, shard, rows, columns, store.dim)
+        bar.close()
         written[table] = count
     return written
 

@@ -62,6 +62,10 @@ def _say(message: str) -> None:
         click.echo(message, err=True)
 
 
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object on stdout, for scripts.")
+
+
 model_option = click.option(
     "--model",
     default=None,
@@ -147,9 +151,10 @@ def main():
     help="Skip images with more pixels than this (decompression bombs), before decoding them.",
 )
 @click.option("--captions", "with_captions", is_flag=True, help="Also add the captions that come with the images (webdataset .txt/.json members, a parquet caption column) as texts.")
+@json_option("the summary (counts, skipped files with reasons, seconds)")
 @device_option
 @quiet_option
-def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, with_captions, device, precision):
+def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, with_captions, as_json, device, precision):
     """Sync the collection with the images under PATHS: folders (recursively), image files,
     webdataset .tar shards, or parquet files with a path or image-bytes column.
 
@@ -168,31 +173,45 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         inputs.roots, batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels,
     )
-    _print_index_report(report, collection)
-    if with_captions and inputs.captions:
+    summary = _index_summary(report, collection, as_json)
+    if with_captions:
         known = {row["text"] for row in collection.store.get_texts(collection.store.ids("texts"))}
         new_captions = list(dict.fromkeys(c for c in inputs.captions if c not in known))
-        collection.add_texts(new_captions, progress=_progress())
-        click.echo(f"added {len(new_captions)} captions as texts ({len(inputs.captions) - len(new_captions)} already there)")
+        if new_captions:
+            collection.add_texts(new_captions, progress=_progress())
+        summary["captions"] = {"added": len(new_captions), "already_there": len(inputs.captions) - len(new_captions)}
+        if not as_json:
+            click.echo(f"added {len(new_captions)} captions as texts ({len(inputs.captions) - len(new_captions)} already there)")
+    if as_json:
+        click.echo(json.dumps(summary))
 
 
-def _print_index_report(report: IndexReport, collection: Collection) -> None:
+def _index_summary(report: IndexReport, collection: Collection, as_json: bool) -> dict:
+    """Skipped files on stderr; the one-line summary on stdout unless `as_json` (then the
+    caller prints the returned summary, with whatever it adds)."""
     for skipped in report.skipped:
         _say(f"skipped {skipped.path}: {skipped.reason}")
-    click.echo(
-        f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
-        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; "
-        f"{collection.store.count_images()} images in {collection.path}"
-    )
+    summary = {
+        "added": report.added, "updated": report.updated, "removed": report.removed, "unchanged": report.unchanged,
+        "skipped": [{"path": str(item.path), "reason": item.reason} for item in report.skipped],
+        "seconds": round(report.seconds, 3), "images": collection.store.count_images(), "db": str(collection.path),
+    }
+    if not as_json:
+        click.echo(
+            f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
+            f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {summary['images']} images in {collection.path}"
+        )
+    return summary
 
 
 @main.command("add-texts")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @db_option
 @model_option
+@json_option("the summary")
 @device_option
 @quiet_option
-def add_texts(file, db, model, device, precision):
+def add_texts(file, db, model, as_json, device, precision):
     """Add the texts of FILE to the collection, for image-to-text search.
 
     FILE is .txt (one text a line), .jsonl ({"text": ...} a line), or .csv/.parquet with a
@@ -201,7 +220,10 @@ def add_texts(file, db, model, device, precision):
     texts = read_texts_file(file)
     collection = Collection.create(db, model=model, device=device, precision=precision)
     ids = collection.add_texts(texts, progress=_progress())
-    click.echo(f"added {len(ids)} texts; {collection.store.count_texts()} texts in {collection.path}")
+    if as_json:
+        click.echo(json.dumps({"added": len(ids), "texts": collection.store.count_texts(), "db": str(collection.path)}))
+    else:
+        click.echo(f"added {len(ids)} texts; {collection.store.count_texts()} texts in {collection.path}")
 
 
 @main.command()
@@ -211,7 +233,7 @@ def add_texts(file, db, model, device, precision):
 @click.option("-k", "k", default=10, show_default=True, type=int, help="Number of hits to show.")
 @click.option("--candidates", default=128, show_default=True, type=int, help="FAISS candidates re-ranked by ITM.")
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no cross-modal encoder).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("the query and its hits")
 @click.option("--paths", "bare", is_flag=True, help="Print only the hits' paths (or texts), one a line, for piping (| xargs).")
 @click.option(
     "--target", type=click.Choice(["images", "texts"]), default=None,
@@ -271,7 +293,7 @@ def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
     @model_option
     @click.option("--candidates", default=default_k, show_default=True, type=click.IntRange(min=0), help=f"ITC top-k re-ranked by ITM per query (the papers: {default_k}).")
     @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    @json_option("the recall tables, counts and seconds")
     @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Also write a self-contained HTML report into this folder: the table beside published figures, recall@K curves, worst failures.")
     @device_option
@@ -361,7 +383,9 @@ def serve(db, host, port, model, device, precision):
 @main.command()
 @db_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into (created).")
-def export(db, out_dir):
+@json_option("the rows written per table")
+@quiet_option
+def export(db, out_dir, as_json):
     """Write the collection's embeddings as .npy and metadata as parquet, in clip-retrieval's
     layout (img_emb/, metadata/, text_emb/, text_metadata/), which autofaiss reads.
 
@@ -369,8 +393,11 @@ def export(db, out_dir):
     DIR/images.lance and DIR/texts.lance (e.g. `lancedb.connect(DIR).open_table("images").to_pandas()`).
     """
     collection = Collection.open(db, load_model=False, read_only=True)
-    written = export_collection(collection.store, out_dir)
-    click.echo(f"exported {written['images']} images and {written['texts']} texts to {out_dir}")
+    written = export_collection(collection.store, out_dir, progress=_progress())
+    if as_json:
+        click.echo(json.dumps({**written, "out": str(out_dir)}))
+    else:
+        click.echo(f"exported {written['images']} images and {written['texts']} texts to {out_dir}")
 
 
 @main.command()
@@ -405,7 +432,7 @@ def demo(db, model, device, precision):
     collection = Collection.create(db / "collection", encoder=encoder)
     click.echo(f"model: {collection.manifest.model}{' (small local fallback checkpoint)' if note else ''}")
     report = collection.add_images([db / "photos"], progress=_progress())
-    _print_index_report(report, collection)
+    _index_summary(report, collection, as_json=False)
     if collection.store.count_texts() == 0:
         collection.add_texts(DEMO_TEXTS)
     for text in DEMO_QUERIES[:4]:

@@ -141,3 +141,29 @@ def test_quiet_silences_notes_and_skips_but_not_results_or_errors(tmp_path, rand
     assert "truncated" in run("search", "x" * 3000, "--db", db, "--json").stderr  # the next call is loud again
     failed = run("search", "", "--db", db, "--quiet", ok=False)
     assert failed.exit_code == 1 and "empty" in failed.stderr
+
+
+def test_json_summaries_for_scripts(tmp_path, random_checkpoint, photos):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[:3]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    db = tmp_path / "db"
+    result = run("index", folder, "--db", db, "--model", random_checkpoint, "--json", "--quiet")
+    summary = json.loads(result.stdout)  # stdout holds the JSON object alone
+    assert {key: summary[key] for key in ("added", "updated", "removed", "unchanged", "images")} == {
+        "added": 3, "updated": 0, "removed": 0, "unchanged": 0, "images": 3,
+    }
+    assert [Path(item["path"]).name for item in summary["skipped"]] == ["broken.jpg"] and summary["skipped"][0]["reason"]
+    assert Path(summary["db"]).samefile(db)
+    assert result.stderr == ""  # --quiet: no skipped-file lines
+    again = json.loads(run("index", folder, "--db", db, "--json").stdout)
+    assert (again["added"], again["unchanged"]) == (0, 3)
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\ntwo\n")
+    assert json.loads(run("add-texts", texts, "--db", db, "--json").stdout)["texts"] == 2
+    out = tmp_path / "export"
+    exported = json.loads(run("export", "--db", db, "--out", out, "--json", "--quiet").stdout)
+    assert exported == {"images": 3, "texts": 2, "out": str(out)}
