@@ -113,7 +113,7 @@ def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def bridgetower_config(state: dict[str, torch.Tensor], hparams: dict) -> BridgeTowerConfig:
+def config_from_bridgetower_state(state: dict[str, torch.Tensor], hparams: dict) -> BridgeTowerConfig:
     """The transformers config of an original BridgeTower state dict: sizes from the shapes."""
     vocab, text_hidden = _shape(state, "text_transformer.embeddings.word_embeddings.weight")
     text_layers = _count(state, "text_transformer.encoder.layer.")
@@ -184,11 +184,11 @@ def managertower_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, t
     return _map_keys(kept, _MANAGERTOWER_KEYS, "ManagerTower"), dropped
 
 
-def managertower_config(state: dict[str, torch.Tensor], hparams: dict) -> BridgeTowerConfig:
+def config_from_managertower_state(state: dict[str, torch.Tensor], hparams: dict) -> BridgeTowerConfig:
     from .managertower import managertower_config as mark
 
     renamed = {key.replace("cross_modal_itc_", "itc_"): value for key, value in state.items()}
-    config = bridgetower_config(renamed, hparams)
+    config = config_from_bridgetower_state(renamed, hparams)
     scores = {side: _shape(state, f"cross_modal_{side}_manager_tower.0.manager_layer.layer_scores") for side in ("text", "image")}
     if scores["text"][1] != scores["image"][1]:
         raise ConversionError(f"the text and image managers manage {scores['text'][1]} and {scores['image'][1]} layers: btsearch needs the same number")
@@ -250,10 +250,10 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, family: str =
         raise ConversionError(f"{source} holds a {found} checkpoint, not {family}")
     dropped: list[str] = []
     if found == "managertower":
-        config = managertower_config(state, hparams)
+        config = config_from_managertower_state(state, hparams)
         weights, dropped = managertower_state_dict(state)
     else:
-        config = bridgetower_config(state, hparams)
+        config = config_from_bridgetower_state(state, hparams)
         weights = bridgetower_state_dict(state)
     check_complete(model_class_for(config)(config), weights)
     tokenizer_source = tokenizer or hparams.get("tokenizer") or "roberta-base"
