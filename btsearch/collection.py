@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from .evaluation import evaluate_collection
 from .images import DEFAULT_MAX_PIXELS, file_hash, find_images, load_rgb, to_rgb
 from .encoder import to_numpy
 from .indexers import BridgeCache, Manifest, MetadataStore, VectorIndex
+from .indexers.metadata_store import is_utf8
 from .indexers.skip_log import SkipLog
 from .indexers.vector_index import needs_rebuild, plan_index
 from .indexers.write_lock import CollectionLockedError, WriteLock
@@ -107,13 +109,13 @@ class _PendingImages:
 
 @dataclass
 class _SyncPlan:
-    todo: list[Path] = field(default_factory=list)  # files to embed
+    todo: list[str] = field(default_factory=list)  # files to embed
     replaced: list[int] = field(default_factory=list)  # rows of changed files, deleted before re-embedding
     replaced_paths: list[str] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)  # rows whose files are gone
     touched: list[tuple[int, dict]] = field(default_factory=list)  # rows to update in place: (id, new facts)
     moved: int = 0
-    seen: list[Path] = field(default_factory=list)  # files the collection holds as they are
+    found: list[str] = field(default_factory=list)  # every file under the roots
 
 
 # What a creation killed before writing its manifest (the last step) leaves behind.
@@ -364,7 +366,7 @@ class Collection:
             self._write_images(pending)
             report.updated += plan.moved
             self._save_index("images")
-            skip_log.forget(str(path) for path in plan.seen + plan.todo)  # then the skipped go back in
+            skip_log.forget(plan.found)  # then the skipped go back in
             for skipped in report.skipped:
                 skip_log.record(skipped.path, skipped.reason)
             skip_log.forget_missing()
@@ -375,64 +377,65 @@ class Collection:
 
     def _plan_sync(self, roots: list[str | os.PathLike], keep_missing: bool, report: IndexReport) -> "_SyncPlan":
         """Compare the files under `roots` with the stored rows; hash only where size or mtime
-        disagree, or where a new file may be a stored one that moved."""
+        disagree, or where a new file may be a stored one that moved.
+
+        Paths are matched as Arrow columns, so the plan holds a path string and a few numbers
+        per file (a few hundred bytes), not an object per row: millions of files plan in a few GB."""
         plan = _SyncPlan()
         unreadable: list[tuple[Path, str]] = []
-        files = find_images(roots, unreadable)
+        plan.found = files = find_images(roots, unreadable)
         report.skipped.extend(SkippedImage(path, f"cannot list folder: {reason}") for path, reason in unreadable)
-        known = self.store.image_files()
-        on_disk = {str(path) for path in files}
+        unstorable = {path for path in files if not is_utf8(path)}
+        if unstorable:  # Linux names are bytes; Arrow strings (and so stored rows) must be UTF-8
+            report.skipped.extend(SkippedImage(Path(path), "the file name is not valid UTF-8") for path in unstorable)
+            files = [path for path in files if path not in unstorable]
+        on_disk = pa.array(files, pa.string())
+        stored = self.store.stored_files()
         resolved = [Path(root).resolve() for root in roots]
-        file_roots = {str(root) for root in resolved if not root.is_dir()}
-        folder_roots = tuple(str(root).rstrip(os.sep) + os.sep for root in resolved if root.is_dir())
-        vanished = [
-            row for path, row in known.items()
-            if path not in on_disk and (path in file_roots or path.startswith(folder_roots))
-        ]
+        vanished = set(stored.absent_from(
+            on_disk, files=[str(root) for root in resolved if not root.is_dir()],
+            folders=[str(root) for root in resolved if root.is_dir()],
+        ).tolist())
         # A file that vanished may have moved: match new files to vanished rows by size, then hash.
-        vanished_by_size: dict[int, list[dict]] = {}
-        for row in vanished:
-            if row.get("content_hash"):
-                vanished_by_size.setdefault(row["size"], []).append(row)
-        for path in files:
+        vanished_by_size: dict[int, list[int]] = {}
+        for row in sorted(vanished):
+            if stored.content_hash(row):
+                vanished_by_size.setdefault(int(stored.sizes[row]), []).append(row)
+        for path, row in zip(files, stored.positions_of(on_disk).tolist()):
             try:
-                stat = path.stat()
+                stat = os.stat(path)
             except OSError as error:
-                report.skipped.append(SkippedImage(path, error.strerror or str(error)))
+                report.skipped.append(SkippedImage(Path(path), error.strerror or str(error)))
                 continue
             facts = {"size": stat.st_size, "mtime": stat.st_mtime}
-            row = known.get(str(path))
             try:
-                if row is not None:
-                    if row["size"] == stat.st_size and row["mtime"] == stat.st_mtime:
+                if row >= 0:
+                    if stored.sizes[row] == stat.st_size and stored.mtimes[row] == stat.st_mtime:
                         report.unchanged += 1
-                        plan.seen.append(path)
-                    elif row.get("content_hash") and row["content_hash"] == file_hash(path):
-                        plan.touched.append((row["id"], facts))  # touched, not changed
+                    elif (known_hash := stored.content_hash(row)) and known_hash == file_hash(path):
+                        plan.touched.append((int(stored.ids[row]), facts))  # touched, not changed
                         report.unchanged += 1
-                        plan.seen.append(path)
                     else:
                         plan.todo.append(path)
-                        plan.replaced.append(row["id"])
-                        plan.replaced_paths.append(str(path))
+                        plan.replaced.append(int(stored.ids[row]))
+                        plan.replaced_paths.append(path)
                     continue
                 candidates = vanished_by_size.get(stat.st_size)
                 if candidates:
                     digest = file_hash(path)
-                    match = next((r for r in candidates if r["content_hash"] == digest), None)
+                    match = next((r for r in candidates if stored.content_hash(r) == digest), None)
                     if match is not None:
                         candidates.remove(match)
-                        vanished.remove(match)
-                        plan.touched.append((match["id"], {**facts, "path": str(path)}))
+                        vanished.discard(match)
+                        plan.touched.append((int(stored.ids[match]), {**facts, "path": path}))
                         plan.moved += 1
-                        plan.seen.append(path)
                         continue
             except OSError as error:  # unreadable while hashing
-                report.skipped.append(SkippedImage(path, error.strerror or str(error)))
+                report.skipped.append(SkippedImage(Path(path), error.strerror or str(error)))
                 continue
             plan.todo.append(path)
         if not keep_missing:
-            plan.removed = [row["id"] for row in vanished]
+            plan.removed = [int(stored.ids[row]) for row in sorted(vanished)]
         return plan
 
     def _write_images(self, pending: "_PendingImages") -> None:

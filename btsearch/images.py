@@ -84,8 +84,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
-    """Every image file under the given files and folders, in a stable order, each once.
+def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> list[str]:
+    """Every image file under the given files and folders, as absolute resolved path strings
+    (a str is a third of a Path's memory, which counts at millions of files), in a stable
+    order, each once.
 
     Symlinks are followed, each folder walked once (a link loop ends where it comes back);
     a file is found once under its resolved path however many links lead to it. Folders that
@@ -95,7 +97,7 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
         if unreadable is not None:
             unreadable.append((Path(error.filename), error.strerror or str(error)))
 
-    found: dict[Path, None] = {}
+    found: dict[str, None] = {}
     visited: set[tuple[int, int]] = set()  # folders by (device, inode): each is walked once
     for root in roots:
         root = Path(root)
@@ -113,9 +115,8 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
                 visited.add((info.st_dev, info.st_ino))
                 subfolders.sort()
                 for name in sorted(files):
-                    path = Path(folder) / name
-                    if path.suffix.lower() in IMAGE_SUFFIXES:
-                        found.setdefault(_resolve(path), None)
+                    if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                        found.setdefault(_resolve(os.path.join(folder, name)), None)
         elif root.exists() or root.is_symlink():
             found.setdefault(_resolve(root), None)
         else:
@@ -123,8 +124,8 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
     return list(found)
 
 
-def _resolve(path: Path) -> Path:
+def _resolve(path: str | os.PathLike) -> str:
     try:
-        return path.resolve(strict=True)
+        return os.path.realpath(path, strict=True)
     except (OSError, RuntimeError):  # a dangling link or a loop: keep the name, reading it will say why
-        return path.absolute()
+        return os.path.abspath(path)

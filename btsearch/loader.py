@@ -48,7 +48,8 @@ class ImageBatch:
         return np.stack([image.pixels for image in self.images])
 
 
-def _load_one(path: Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> LoadedImage | SkippedImage:
+def _load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> LoadedImage | SkippedImage:
+    path = Path(path)
     try:
         with open(path, "rb") as f:  # read once: the bytes are both hashed and decoded
             stat = os.fstat(f.fileno())
@@ -66,7 +67,7 @@ def _load_one(path: Path, preprocess: Callable[[Image.Image], np.ndarray], max_p
 
 
 def iter_image_batches(
-    paths: Iterable[Path],
+    paths: Iterable[str | Path],
     preprocess: Callable[[Image.Image], np.ndarray],
     batch_size: int,
     workers: int | None = None,

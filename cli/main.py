@@ -6,6 +6,7 @@ Errors the user can act on print one line on stderr and exit 1; results go to st
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -410,7 +411,8 @@ def info(db, model, skipped):
     if skipped:
         entries = collection.skipped()
         for path, reason, when in entries:
-            click.echo(f"{path}\t{reason}\t{when}")
+            # A name that is not UTF-8 goes out as its own bytes, as ls and find print it.
+            click.echo(os.fsencode(f"{path}\t{reason}\t{when}"))
         click.echo(f"{len(entries)} skipped files", err=True)
         return
     for key, value in collection.info().items():

@@ -164,6 +164,20 @@ def test_bad_files_are_skipped_and_named_the_rest_indexed(tmp_path, random_check
     assert logged == set(bad) - {"truncated.jpg", "text.jpg"}
 
 
+def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path, random_checkpoint, photos):
+    """Linux names are bytes; a Latin-1 name cannot be an Arrow string, so it cannot be stored."""
+    folder, db = tmp_path / "names", tmp_path / "db"
+    folder.mkdir()
+    shutil.copy(photos[0], folder / "fine.jpg")
+    with open(os.fsencode(folder) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(photos[1].read_bytes())
+    result = run("index", folder, "--db", db, "--model", random_checkpoint)
+    assert counts(result.output) == "1 new, 0 updated, 0 removed, 0 unchanged, 1 skipped"
+    assert "not valid UTF-8" in result.stderr
+    assert "not valid UTF-8" in run("info", "--skipped", "--db", db).stdout
+    assert counts(run("index", folder, "--db", db).output) == "0 new, 0 updated, 0 removed, 1 unchanged, 1 skipped"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -376,5 +390,5 @@ def test_folder_symlinks_are_followed_once(tmp_path, photos):
     os.symlink(root, root / "a" / "loop")  # a link back up: must not loop
     os.symlink(elsewhere, root / "again")  # a second link to the same folder
     found = find_images([root])
-    assert sorted(p.name for p in found) == ["one.jpg", "two.jpg"]
+    assert sorted(Path(p).name for p in found) == ["one.jpg", "two.jpg"]
     assert len(found) == len(set(found))
