@@ -142,6 +142,10 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
         last = len(bt.text_model.encoder.layer)  # the reference stops the image tower here too
         bridge = []
         for index, block in enumerate(visual.transformer.resblocks[:last]):
+            if index == last - 1 and not with_bridge:
+                # Only [CLS] leaves the tower for the ITC head: the last block computes just it.
+                hidden = _residual_block_first_token(block, hidden)
+                break
             hidden = block(hidden)
             bridge_index = index - self.first_bridge_layer
             if with_bridge and bridge_index >= 0:
@@ -201,6 +205,17 @@ def token_type_embedding(embeddings: nn.Embedding, index: int, like: torch.Tenso
 
 def _run_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return head(features.to(next(head.parameters()).dtype))
+
+
+def _residual_block_first_token(block, hidden: torch.Tensor) -> torch.Tensor:
+    """`BridgeTowerResidualAttention(hidden)[0:1]` (sequence first), computing only that position:
+    its query attends to every position, and the rest of the block is per position."""
+    normed = block.ln_1(hidden)
+    residual = hidden[0:1] + block.attn(normed[0:1], normed, normed, need_weights=False)[0]
+    out = block.ln_2(residual)
+    for layer in block.mlp.values():
+        out = layer(out)
+    return residual + out
 
 
 def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, self_mask, cross_mask) -> torch.Tensor:
