@@ -52,6 +52,15 @@ def test_image_search_finds_its_captions(collection, trained_checkpoint, photos,
         assert math.isclose(hit["itm_score"], reference.itm_logit(trained_checkpoint, hit["text"], photo), abs_tol=1e-4)
 
 
+def test_default_candidates_on_a_cpu_keep_a_query_short(collection, photos, photo_captions):
+    """16 re-ranked on a CPU (128 would take minutes with a real model); the rest in ITC order."""
+    texts = sum(len(captions) for captions in photo_captions.values())
+    assert texts > 16
+    hits = json.loads(run("search", "--image", photos[0], "--db", collection, "-k", texts, "--json").output)["hits"]
+    assert len(hits) == texts
+    assert [h["itm_score"] is not None for h in hits] == [True] * 16 + [False] * (texts - 16)
+
+
 def test_no_rerank_is_itc_order(collection):
     hits = json.loads(run("search", QUERY, "--db", collection, "-k", 5, "--no-rerank", "--json").output)["hits"]
     assert all(h["itm_score"] is None for h in hits)
