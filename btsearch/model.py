@@ -118,7 +118,11 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
         mask = self._text_mask(hidden, attention_mask)
         token_type = self._token_type(TEXT_TOKEN_TYPE, hidden)
         bridge = []
+        last = len(bt.text_model.encoder.layer) - 1
         for index, layer in enumerate(bt.text_model.encoder.layer):
+            if index == last and not with_bridge:
+                hidden = _text_layer_first_token(layer, hidden, mask)  # the ITC head reads [CLS] alone
+                break
             hidden = layer(hidden, mask)
             bridge_index = index - self.first_bridge_layer
             if with_bridge and bridge_index >= 0:
@@ -218,12 +222,9 @@ def _residual_block_first_token(block, hidden: torch.Tensor) -> torch.Tensor:
     return residual + out
 
 
-def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, self_mask, cross_mask) -> torch.Tensor:
-    """`BridgeTowerBertCrossLayer(hidden, other)[0][:, :1]`, computing only that position.
-
-    Self-attention takes its query from the first token and keys/values from all of `hidden`;
-    cross-attention, the residuals and the feed-forward are per position, so the rest follows.
-    """
+def _self_attention_first_token(layer, hidden: torch.Tensor, mask) -> torch.Tensor:
+    """`layer.attention(hidden, mask)[0][:, :1]` of a BERT-style layer, computing only that
+    position: its query comes from the first token, keys and values from all of `hidden`."""
     attention = layer.attention.self
     batch, length, _ = hidden.shape
     first = hidden[:, :1]
@@ -231,7 +232,18 @@ def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, s
     key = attention.key(hidden).view(batch, length, -1, attention.attention_head_size).transpose(1, 2)
     value = attention.value(hidden).view(batch, length, -1, attention.attention_head_size).transpose(1, 2)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    attended, _ = attend(attention, query, key, value, self_mask, dropout=0.0, scaling=attention.scaling)
-    attended = layer.attention.output(attended.reshape(batch, 1, -1), first)
+    attended, _ = attend(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
+    return layer.attention.output(attended.reshape(batch, 1, -1), first)
+
+
+def _text_layer_first_token(layer, hidden: torch.Tensor, mask) -> torch.Tensor:
+    """`BridgeTowerTextLayer(hidden, mask)[:, :1]`: the feed-forward is per position."""
+    return layer.feed_forward_chunk(_self_attention_first_token(layer, hidden, mask))
+
+
+def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, self_mask, cross_mask) -> torch.Tensor:
+    """`BridgeTowerBertCrossLayer(hidden, other)[0][:, :1]`, computing only that position:
+    cross-attention, the residuals and the feed-forward are per position."""
+    attended = _self_attention_first_token(layer, hidden, self_mask)
     crossed, _ = layer.crossattention(attended, encoder_hidden_states=other, encoder_attention_mask=cross_mask)
     return layer.feed_forward_chunk(crossed)

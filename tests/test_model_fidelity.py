@@ -35,11 +35,12 @@ def test_embeddings_equal_contrastive_model(encoder, random_checkpoint, photos):
     ref_text, ref_image = reference.itc_embeddings(random_checkpoint, TEXTS, images)
     ours_text = encoder.embed_texts(TEXTS)
     pixels = np.stack([encoder.preprocess_image(load_rgb(p)) for p in images])
-    ours_image = encoder.embed_pixels(pixels)  # the last image block computes [CLS] alone
+    ours_image = encoder.embed_pixels(pixels)  # the towers' last layers compute [CLS] alone
     np.testing.assert_allclose(ours_text, ref_text, atol=1e-5)
     np.testing.assert_allclose(ours_image, ref_image, atol=1e-5)
-    # With bridge inputs (the re-rank cache) the tower runs whole: the same embeddings.
+    # With bridge inputs (re-ranking, the re-rank cache) the towers run whole: the same embeddings.
     np.testing.assert_allclose(encoder.image_states(pixels, with_bridge=True).embeds.numpy(), ref_image, atol=1e-5)
+    np.testing.assert_allclose(encoder.text_states(TEXTS, with_bridge=True).embeds.numpy(), ref_text, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(ours_text, axis=1), 1.0, atol=1e-5)
 
 
