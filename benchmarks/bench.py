@@ -109,6 +109,23 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def timed_together(*fns, repeat: int = 2) -> list[float]:
+    """Best wall time of each function over `repeat` rounds that run them all in turn, after
+    one warm-up run each: on a shared machine whose speed drifts by 10-30% within minutes,
+    figures compared in one row must come from the same minutes."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for n, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[n] = min(best[n], time.perf_counter() - start)
+    return best
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -154,15 +171,18 @@ def main() -> None:
                 inputs = processor(images=[load_rgb(p) for p in batch], text=[""] * len(batch), return_tensors="pt").to(device)
                 itc(**inputs).image_embeds.float().cpu().numpy()
 
-        # Best of two runs each: this shared machine's speed drifts by 10-30% within minutes.
-        n = len(photos)
-        rows.append(("image indexing, files -> embeddings (img/s)", n / timed(ours_index, repeat=2), n / timed(reference_index, repeat=2), "img/s"))
-
         # The limit: the same images, already decoded and preprocessed, in the same batches.
         pixel_batches = [torch.as_tensor(np.stack([encoder.preprocess_image(load_rgb(p)) for p in batch])) for batch in batches]
-        bare = timed(lambda: [encoder.image_states(pixels) for pixels in pixel_batches], repeat=2)
-        rows.append(("  bare image tower on ready tensors (img/s)", n / bare, None, "img/s"))
         pixels = pixel_batches[0]
+
+        def bare_tower():
+            for ready in pixel_batches:
+                encoder.image_states(ready)
+
+        n = len(photos)
+        ours, reference, bare = timed_together(ours_index, reference_index, bare_tower)
+        rows.append(("image indexing, files -> embeddings (img/s)", n / ours, n / reference, "img/s"))
+        rows.append(("  bare image tower on ready tensors (img/s)", n / bare, None, "img/s"))
 
         texts = [f"{CAPTION} number {i}" for i in range(64)]
 
@@ -172,8 +192,8 @@ def main() -> None:
                 inputs = processor(images=[load_rgb(photos[0])] * len(chunk), text=chunk, padding=True, return_tensors="pt").to(device)
                 itc(**inputs).text_embeds.float().cpu().numpy()
 
-        rows.append(("text embedding (texts/s)", len(texts) / timed(lambda: encoder.embed_texts(texts, args.batch_size)),
-                     len(texts) / timed(reference_texts), "texts/s"))
+        ours, reference = timed_together(lambda: encoder.embed_texts(texts, args.batch_size), reference_texts, repeat=1)
+        rows.append(("text embedding (texts/s)", len(texts) / ours, len(texts) / reference, "texts/s"))
 
         # ITM re-ranking: one query against `pairs` candidates.
         candidates = [photos[i % len(photos)] for i in range(args.pairs)]
@@ -189,12 +209,6 @@ def main() -> None:
                 itm(**inputs).logits[:, 1].float().cpu()
 
         p = args.pairs
-        reference_text_query = p / timed(lambda: reference_pairs([CAPTION] * p, candidates))
-        rows.append((f"ITM re-rank, text -> {p} images (pairs/s)", p / timed(ours_text_query), reference_text_query, "pairs/s"))
-        image_query = encoder.image_states(pixels[:1], with_bridge=True)
-        candidate_texts = [f"{CAPTION} {i}" for i in range(p)]
-        rows.append((f"ITM re-rank, image -> {p} texts (pairs/s)", p / timed(lambda: reranker.score_texts(image_query, candidate_texts)),
-                     p / timed(lambda: reference_pairs(candidate_texts, [photos[0]] * p)), "pairs/s"))
         cached = Collection.create(work / "db-cached", encoder=encoder)
         cached.add_images([work / "photos"], batch_size=args.batch_size, rerank_cache=True)
         ids = [cached.store.image_files()[str(path.resolve())]["id"] for path in candidates]
@@ -202,8 +216,17 @@ def main() -> None:
         def ours_cached_query():
             reranker.score_images(encoder.text_states([CAPTION], with_bridge=True), candidates, ids, cached.rerank_cache)
 
-        rows.append((f"ITM re-rank, text -> {p} images, --rerank-cache (pairs/s)", p / timed(ours_cached_query),
-                     reference_text_query, "pairs/s"))
+        ours, ours_cached, reference = timed_together(
+            ours_text_query, ours_cached_query, lambda: reference_pairs([CAPTION] * p, candidates), repeat=1
+        )
+        rows.append((f"ITM re-rank, text -> {p} images (pairs/s)", p / ours, p / reference, "pairs/s"))
+        rows.append((f"ITM re-rank, text -> {p} images, --rerank-cache (pairs/s)", p / ours_cached, p / reference, "pairs/s"))
+        image_query = encoder.image_states(pixels[:1], with_bridge=True)
+        candidate_texts = [f"{CAPTION} {i}" for i in range(p)]
+        ours, reference = timed_together(
+            lambda: reranker.score_texts(image_query, candidate_texts), lambda: reference_pairs(candidate_texts, [photos[0]] * p), repeat=1
+        )
+        rows.append((f"ITM re-rank, image -> {p} texts (pairs/s)", p / ours, p / reference, "pairs/s"))
         ready = encoder.image_states(pixels, with_bridge=True)
         query = encoder.text_states([CAPTION], with_bridge=True)
         rows.append(("  cross-modal + ITM on ready bridge inputs (pairs/s)", len(pixels) / timed(lambda: encoder.match(query, ready), repeat=2), None, "pairs/s"))
