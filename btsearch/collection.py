@@ -393,8 +393,9 @@ class Collection:
         on_disk = pa.array(files, pa.string())
         stored = self.store.stored_files()
         resolved = [Path(root).resolve() for root in roots]
+        positions = stored.positions_of(on_disk)
         vanished = set(stored.absent_from(
-            on_disk, files=[str(root) for root in resolved if not root.is_dir()],
+            positions, files=[str(root) for root in resolved if not root.is_dir()],
             folders=[str(root) for root in resolved if root.is_dir()],
         ).tolist())
         # A file that vanished may have moved: match new files to vanished rows by size, then hash.
@@ -402,7 +403,7 @@ class Collection:
         for row in sorted(vanished):
             if stored.content_hash(row):
                 vanished_by_size.setdefault(int(stored.sizes[row]), []).append(row)
-        for path, row in zip(files, stored.positions_of(on_disk).tolist()):
+        for path, row in zip(files, positions.tolist()):
             try:
                 stat = os.stat(path)
             except OSError as error:

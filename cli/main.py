@@ -221,10 +221,11 @@ def add_texts(file, db, model, as_json, device, precision):
     texts = read_texts_file(file)
     collection = Collection.create(db, model=model, device=device, precision=precision)
     ids = collection.add_texts(texts, progress=_progress())
+    total = collection.store.count_texts()
     if as_json:
-        click.echo(json.dumps({"added": len(ids), "texts": collection.store.count_texts(), "db": str(collection.path)}))
+        click.echo(json.dumps({"added": len(ids), "texts": total, "db": str(collection.path)}))
     else:
-        click.echo(f"added {len(ids)} texts; {collection.store.count_texts()} texts in {collection.path}")
+        click.echo(f"added {len(ids)} texts; {total} texts in {collection.path}")
 
 
 @main.command()

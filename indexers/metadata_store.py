@@ -407,21 +407,20 @@ class StoredFiles:
     mtimes: np.ndarray
     hashes: pa.StringArray  # content_hash, null in rows from before the column existed
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def positions_of(self, paths: pa.StringArray) -> np.ndarray:
         """Each path's row position, -1 for a path no row has."""
         return pc.fill_null(pc.index_in(paths, value_set=self.paths), -1).to_numpy().astype(np.int64)
 
-    def absent_from(self, paths: pa.StringArray, files: Iterable[str] = (), folders: Iterable[str] = ()) -> np.ndarray:
-        """Positions of rows whose path is not among `paths` but is one of `files` or lies under
-        one of `folders`: the rows a sync of those roots finds gone."""
+    def absent_from(self, positions: np.ndarray, files: Iterable[str] = (), folders: Iterable[str] = ()) -> np.ndarray:
+        """Positions of rows that `positions` (what `positions_of` gave for the files found)
+        does not name, whose path is one of `files` or lies under one of `folders`: the rows a
+        sync of those roots finds gone."""
         inside = pc.is_in(self.paths, value_set=pa.array(list(files), pa.string()))
         for folder in folders:
             inside = pc.or_(inside, pc.starts_with(self.paths, folder.rstrip(os.sep) + os.sep))
-        gone = pc.and_(inside, pc.invert(pc.is_in(self.paths, value_set=paths)))
-        return np.flatnonzero(gone.to_numpy(zero_copy_only=False))
+        found = np.zeros(len(self.ids), dtype=bool)
+        found[positions[positions >= 0]] = True
+        return np.flatnonzero(inside.to_numpy(zero_copy_only=False) & ~found)
 
     def content_hash(self, position: int) -> str | None:
         return self.hashes[position].as_py()
