@@ -78,9 +78,10 @@ def reference_dtype_for(device: torch.device) -> torch.dtype:
     return default_dtype(device) if device.type == "cuda" else torch.float32
 
 
-def write_photos(folder: Path, count: int) -> list[Path]:
-    """`count` JPEGs of Flickr-like size (500 px long side) cut from the sample photos, alone
-    in `folder` (the sources go elsewhere: indexing `folder` must see exactly `count` files)."""
+def write_photos(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
+    """`count` distinct JPEGs of `size` (Flickr-like by default) cut from the sample photos at
+    random places, alone in `folder` (the sources go elsewhere: indexing `folder` must see
+    exactly `count` files)."""
     with tempfile.TemporaryDirectory() as sources_folder:
         sources = [load_rgb(p) for p in write_sample_photos(sources_folder)]
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,8 @@ def write_photos(folder: Path, count: int) -> list[Path]:
         image = sources[n % len(sources)]
         w, h = image.size
         left, top = rng.integers(0, max(1, w // 4)), rng.integers(0, max(1, h // 4))
-        crop = image.crop((left, top, left + 3 * w // 4, top + 3 * h // 4)).resize((500, 375))
-        paths.append(folder / f"photo{n:05d}.jpg")
+        crop = image.crop((left, top, left + 3 * w // 4, top + 3 * h // 4)).resize(size)
+        paths.append(folder / f"photo{n:06d}.jpg")
         crop.save(paths[-1], quality=90)
     return paths
 

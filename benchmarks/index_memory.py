@@ -32,9 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from btsearch.collection import Collection  # noqa: E402
-from btsearch.images import load_rgb  # noqa: E402
-from btsearch.sample_photos import write_sample_photos  # noqa: E402
 from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
+from bench import write_photos  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 2**20
@@ -70,19 +69,6 @@ class MemoryTrace:
     def peak(self, low: int, high: int) -> int:
         """Highest memory seen while `low` to `high` images had been embedded."""
         return max(rss for done, rss in self.samples if low <= done <= high)
-
-
-def write_photos(folder: Path, count: int, side: int = 128) -> None:
-    """`count` distinct small JPEGs: crops of the sample photos at random places."""
-    with tempfile.TemporaryDirectory() as sources_folder:
-        sources = [load_rgb(p) for p in write_sample_photos(sources_folder)]
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for n in range(count):
-        image = sources[n % len(sources)]
-        w, h = image.size
-        left, top = rng.integers(0, w // 2), rng.integers(0, h // 2)
-        image.crop((left, top, left + w // 2, top + h // 2)).resize((side, side)).save(folder / f"p{n:06d}.jpg", quality=85)
 
 
 def stand_in_collection(work: Path, checkpoint: Path, files: int) -> tuple[Path, Path]:
@@ -125,7 +111,7 @@ def main() -> None:
         work = Path(tmp)
         checkpoint = build_small_checkpoint(work / "model", contrastive_hidden_size=args.embed_dim)
         started = time.perf_counter()
-        write_photos(work / "photos", args.images)
+        write_photos(work / "photos", args.images, size=(128, 128))
         print(f"wrote {args.images} JPEGs in {time.perf_counter() - started:.0f}s", flush=True)
 
         collection = Collection.create(work / "db", model=str(checkpoint), precision="fp32")
