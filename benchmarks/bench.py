@@ -35,6 +35,7 @@ from btsearch.device import PRECISION_CHOICES, default_dtype, resolve_device, re
 from btsearch.encoder import Encoder  # noqa: E402
 from btsearch.images import load_rgb  # noqa: E402
 from btsearch.indexers import VectorIndex  # noqa: E402
+from btsearch.loader import LoaderOptions, iter_image_batches  # noqa: E402
 from btsearch.model import BridgeTowerRetrievalModel  # noqa: E402
 from btsearch.reranker import Reranker  # noqa: E402
 from btsearch.sample_photos import write_sample_photos  # noqa: E402
@@ -132,7 +133,8 @@ def sync():
         torch.cuda.synchronize()
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 1024) -> float:
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    n = 8192 if device.type == "cuda" else 1024  # a GPU needs a large product to reach its rate
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = timed(lambda: [a @ b for _ in range(8)], repeat=3)
@@ -184,6 +186,13 @@ def main() -> None:
         ours, reference, bare = timed_together(ours_index, reference_index, bare_tower)
         rows.append(("image indexing, files -> embeddings (img/s)", n / ours, n / reference, "img/s"))
         rows.append(("  bare image tower on ready tensors (img/s)", n / bare, None, "img/s"))
+
+        # The loader's share alone: decoding and resizing, in threads and in processes (pool start included).
+        workers = encoder.loader_options(n).workers
+        for processes in (False, True):
+            options = LoaderOptions(workers, processes)
+            seconds = timed(lambda: [None for _ in iter_image_batches(photos, encoder.prepare_image, args.batch_size, options)])
+            rows.append((f"  loader alone, {workers} {'processes' if processes else 'threads'} (img/s)", n / seconds, None, "img/s"))
 
         texts = [f"{CAPTION} number {i}" for i in range(64)]
 

@@ -21,6 +21,8 @@ from transformers import AutoProcessor
 
 from .device import resolve_device, resolve_dtype
 from .errors import ModelLoadError
+from .loader import LoaderOptions
+from .pixels import ImagePreparer, normalize_pixels, pixel_table
 from .model import BridgeTowerRetrievalModel, TowerOutput
 
 DEFAULT_MODEL = "BridgeTower/bridgetower-large-itm-mlm-itc"
@@ -29,7 +31,6 @@ ITM_HEAD = "itm_score"
 log = logging.getLogger(__name__)
 
 # Keys of a config that say nothing about the weights' meaning and change with the library.
-PANORAMA_ASPECTS = (4.0, 2.0, 1.0)
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "output_hidden_states"}
 
 
@@ -62,6 +63,11 @@ class Encoder:
         self.dtype = next(model.parameters()).dtype
         self.has_itm = has_itm
         self.config_hash = config_hash(model.config)
+        # Images are prepared (resized, cropped: uint8) by loader workers and normalised where
+        # the model runs, by a table lookup that equals the processor's arithmetic exactly.
+        self.prepare_image = ImagePreparer(processor.image_processor)
+        self.pixel_table = pixel_table(processor.image_processor)
+        self._device_pixel_table = torch.as_tensor(self.pixel_table).to(device)
         text_config = model.config.text_config
         # RoBERTa positions start after the padding index, hence the 2 reserved positions.
         limit = text_config.max_position_embeddings - text_config.pad_token_id - 1
@@ -104,30 +110,13 @@ class Encoder:
     def embed_dim(self) -> int:
         return self.model.embed_dim
 
+    def loader_options(self, files: int) -> LoaderOptions:
+        """How `files` images are best decoded and prepared ahead of this encoder."""
+        return LoaderOptions.for_model(on_gpu=self.device.type == "cuda", files=files)
+
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        """Pixels exactly as `BridgeTowerProcessor` makes them: (3, S, S) float32.
-
-        `do_center_crop=True` is passed explicitly: the processor's `__call__` sets it, but the
-        image processor's own `preprocess` may skip the crop when a saved config omits it.
-        """
-        try:
-            return self._process(image)
-        except ValueError:
-            # The processor rounds the short side of an extreme panorama down to 0 pixels and
-            # fails; it would show the model a sliver anyway. Such images are centre-cropped to
-            # the widest of these aspect ratios that it takes (they end as a centre square).
-            long, short = max(image.size), min(image.size)
-            for aspect in PANORAMA_ASPECTS:
-                if long > aspect * short:
-                    try:
-                        return self._process(_crop_to_aspect(image, aspect))
-                    except ValueError:
-                        continue
-            raise
-
-    def _process(self, image: Image.Image) -> np.ndarray:
-        features = self.processor.image_processor(images=[image], do_center_crop=True, return_tensors="np")
-        return features["pixel_values"][0].astype(np.float32, copy=False)
+        """Pixels exactly as `BridgeTowerProcessor` makes them: (3, S, S) float32."""
+        return normalize_pixels(self.prepare_image(image), self.pixel_table)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # ManagerTower's managers see padding (they apply no mask): pad as in training, always.
@@ -155,7 +144,18 @@ class Encoder:
         return self.model.encode_text(input_ids, attention_mask, with_bridge=with_bridge)
 
     def image_states(self, pixels: np.ndarray | torch.Tensor, with_bridge: bool = False) -> TowerOutput:
-        return self.model.encode_image(self.to_model(pixels), with_bridge=with_bridge)
+        """Tower outputs of a batch of pixels: uint8 from `prepare_image`, or float32 from
+        `preprocess_image`."""
+        return self.model.encode_image(self.pixels_to_model(pixels), with_bridge=with_bridge)
+
+    def pixels_to_model(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tensor = torch.as_tensor(pixels)
+        if tensor.dtype != torch.uint8:
+            return self.to_model(tensor)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        channels = torch.arange(3, device=self.device).view(3, 1, 1)
+        return self._device_pixel_table[channels, tensor.to(self.device).long()].to(self.dtype)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n, D) float32 normalised ITC text embeddings, in the order given."""
@@ -226,15 +226,3 @@ def _check_heads(source: str, info: dict) -> bool:
     if not has_itm:
         log.warning("checkpoint %r has no ITM head (itm_score): results are ranked by ITC alone, without re-ranking", source)
     return has_itm
-
-
-def _crop_to_aspect(image: Image.Image, aspect: float) -> Image.Image:
-    """The centre of `image`, its long side cut to at most `aspect` times its short side."""
-    width, height = image.size
-    if width >= height:
-        keep = min(width, int(aspect * height))
-        left = (width - keep) // 2
-        return image.crop((left, 0, left + keep, height))
-    keep = min(height, int(aspect * width))
-    top = (height - keep) // 2
-    return image.crop((0, top, width, top + keep))

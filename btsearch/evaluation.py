@@ -261,7 +261,8 @@ def _image_bridges(collection: "Collection", image_ids: np.ndarray, progress: bo
         return cache
     rows = collection.store.get_images(missing)
     where = {Path(row["path"]): row["id"] for row in rows}
-    loaded = iter_image_batches([Path(row["path"]) for row in rows], encoder.preprocess_image, batch_size=16)
+    paths = [Path(row["path"]) for row in rows]
+    loaded = iter_image_batches(paths, encoder.prepare_image, batch_size=16, options=encoder.loader_options(len(paths)))
     done_ids, done_states = [], []
     with tqdm(total=len(rows), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loaded:

@@ -40,7 +40,9 @@ class Reranker:
             scores[where] = self.encoder.match(query, TowerOutput(embeds=None, bridge=states))
         todo = sorted(set(range(len(paths))) - set(cached))
         position = {Path(paths[i]): i for i in todo}
-        batches = iter_image_batches([Path(paths[i]) for i in todo], self.encoder.preprocess_image, self.batch_size)
+        batches = iter_image_batches(
+            [Path(paths[i]) for i in todo], self.encoder.prepare_image, self.batch_size, self.encoder.loader_options(len(todo))
+        )
         for batch in batches:
             if batch.images:
                 images = self.encoder.image_states(batch.pixels(), with_bridge=True)

@@ -14,34 +14,36 @@ from btsearch.images import load_rgb
 
 
 @lru_cache(maxsize=8)
-def _models(checkpoint: str):
+def _models(checkpoint: str, device: str = "cpu"):
     processor = BridgeTowerProcessor.from_pretrained(checkpoint)
-    itc = BridgeTowerForContrastiveLearning.from_pretrained(checkpoint).eval()
-    itm = BridgeTowerForImageAndTextRetrieval.from_pretrained(checkpoint).eval()
+    itc = BridgeTowerForContrastiveLearning.from_pretrained(checkpoint).eval().to(device)
+    itm = BridgeTowerForImageAndTextRetrieval.from_pretrained(checkpoint).eval().to(device)
     return processor, itc, itm
 
 
-def _inputs(checkpoint, texts, images):
+def _inputs(checkpoint, texts, images, device="cpu"):
     processor, _, _ = _models(str(checkpoint))
     pictures = [image if isinstance(image, Image.Image) else load_rgb(image) for image in images]
-    return processor(images=pictures, text=list(texts), padding=True, truncation=True, max_length=40, return_tensors="pt")
+    inputs = processor(images=pictures, text=list(texts), padding=True, truncation=True, max_length=40, return_tensors="pt")
+    return inputs.to(device)
 
 
 @torch.no_grad()
-def itc_embeddings(checkpoint, texts, images):
+def itc_embeddings(checkpoint, texts, images, device="cpu"):
     """(text_embeds, image_embeds) of BridgeTowerForContrastiveLearning; texts[i] pairs images[i]."""
-    _, itc, _ = _models(str(checkpoint))
-    out = itc(**_inputs(checkpoint, texts, images))
-    return out.text_embeds.numpy(), out.image_embeds.numpy()
+    _, itc, _ = _models(str(checkpoint), device)
+    out = itc(**_inputs(checkpoint, texts, images, device))
+    return out.text_embeds.cpu().numpy(), out.image_embeds.cpu().numpy()
 
 
 @torch.no_grad()
-def itm_logit(checkpoint, text, image) -> float:
+def itm_logit(checkpoint, text, image, device="cpu") -> float:
     """logits[:, 1] of BridgeTowerForImageAndTextRetrieval for one (text, image) pair."""
-    _, _, itm = _models(str(checkpoint))
-    return float(itm(**_inputs(checkpoint, [text], [image])).logits[0, 1])
+    _, _, itm = _models(str(checkpoint), device)
+    return float(itm(**_inputs(checkpoint, [text], [image], device)).logits[0, 1])
 
 
 def pixel_values(checkpoint, images):
     processor, _, _ = _models(str(checkpoint))
-    return processor(images=[load_rgb(image) for image in images], text=["x"] * len(images), return_tensors="pt")["pixel_values"]
+    pictures = [image if isinstance(image, Image.Image) else load_rgb(image) for image in images]
+    return processor(images=pictures, text=["x"] * len(images), return_tensors="pt")["pixel_values"]

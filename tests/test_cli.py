@@ -56,7 +56,7 @@ def test_default_candidates_on_a_cpu_keep_a_query_short(collection, photos, phot
     """16 re-ranked on a CPU (128 would take minutes with a real model); the rest in ITC order."""
     texts = sum(len(captions) for captions in photo_captions.values())
     assert texts > 16
-    hits = json.loads(run("search", "--image", photos[0], "--db", collection, "-k", texts, "--json").output)["hits"]
+    hits = json.loads(run("search", "--image", photos[0], "--db", collection, "-k", texts, "--device", "cpu", "--json").output)["hits"]
     assert len(hits) == texts
     assert [h["itm_score"] is not None for h in hits] == [True] * 16 + [False] * (texts - 16)
 

@@ -30,6 +30,19 @@ def test_preprocessing_equals_processor(encoder, random_checkpoint, photos):
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_prepared_bytes_become_the_processors_pixels(encoder, random_checkpoint, photos):
+    """Loaders hand over uint8 pixels (resized and cropped only); the table lookup where the
+    model runs must give the processor's float32 pixels bit for bit: on the photos, and on
+    noise that holds every byte value in every channel."""
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    pictures = [load_rgb(p) for p in photos] + [noise]
+    prepared = np.stack([encoder.prepare_image(picture) for picture in pictures])
+    assert prepared.dtype == np.uint8
+    theirs = reference.pixel_values(random_checkpoint, pictures)
+    np.testing.assert_array_equal(encoder.pixels_to_model(prepared).numpy(), theirs.numpy())
+    np.testing.assert_array_equal(encoder.embed_pixels(prepared), encoder.embed_pixels(theirs))
+
+
 def test_embeddings_equal_contrastive_model(encoder, random_checkpoint, photos):
     images = photos[: len(TEXTS)]
     ref_text, ref_image = reference.itc_embeddings(random_checkpoint, TEXTS, images)

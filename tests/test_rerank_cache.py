@@ -43,5 +43,5 @@ def test_cache_follows_changed_files(tmp_path, trained_checkpoint, photos):
     reopened = Collection.open(tmp_path / "db", encoder=collection.encoder)
     (row,) = reopened.store.get_images(reopened.store.ids("images"))
     pixels = collection.encoder.preprocess_image(load_rgb(folder / "a.jpg"))[None]
-    fresh = collection.encoder.image_states(pixels, with_bridge=True).bridge.float().numpy()
+    fresh = collection.encoder.image_states(pixels, with_bridge=True).bridge.float().cpu().numpy()
     np.testing.assert_allclose(reopened.rerank_cache.get([row["id"]]).astype(np.float32), fresh, atol=1e-2)

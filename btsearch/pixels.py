@@ -1,0 +1,80 @@
+"""Pictures to the model's pixels, exactly as BridgeTowerProcessor makes them, in two halves.
+
+The processor resizes, centre-crops, then rescales and normalises in float64/float32 arithmetic.
+The geometry (`ImagePreparer`, uint8 out) runs in the loader's workers; the arithmetic is a
+function of (channel, byte value) alone, so a (3, 256) table of what the processor itself makes
+of each value (`pixel_table`) reproduces it bit for bit as one lookup, done where the model runs
+(on a GPU: a quarter of the bytes to move, and the CPU workers are spared the float work).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Aspect ratios an extreme panorama is cut to, widest first, when the processor refuses it.
+PANORAMA_ASPECTS = (4.0, 2.0, 1.0)
+
+
+class ImagePreparer:
+    """Resize and centre crop as the processor does: (3, S, S) uint8. Picklable (it holds only
+    the image processor), so process workers can run it."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        try:
+            return self._geometry(image)
+        except ValueError:
+            # The processor rounds the short side of an extreme panorama down to 0 pixels and
+            # fails; it would show the model a sliver anyway. Such images are centre-cropped to
+            # the widest of these aspect ratios that it takes (they end as a centre square).
+            long, short = max(image.size), min(image.size)
+            for aspect in PANORAMA_ASPECTS:
+                if long > aspect * short:
+                    try:
+                        return self._geometry(crop_to_aspect(image, aspect))
+                    except ValueError:
+                        continue
+            raise
+
+    def _geometry(self, image: Image.Image) -> np.ndarray:
+        # do_center_crop is passed explicitly: the processor's __call__ sets it, but the image
+        # processor's own preprocess may skip the crop when a saved config omits it.
+        features = self.image_processor(
+            images=[image], do_center_crop=True, do_rescale=False, do_normalize=False, return_tensors="np"
+        )
+        pixels = features["pixel_values"][0]
+        if pixels.dtype != np.uint8:
+            raise TypeError(f"the image processor returned {pixels.dtype} pixels without rescaling; expected uint8")
+        return pixels
+
+
+def pixel_table(image_processor) -> np.ndarray:
+    """(3, 256) float32: the processor's rescale and normalise of every byte value in each
+    channel, computed by the processor itself on a one-row picture of all 256 values."""
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+    features = image_processor(
+        images=[Image.fromarray(ramp)], do_resize=False, do_center_crop=False, do_pad=False, return_tensors="np"
+    )
+    table = np.asarray(features["pixel_values"][0], dtype=np.float32)  # (3, 1, 256)
+    return np.ascontiguousarray(table[:, 0, :])
+
+
+def normalize_pixels(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 pixels (..., 3, S, S) to the processor's float32 values (NumPy)."""
+    channels = np.arange(3).reshape(3, 1, 1)
+    return table[channels, pixels]
+
+
+def crop_to_aspect(image: Image.Image, aspect: float) -> Image.Image:
+    """The centre of `image`, its long side cut to at most `aspect` times its short side."""
+    width, height = image.size
+    if width >= height:
+        keep = min(width, int(aspect * height))
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    keep = min(height, int(aspect * width))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))

@@ -1,0 +1,81 @@
+"""On a CUDA GPU: transformers' numbers on the same device in fp32, half precision that stays
+close to fp32, and a collection indexed and searched there end to end.
+
+Skipped where torch sees no CUDA device (CI has none); run on a lent GPU machine."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from btsearch.encoder import Encoder
+from btsearch.images import load_rgb
+
+from . import reference
+from .helpers import run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TEXTS = ["a cat", "an astronaut in an orange space suit smiling in front of a flag", "a cup of coffee on a red saucer"]
+QUERY = "a close up of a tabby cat"
+
+
+def _pixels(encoder, photos):
+    return np.stack([encoder.preprocess_image(load_rgb(p)) for p in photos])
+
+
+def test_fp32_on_cuda_equals_transformers_on_cuda(random_checkpoint, photos):
+    encoder = Encoder.from_pretrained(str(random_checkpoint), device="cuda", precision="fp32")
+    assert encoder.device.type == "cuda" and encoder.dtype == torch.float32
+    images = photos[: len(TEXTS)]
+    ref_text, ref_image = reference.itc_embeddings(random_checkpoint, TEXTS, images, device="cuda")
+    pixels = _pixels(encoder, images)
+    np.testing.assert_allclose(encoder.embed_texts(TEXTS), ref_text, atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_pixels(pixels), ref_image, atol=1e-5)
+    image_states = encoder.image_states(pixels, with_bridge=True)
+    np.testing.assert_allclose(image_states.embeds.cpu().numpy(), ref_image, atol=1e-5)
+    for text in TEXTS:
+        ours = encoder.match(encoder.text_states([text], with_bridge=True), image_states)
+        theirs = [reference.itm_logit(random_checkpoint, text, image, device="cuda") for image in images]
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_on_cuda_stays_close_to_fp32(random_checkpoint, photos, precision):
+    exact = Encoder.from_pretrained(str(random_checkpoint), device="cuda", precision="fp32")
+    fast = Encoder.from_pretrained(str(random_checkpoint), device="cuda", precision=precision)
+    assert fast.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    cosine = np.sum(exact.embed_texts(TEXTS) * fast.embed_texts(TEXTS), axis=1)
+    assert cosine.min() > 0.98
+    pixels = _pixels(exact, photos[:4])
+    cosine = np.sum(exact.embed_pixels(pixels) * fast.embed_pixels(pixels), axis=1)
+    assert cosine.min() > 0.98
+    scores = [e.match(e.text_states([TEXTS[0]], with_bridge=True), e.image_states(pixels, with_bridge=True)) for e in (exact, fast)]
+    assert np.isfinite(scores[1]).all()
+    np.testing.assert_allclose(scores[0], scores[1], atol=0.1)
+
+
+def test_collection_indexed_and_searched_on_cuda_ranks_as_on_the_cpu(tmp_path, trained_checkpoint, photos, photo_captions):
+    """Indexing (pinned transfers, the re-rank cache) and both searches on the GPU in its default
+    precision: the same hits as the CPU in fp32, scores within half precision's error."""
+    db = tmp_path / "db"
+    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--rerank-cache", "--device", "cuda", "--quiet")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n", encoding="utf-8")
+    run("add-texts", captions, "--db", db, "--device", "cuda")
+
+    def search(*args, device, precision="auto"):
+        out = run("search", *args, "--db", db, "--device", device, "--precision", precision, "--json").output
+        return json.loads(out)["hits"]
+
+    gpu = search(QUERY, "-k", 5, device="cuda")
+    cpu = search(QUERY, "-k", 5, "--candidates", len(photos), device="cpu", precision="fp32")
+    assert all(h["itm_score"] is not None for h in gpu)  # 128 candidates by default on a GPU: all re-ranked
+    assert gpu[0]["path"].endswith("chelsea.jpg")
+    assert [h["path"] for h in gpu[:3]] == [h["path"] for h in cpu[:3]]
+    np.testing.assert_allclose([h["itm_score"] for h in gpu], [h["itm_score"] for h in cpu], atol=0.25)
+
+    astronaut = next(p for p in photos if p.stem == "astronaut")
+    hits = search("--image", astronaut, "-k", 3, device="cuda")
+    assert hits[0]["text"] in photo_captions["astronaut"]
