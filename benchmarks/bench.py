@@ -35,7 +35,7 @@ from btsearch.device import PRECISION_CHOICES, default_dtype, resolve_device, re
 from btsearch.encoder import Encoder  # noqa: E402
 from btsearch.images import load_rgb  # noqa: E402
 from btsearch.indexers import VectorIndex  # noqa: E402
-from btsearch.loader import LoaderOptions, iter_image_batches  # noqa: E402
+from btsearch.loader import iter_image_batches  # noqa: E402
 from btsearch.model import BridgeTowerRetrievalModel  # noqa: E402
 from btsearch.reranker import Reranker  # noqa: E402
 from btsearch.sample_photos import write_sample_photos  # noqa: E402
@@ -187,12 +187,10 @@ def main() -> None:
         rows.append(("image indexing, files -> embeddings (img/s)", n / ours, n / reference, "img/s"))
         rows.append(("  bare image tower on ready tensors (img/s)", n / bare, None, "img/s"))
 
-        # The loader's share alone: decoding and resizing, in threads and in processes (pool start included).
-        workers = encoder.loader_options(n).workers
-        for processes in (False, True):
-            options = LoaderOptions(workers, processes)
-            seconds = timed(lambda: [None for _ in iter_image_batches(photos, encoder.prepare_image, args.batch_size, options)])
-            rows.append((f"  loader alone, {workers} {'processes' if processes else 'threads'} (img/s)", n / seconds, None, "img/s"))
+        # The loader's share alone: decoding, resizing and cropping in its threads.
+        workers = encoder.loader_workers
+        seconds = timed(lambda: [None for _ in iter_image_batches(photos, encoder.prepare_image, args.batch_size, workers)])
+        rows.append((f"  loader alone, {workers} threads (img/s)", n / seconds, None, "img/s"))
 
         texts = [f"{CAPTION} number {i}" for i in range(64)]
 

@@ -348,7 +348,7 @@ class Collection:
             last_commit = last_save = time.monotonic()
             with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
                 batches = iter_image_batches(
-                    plan.todo, self.encoder.prepare_image, batch_size, self.encoder.loader_options(len(plan.todo)), max_pixels=max_pixels
+                    plan.todo, self.encoder.prepare_image, batch_size, self.encoder.loader_workers, max_pixels=max_pixels
                 )
                 for batch in batches:
                     report.skipped.extend(batch.skipped)

@@ -21,7 +21,7 @@ from transformers import AutoProcessor
 
 from .device import resolve_device, resolve_dtype
 from .errors import ModelLoadError
-from .loader import LoaderOptions
+from .loader import default_workers
 from .pixels import ImagePreparer, normalize_pixels, pixel_table
 from .model import BridgeTowerRetrievalModel, TowerOutput
 
@@ -110,9 +110,10 @@ class Encoder:
     def embed_dim(self) -> int:
         return self.model.embed_dim
 
-    def loader_options(self, files: int) -> LoaderOptions:
-        """How `files` images are best decoded and prepared ahead of this encoder."""
-        return LoaderOptions.for_model(on_gpu=self.device.type == "cuda", files=files)
+    @property
+    def loader_workers(self) -> int:
+        """Threads that decode and prepare images ahead of this encoder."""
+        return default_workers(model_on_gpu=self.device.type == "cuda")
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
         """Pixels exactly as `BridgeTowerProcessor` makes them: (3, S, S) float32."""

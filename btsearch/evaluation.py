@@ -262,7 +262,7 @@ def _image_bridges(collection: "Collection", image_ids: np.ndarray, progress: bo
     rows = collection.store.get_images(missing)
     where = {Path(row["path"]): row["id"] for row in rows}
     paths = [Path(row["path"]) for row in rows]
-    loaded = iter_image_batches(paths, encoder.prepare_image, batch_size=16, options=encoder.loader_options(len(paths)))
+    loaded = iter_image_batches(paths, encoder.prepare_image, batch_size=16, workers=encoder.loader_workers)
     done_ids, done_states = [], []
     with tqdm(total=len(rows), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch in loaded:

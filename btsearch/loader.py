@@ -6,13 +6,11 @@ Threads suffice: PIL's decoders and resamplers and numpy's arithmetic release th
 
 from __future__ import annotations
 
-import functools
 import io
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -68,76 +66,34 @@ def _load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray],
         return SkippedImage(path, f"{type(error).__name__}: {error}")
 
 
-# Below this many files a process pool's start (each worker imports the image processor) costs
-# more than the GIL does; threads then.
-PROCESS_MIN_FILES = 1024
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """How images are decoded and prepared in the background: `workers` threads, or processes."""
-
-    workers: int
-    processes: bool = False
-
-    @classmethod
-    def for_model(cls, on_gpu: bool, files: int) -> "LoaderOptions":
-        """With the model on the CPU it needs the cores, and a few threads keep ahead of it.
-        With the model on a GPU, decoding is what limits throughput: all cores but the one
-        feeding the GPU, in processes once there are enough files, since threads share the
-        interpreter lock with that loop and with each other."""
-        cores = os.cpu_count() or 1
-        if not on_gpu:
-            return cls(min(4, cores))
-        return cls(max(1, cores - 1), processes=files >= PROCESS_MIN_FILES)
-
-
-_worker_preprocess: Callable[[Image.Image], np.ndarray] | None = None
-
-
-def _start_worker(preprocess: Callable[[Image.Image], np.ndarray]) -> None:
-    global _worker_preprocess
-    _worker_preprocess = preprocess
-
-
-def _load_in_worker(path: str | Path, max_pixels: int) -> LoadedImage | SkippedImage:
-    return _load_one(path, _worker_preprocess, max_pixels)
-
-
-def _executor(options: LoaderOptions, preprocess: Callable[[Image.Image], np.ndarray]):
-    """The pool, and the task that loads one path in it."""
-    if not options.processes:
-        pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="btsearch-loader")
-        return pool, functools.partial(_load_one, preprocess=preprocess)
-    # Not fork: the parent holds CUDA, LanceDB's and torch's threads, which a fork would copy mid-flight.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(
-        max_workers=options.workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker, initargs=(preprocess,)
-    )
-    return pool, _load_in_worker
+def default_workers(model_on_gpu: bool) -> int:
+    """Loader threads. With the model on the CPU it needs the cores, and a few threads keep
+    ahead of it; with the model on a GPU, decoding is what limits throughput: all cores but the
+    one feeding the GPU. (Process workers were measured slower on a 16-core GPU machine: 148
+    img/s against 564 for threads, their start and the pickled pixels included.)"""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if model_on_gpu else min(4, cores)
 
 
 def iter_image_batches(
     paths: Iterable[str | Path],
     preprocess: Callable[[Image.Image], np.ndarray],
     batch_size: int,
-    options: LoaderOptions | None = None,
+    workers: int | None = None,
     prefetch: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[ImageBatch]:
-    """Yield batches of loaded images (and the files that failed), in the order of `paths`.
-
-    With processes, `preprocess` must be picklable (a module-level function or such an object)."""
-    options = options or LoaderOptions.for_model(on_gpu=False, files=0)
+    """Yield batches of loaded images (and the files that failed), in the order of `paths`."""
+    workers = workers or default_workers(model_on_gpu=False)
     paths = iter(paths)
     pending: deque[list[Future]] = deque()
-    pool, load = _executor(options, preprocess)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="btsearch-loader")
     try:
 
         def submit_next() -> bool:
             chunk = list(islice(paths, batch_size))
             if chunk:
-                pending.append([pool.submit(load, path, max_pixels=max_pixels) for path in chunk])
+                pending.append([pool.submit(_load_one, path, preprocess, max_pixels) for path in chunk])
             return bool(chunk)
 
         for _ in range(prefetch + 1):
@@ -150,5 +106,5 @@ def iter_image_batches(
                 images=[r for r in results if isinstance(r, LoadedImage)],
                 skipped=[r for r in results if isinstance(r, SkippedImage)],
             )
-    finally:  # a consumer that stops early leaves no work running
+    finally:  # a consumer that stops early leaves no work queued
         pool.shutdown(wait=True, cancel_futures=True)

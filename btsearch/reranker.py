@@ -41,7 +41,7 @@ class Reranker:
         todo = sorted(set(range(len(paths))) - set(cached))
         position = {Path(paths[i]): i for i in todo}
         batches = iter_image_batches(
-            [Path(paths[i]) for i in todo], self.encoder.prepare_image, self.batch_size, self.encoder.loader_options(len(todo))
+            [Path(paths[i]) for i in todo], self.encoder.prepare_image, self.batch_size, self.encoder.loader_workers
         )
         for batch in batches:
             if batch.images:
