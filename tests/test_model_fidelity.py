@@ -153,6 +153,9 @@ def test_bf16_stays_close_to_fp32(random_checkpoint, photos):
     exact = Encoder.from_pretrained(str(random_checkpoint), device="cpu", precision="fp32")
     fast = Encoder.from_pretrained(str(random_checkpoint), device="cpu", precision="bf16")
     assert fast.dtype == torch.bfloat16
+    prepared = np.stack([fast.prepare_image(load_rgb(p)) for p in photos[:2]])  # the table, rounded to bf16 ...
+    exact_pixels = torch.as_tensor(np.stack([exact.preprocess_image(load_rgb(p)) for p in photos[:2]]))
+    assert torch.equal(fast.pixels_to_model(prepared), exact_pixels.to(torch.bfloat16))  # ... = the pixels, rounded
     cosine = np.sum(exact.embed_texts(TEXTS) * fast.embed_texts(TEXTS), axis=1)
     assert cosine.min() > 0.98
     pixels = np.stack([exact.preprocess_image(load_rgb(p)) for p in photos[:2]])
