@@ -174,7 +174,10 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         inputs.roots, batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels,
     )
-    summary = _index_summary(report, collection, as_json)
+    _say_skipped(report)
+    summary = _index_summary(report, collection)
+    if not as_json:
+        _echo_index_line(report, collection)
     if with_captions:
         known = {row["text"] for row in collection.store.get_texts(collection.store.ids("texts"))}
         new_captions = list(dict.fromkeys(c for c in inputs.captions if c not in known))
@@ -187,22 +190,25 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         click.echo(json.dumps(summary))
 
 
-def _index_summary(report: IndexReport, collection: Collection, as_json: bool) -> dict:
-    """Skipped files on stderr; the one-line summary on stdout unless `as_json` (then the
-    caller prints the returned summary, with whatever it adds)."""
-    for skipped in report.skipped:
-        _say(f"skipped {skipped.path}: {skipped.reason}")
-    summary = {
+def _index_summary(report: IndexReport, collection: Collection) -> dict:
+    """What `index --json` prints (before captions, which the caller adds)."""
+    return {
         "added": report.added, "updated": report.updated, "removed": report.removed, "unchanged": report.unchanged,
         "skipped": [{"path": str(item.path), "reason": item.reason} for item in report.skipped],
         "seconds": round(report.seconds, 3), "images": collection.store.count_images(), "db": str(collection.path),
     }
-    if not as_json:
-        click.echo(
-            f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
-            f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {summary['images']} images in {collection.path}"
-        )
-    return summary
+
+
+def _say_skipped(report: IndexReport) -> None:
+    for skipped in report.skipped:
+        _say(f"skipped {skipped.path}: {skipped.reason}")
+
+
+def _echo_index_line(report: IndexReport, collection: Collection) -> None:
+    click.echo(
+        f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {collection.store.count_images()} images in {collection.path}"
+    )
 
 
 @main.command("add-texts")
@@ -436,7 +442,8 @@ def demo(db, model, device, precision):
     collection = Collection.create(db / "collection", encoder=encoder)
     click.echo(f"model: {collection.manifest.model}{' (small local fallback checkpoint)' if note else ''}")
     report = collection.add_images([db / "photos"], progress=_progress())
-    _index_summary(report, collection, as_json=False)
+    _say_skipped(report)
+    _echo_index_line(report, collection)
     if collection.store.count_texts() == 0:
         collection.add_texts(DEMO_TEXTS)
     for text in DEMO_QUERIES[:4]:
