@@ -138,3 +138,25 @@ def test_index_type_follows_size_and_memory_budget(tmp_path, random_checkpoint, 
     assert "texts IVF128,PQ4 (nprobe " in run("info", "--db", db).output
     result = run("index", photos[0].parent, "--db", db, "--index-memory", "lots", ok=False)
     assert result.exit_code == 2 and "not a size" in result.output
+
+
+def test_demo_offline_says_it_falls_back_and_finds_the_photos(tmp_path, trained_checkpoint, monkeypatch):
+    """The README's first command, offline: a plain note, the sample photos indexed, and each
+    photo's own caption finding it first (the fallback is trained on them; here the suite's
+    copy of that checkpoint stands in, to spare the training)."""
+    import shutil
+
+    from btsearch import demo
+
+    monkeypatch.setattr(demo, "_hub_available", lambda model: False)
+    monkeypatch.setattr(demo, "build_small_checkpoint", lambda folder, **kw: shutil.copytree(trained_checkpoint, folder))
+    out = run("demo", "--db", tmp_path / "demo", "--device", "cpu", "--precision", "fp32").output
+    assert out.startswith("NOTE: ") and "SMALL LOCAL CHECKPOINT" in out
+    photos = len(list((tmp_path / "demo" / "photos").iterdir()))
+    assert f"indexed {photos} new, 0 updated, 0 removed, 0 unchanged, 0 skipped" in out
+    blocks = out.split("\n$ btsearch search ")[1:]
+    assert len(blocks) == 5
+    for block, photo in zip(blocks, ["astronaut", "chelsea", "coffee", "rocket"]):
+        first_hit = block.splitlines()[2]
+        assert first_hit.split()[0] == "1" and first_hit.endswith(f"{photo}.jpg"), block
+    assert "--image" in blocks[4] and len(blocks[4].splitlines()) == 5  # the command, a header, 3 captions
