@@ -17,11 +17,13 @@ PANORAMA_ASPECTS = (4.0, 2.0, 1.0)
 
 
 class ImagePreparer:
-    """Resize and centre crop as the processor does: (3, S, S) uint8. Picklable (it holds only
-    the image processor), so process workers can run it."""
+    """Resize and centre crop as the processor does: (3, S, S) uint8. Should a processor resize
+    in floats (none of transformers' BridgeTower processors does), its finished float32 pixels
+    instead: `normalize_pixels` and the encoder take either."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
+        self.keeps_bytes = True  # until the processor shows it returns floats even unscaled
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         try:
@@ -42,13 +44,16 @@ class ImagePreparer:
     def _geometry(self, image: Image.Image) -> np.ndarray:
         # do_center_crop is passed explicitly: the processor's __call__ sets it, but the image
         # processor's own preprocess may skip the crop when a saved config omits it.
-        features = self.image_processor(
-            images=[image], do_center_crop=True, do_rescale=False, do_normalize=False, return_tensors="np"
-        )
-        pixels = features["pixel_values"][0]
-        if pixels.dtype != np.uint8:
-            raise TypeError(f"the image processor returned {pixels.dtype} pixels without rescaling; expected uint8")
-        return pixels
+        if self.keeps_bytes:
+            features = self.image_processor(
+                images=[image], do_center_crop=True, do_rescale=False, do_normalize=False, return_tensors="np"
+            )
+            pixels = features["pixel_values"][0]
+            if pixels.dtype == np.uint8:
+                return pixels
+            self.keeps_bytes = False  # a processor that resizes in floats: take its finished pixels
+        features = self.image_processor(images=[image], do_center_crop=True, return_tensors="np")
+        return features["pixel_values"][0].astype(np.float32, copy=False)
 
 
 def pixel_table(image_processor) -> np.ndarray:
@@ -63,7 +68,10 @@ def pixel_table(image_processor) -> np.ndarray:
 
 
 def normalize_pixels(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 pixels (..., 3, S, S) to the processor's float32 values (NumPy)."""
+    """uint8 pixels (..., 3, S, S) to the processor's float32 values (NumPy); float pixels are
+    already those."""
+    if pixels.dtype != np.uint8:
+        return pixels
     channels = np.arange(3).reshape(3, 1, 1)
     return table[channels, pixels]
 

@@ -43,6 +43,29 @@ def test_prepared_bytes_become_the_processors_pixels(encoder, random_checkpoint,
     np.testing.assert_array_equal(encoder.embed_pixels(prepared), encoder.embed_pixels(theirs))
 
 
+def test_a_processor_that_resizes_in_floats_gets_its_own_pixels(encoder, random_checkpoint, photos):
+    """Should an image processor hand back floats even unscaled, the preparer takes its finished
+    pixels instead of bytes, and they still equal the processor's."""
+    from btsearch.pixels import ImagePreparer
+
+    class FloatProcessor:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            features = self.inner(*args, **kwargs)
+            features["pixel_values"] = features["pixel_values"].astype(np.float32)
+            return features
+
+    prepare = ImagePreparer(FloatProcessor(encoder.processor.image_processor))
+    pictures = [load_rgb(p) for p in photos[:3]]
+    prepared = np.stack([prepare(picture) for picture in pictures])
+    assert prepared.dtype == np.float32 and not prepare.keeps_bytes
+    theirs = reference.pixel_values(random_checkpoint, pictures)
+    np.testing.assert_array_equal(prepared, theirs.numpy())
+    np.testing.assert_array_equal(encoder.pixels_to_model(prepared).numpy(), theirs.numpy())
+
+
 def test_embeddings_equal_contrastive_model(encoder, random_checkpoint, photos):
     images = photos[: len(TEXTS)]
     ref_text, ref_image = reference.itc_embeddings(random_checkpoint, TEXTS, images)
