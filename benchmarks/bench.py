@@ -219,7 +219,8 @@ def main() -> None:
         p = args.pairs
         cached = Collection.create(work / "db-cached", encoder=encoder)
         cached.add_images([work / "photos"], batch_size=args.batch_size, rerank_cache=True)
-        ids = [cached.store.image_files()[str(path.resolve())]["id"] for path in candidates]
+        stored = cached.store.image_files()  # one scan, not one per candidate
+        ids = [stored[str(path.resolve())]["id"] for path in candidates]
 
         def ours_cached_query():
             reranker.score_images(encoder.text_states([CAPTION], with_bridge=True), candidates, ids, cached.rerank_cache)

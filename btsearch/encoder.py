@@ -134,12 +134,16 @@ class Encoder:
         return len(self.processor.tokenizer(text)["input_ids"]) > self.max_text_length
 
     def to_model(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Host data (pixels, cached bridge inputs) on the model's device, in its dtype; through
-        pinned memory on CUDA, so the copy overlaps with compute."""
+        """Host data (pixels, cached bridge inputs) on the model's device, in its dtype."""
+        return self._on_device(array).to(self.dtype)
+
+    def _on_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """On the model's device as it is; through pinned memory on CUDA, so the copy overlaps
+        with compute."""
         tensor = torch.as_tensor(array)
         if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device, self.dtype)
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     # -- towers ----------------------------------------------------------------------------
 
@@ -156,9 +160,7 @@ class Encoder:
         tensor = torch.as_tensor(pixels)
         if tensor.dtype != torch.uint8:
             return self.to_model(tensor)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        index = tensor.to(self.device, torch.int32) + self._channel_rows  # int32: half of int64's memory
+        index = self._on_device(tensor).to(torch.int32) + self._channel_rows  # int32: half of int64's memory
         return self._device_pixel_table.index_select(0, index.reshape(-1)).view(index.shape)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:

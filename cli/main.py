@@ -177,7 +177,7 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     _say_skipped(report)
     summary = _index_summary(report, collection)
     if not as_json:
-        _echo_index_line(report, collection)
+        _echo_index_line(report, summary)
     if with_captions:
         known = {row["text"] for row in collection.store.get_texts(collection.store.ids("texts"))}
         new_captions = list(dict.fromkeys(c for c in inputs.captions if c not in known))
@@ -204,10 +204,10 @@ def _say_skipped(report: IndexReport) -> None:
         _say(f"skipped {skipped.path}: {skipped.reason}")
 
 
-def _echo_index_line(report: IndexReport, collection: Collection) -> None:
+def _echo_index_line(report: IndexReport, summary: dict) -> None:
     click.echo(
         f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
-        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {collection.store.count_images()} images in {collection.path}"
+        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {summary['images']} images in {summary['db']}"
     )
 
 
@@ -443,7 +443,7 @@ def demo(db, model, device, precision):
     click.echo(f"model: {collection.manifest.model}{' (small local fallback checkpoint)' if note else ''}")
     report = collection.add_images([db / "photos"], progress=_progress())
     _say_skipped(report)
-    _echo_index_line(report, collection)
+    _echo_index_line(report, _index_summary(report, collection))
     if collection.store.count_texts() == 0:
         collection.add_texts(DEMO_TEXTS)
     for text in DEMO_QUERIES[:4]:

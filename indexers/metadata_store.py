@@ -251,8 +251,8 @@ class MetadataStore:
         )
 
     def image_files(self) -> dict[str, ImageRow]:
-        """Every image row (without embeddings) by path, in one scan: what a re-index compares
-        the files on disk against, far cheaper than one lookup per file."""
+        """Every image row (without embeddings) by path, in one scan: far cheaper than one
+        lookup per file. (A sync plans from `stored_files`, which holds far less per row.)"""
         rows = self._tables["images"].search().select(self._row_columns["images"]).to_arrow().to_pylist()
         return {row["path"]: row for row in rows}
 
