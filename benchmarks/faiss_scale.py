@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from btsearch.cli.main import parse_size
+from btsearch.cli.options import parse_size
 from btsearch.indexers.vector_index import VectorIndex, exact_search, plan_index
 
 BATCH = 65_536

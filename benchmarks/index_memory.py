@@ -30,10 +30,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from bench import write_photos  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 from btsearch.collection import Collection  # noqa: E402
 from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
-from bench import write_photos  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 2**20

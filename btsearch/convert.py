@@ -29,10 +29,10 @@ import torch
 from transformers import AutoTokenizer, BridgeTowerConfig, BridgeTowerProcessor
 from transformers.models.bridgetower.image_processing_pil_bridgetower import BridgeTowerImageProcessorPil
 
+from .defaults import CHECKPOINT_FAMILIES as FAMILIES
 from .errors import BtsearchError
 
 ITC_IMAGE_INPUT_KEY = "itc_image_head_input"  # config attribute: "ln_post" (original) or "transformed" (transformers)
-FAMILIES = ("auto", "bridgetower", "managertower")
 
 
 def _clip_visual_keys(prefix: str) -> list[tuple[str, str]]:

@@ -6,11 +6,11 @@ import functools
 
 import torch
 
+from .defaults import DEVICE_CHOICES, PRECISION_CHOICES
 from .errors import BtsearchError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+assert PRECISION_CHOICES == ("auto", *PRECISIONS)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -11,33 +11,28 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from transformers import BridgeTowerConfig
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, BridgeTowerConfig
 
+from .defaults import DEFAULT_MODEL, resolve_model_id
 from .device import resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .loader import default_workers
-from .pixels import ImagePreparer, normalize_pixels, pixel_table
 from .model import BridgeTowerRetrievalModel, TowerOutput
+from .pixels import ImagePreparer, normalize_pixels, pixel_table
+from .tensors import to_numpy
 
-DEFAULT_MODEL = "BridgeTower/bridgetower-large-itm-mlm-itc"
 ITC_HEADS = ("itc_text_head", "itc_image_head")
 ITM_HEAD = "itm_score"
 log = logging.getLogger(__name__)
 
 # Keys of a config that say nothing about the weights' meaning and change with the library.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "output_hidden_states"}
-
-
-def resolve_model_id(source: str) -> str:
-    """A hub id stays as it is; a local folder becomes its absolute path."""
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
 
 
 def config_hash(config) -> str:
@@ -79,7 +74,7 @@ class Encoder:
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto") -> "Encoder":
+    def from_pretrained(cls, source: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto") -> Encoder:
         """Load config, processor and weights from a hub id or a local folder.
 
         precision: fp32 (reproduces transformers exactly), bf16, fp16, or auto (bf16 where the
@@ -133,6 +128,10 @@ class Encoder:
     def is_truncated(self, text: str) -> bool:
         return len(self.processor.tokenizer(text)["input_ids"]) > self.max_text_length
 
+    def states_from_cache(self, bridges: np.ndarray) -> TowerOutput:
+        """Cached bridge inputs (from a `BridgeCache`) as the image side of `match`."""
+        return TowerOutput(embeds=None, bridge=self.to_model(bridges))
+
     def to_model(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Host data (pixels, cached bridge inputs) on the model's device, in its dtype."""
         return self._on_device(array).to(self.dtype)
@@ -181,6 +180,7 @@ class Encoder:
     def match(self, text: TowerOutput, image: TowerOutput) -> np.ndarray:
         """ITM match logits of pairs; a batch of one on either side is paired with every item
         of the other side (the query's states are computed once and broadcast)."""
+        assert text.bridge is not None and text.mask is not None and image.bridge is not None, "match needs bridge inputs"
         size = max(len(text.bridge), len(image.bridge))
         text_bridge = text.bridge.expand(size, *text.bridge.shape[1:])
         text_mask = text.mask.expand(size, *text.mask.shape[1:])
@@ -188,11 +188,7 @@ class Encoder:
         return to_numpy(self.model.match_logits(text_bridge, text_mask, image_bridge))
 
 
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().float().cpu().numpy()
-
-
-def model_class_for(config) -> type:
+def model_class_for(config) -> Any:
     """The retrieval model of the family a config names (`model_family`; BridgeTower by default)."""
     from .managertower import ManagerTowerRetrievalModel, is_managertower
 

@@ -1,73 +1,55 @@
 """Retrieval recall with the ALBEF / BridgeTower protocol.
 
 For every query the top `candidates` by ITC get ITM scores and rank above all others, by ITM;
-the rest keep their ITC order. Text-to-image: the rank of each caption's image. Image-to-text:
-the best rank of an image's captions. R@K is the percentage of queries whose rank is below K.
+the rest keep their ITC order (`ranking`). Text-to-image: the rank of each caption's image.
+Image-to-text: the best rank of an image's captions. R@K is the percentage of queries whose
+rank is below K.
 
 Everything a second run can reuse is kept in the collection folder: the embeddings (in
-LanceDB), the images' bridge inputs (memory-mapped), and every ITM score computed, so another `candidates`
-costs only the pairs not scored yet, and an interrupted run resumes.
+LanceDB), the images' bridge inputs (memory-mapped), and every ITM score computed, so another
+`candidates` costs only the pairs not scored yet, and an interrupted run resumes. It works on
+any collection through its public methods (`EvaluatedCollection`).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import BtsearchError
+from .image_states import fill_bridge_cache
 from .indexers import BridgeCache
-from .loader import iter_image_batches
+from .indexers.atomic import atomic_write
+from .indexers.layout import TableName, eval_bridges_folder, eval_scores_file
+from .ranking import ranks_of, rerank_order, rerank_order_union, top_candidates
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .encoder import Encoder
+    from .indexers import ImageRow, TextRow
 
 RECALL_AT = (1, 5, 10)
 PAIR_BATCH = 32
 TEXT_CHUNK = 64
 SCORE_SAVE_INTERVAL_S = 30.0
-BRIDGE_WRITE_ROWS = 64  # images per cache chunk
+
+
+class EvaluatedCollection(Protocol):
+    """What evaluation needs of a collection (`Collection` has it)."""
+
+    path: Path
+
+    @property
+    def encoder(self) -> Encoder | None: ...
+    def embeddings(self, table: TableName, ids: Any) -> np.ndarray: ...
+    def texts(self, ids: Any = None) -> list[TextRow]: ...
+    def images(self, ids: Any) -> list[ImageRow]: ...
 
 
 # -- ranks and recall -------------------------------------------------------------------------------
-
-
-def rerank_order(itc: np.ndarray, candidates: int, itm: np.ndarray | None) -> np.ndarray:
-    """Per row, the columns in final order: the top `candidates` by ITC sorted by ITM, then the
-    rest by ITC. ITC ties break by column index. `itm` holds scores at the top-k places (others
-    unused); with `itm=None` or no candidates the order is ITC alone."""
-    rows, cols = itc.shape
-    by_itc = np.argsort(-itc, axis=1, kind="stable")
-    k = min(candidates, cols) if itm is not None else 0
-    if k == 0:
-        return by_itc
-    head = by_itc[:, :k]
-    head_itm = np.take_along_axis(itm, head, axis=1)
-    # `head` is in ITC order and the sort is stable: equal ITM scores keep their ITC order.
-    head_sorted = np.take_along_axis(head, np.argsort(-head_itm, axis=1, kind="stable"), axis=1)
-    return np.concatenate([head_sorted, by_itc[:, k:]], axis=1)
-
-
-def rerank_order_union(itc: np.ndarray, itm: np.ndarray) -> np.ndarray:
-    """Per row, every column with an ITM score (NaN: none) first, by ITM, then the rest by ITC.
-
-    This is what microsoft/BridgeTower's and LooperXX/ManagerTower's evaluation code ranks by: it
-    takes the element-wise max of the image-to-text and text-to-image score matrices (-100
-    outside each direction's top k), so a pair scored for either direction counts in both."""
-    scored = ~np.isnan(itm)
-    column = np.broadcast_to(np.arange(itc.shape[1]), itc.shape)
-    return np.lexsort((column, -itc, np.where(scored, -itm, 0.0), ~scored), axis=-1)
-
-
-def ranks_of(order: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:
-    """For each row, the best position in `order` of any of its target columns."""
-    position = np.empty_like(order)
-    np.put_along_axis(position, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
-    return np.array([position[row, cols].min() for row, cols in enumerate(targets)])
 
 
 def recall(ranks: np.ndarray) -> dict[str, float]:
@@ -82,12 +64,13 @@ def recall_table(itc_t2i: np.ndarray, caption_image: np.ndarray, candidates: int
     images_captions = [np.flatnonzero(caption_image == i) for i in range(n_images)]
     itm_i2t = itm_t2i.T if itm_t2i is not None else None
     if union:
+        assert itm_t2i is not None and itm_i2t is not None, "the union needs ITM scores"
         t2i_order, i2t_order = rerank_order_union(itc_t2i, itm_t2i), rerank_order_union(itc_t2i.T, itm_i2t)
     else:
         t2i_order, i2t_order = rerank_order(itc_t2i, candidates, itm_t2i), rerank_order(itc_t2i.T, candidates, itm_i2t)
     t2i = ranks_of(t2i_order, [np.array([i]) for i in caption_image])
     i2t = ranks_of(i2t_order, images_captions)
-    result = {"text_to_image": recall(t2i), "image_to_text": recall(i2t)}
+    result: dict[str, Any] = {"text_to_image": recall(t2i), "image_to_text": recall(i2t)}
     result["rsum"] = sum(result["text_to_image"].values()) + sum(result["image_to_text"].values())
     return result
 
@@ -113,15 +96,11 @@ def ranking_details(itc: np.ndarray, caption_image: np.ndarray, candidates: int,
     }
 
 
-def top_candidates(itc: np.ndarray, candidates: int) -> np.ndarray:
-    return np.argsort(-itc, axis=1, kind="stable")[:, : min(candidates, itc.shape[1])]
-
-
 # -- the protocol on a collection ----------------------------------------------------------------------
 
 
 def evaluate_collection(
-    collection: "Collection",
+    collection: EvaluatedCollection,
     caption_image: np.ndarray,
     text_ids: np.ndarray,
     image_ids: np.ndarray,
@@ -133,11 +112,12 @@ def evaluate_collection(
     t shows image `caption_image[t]`, for ITC alone and ITC top-`candidates` re-ranked by ITM.
     `details=True` adds per-query ranks and top hits (`ranking_details`) for a report."""
     started = time.perf_counter()
-    text_embeds = _embeddings(collection, "texts", text_ids)
-    image_embeds = _embeddings(collection, "images", image_ids)
+    encoder = _model_of(collection)
+    text_embeds = collection.embeddings("texts", text_ids)
+    image_embeds = collection.embeddings("images", image_ids)
     itc = text_embeds @ image_embeds.T  # (captions, images) cosine
-    result = {"itc": recall_table(itc, caption_image, 0, None)}
-    if candidates > 0 and collection.encoder.has_itm:
+    result: dict[str, Any] = {"itc": recall_table(itc, caption_image, 0, None)}
+    if candidates > 0 and encoder.has_itm:
         itm = PairScores(_scores_file(collection), text_ids, image_ids).fill(
             collection, _needed_pairs(itc, candidates), progress
         )
@@ -157,25 +137,15 @@ def evaluate_collection(
     return result
 
 
-def _scores_file(collection: "Collection") -> Path:
+def _scores_file(collection: EvaluatedCollection) -> Path:
     # Scores from another precision differ in the last digits: keep them apart.
-    precision = str(collection.encoder.dtype).removeprefix("torch.")
-    return collection.path / f"eval-itm-scores-{precision}.npz"
+    return collection.path / eval_scores_file(str(_model_of(collection).dtype).removeprefix("torch."))
 
 
-def _embeddings(collection: "Collection", table: str, ids: np.ndarray) -> np.ndarray:
-    wanted = {int(i): n for n, i in enumerate(ids)}
-    out = np.zeros((len(ids), collection.manifest.embed_dim), dtype=np.float32)
-    found = 0
-    for batch_ids, vectors in collection.store.iter_embeddings(table, batch_size=65536):
-        for row, item in enumerate(batch_ids):
-            n = wanted.get(int(item))
-            if n is not None:
-                out[n] = vectors[row]
-                found += 1
-    if found != len(ids):
-        raise BtsearchError(f"{len(ids) - found} of the {table} to evaluate are not in the collection")
-    return out
+def _model_of(collection: EvaluatedCollection) -> Encoder:
+    if collection.encoder is None:
+        raise ValueError("evaluation needs the collection's model (open it with load_model=True)")
+    return collection.encoder
 
 
 def _needed_pairs(itc: np.ndarray, candidates: int) -> np.ndarray:
@@ -205,11 +175,10 @@ class PairScores:
 
     def save(self) -> None:
         keys = np.array(list(self.scores), dtype=np.int64).reshape(-1, 2)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, text_id=keys[:, 0], image_id=keys[:, 1], score=np.array(list(self.scores.values()), dtype=np.float32))
-        tmp.replace(self.path)
+        with atomic_write(self.path) as file:
+            np.savez(file, text_id=keys[:, 0], image_id=keys[:, 1], score=np.array(list(self.scores.values()), dtype=np.float32))
 
-    def fill(self, collection: "Collection", pairs: np.ndarray, progress: bool) -> np.ndarray:
+    def fill(self, collection: EvaluatedCollection, pairs: np.ndarray, progress: bool) -> np.ndarray:
         """Score the pairs not scored yet; return the (captions, images) matrix, NaN elsewhere."""
         key = lambda t, i: (int(self.text_ids[t]), int(self.image_ids[i]))  # noqa: E731
         todo = np.array([(t, i) for t, i in pairs if key(t, i) not in self.scores], dtype=np.int64).reshape(-1, 2)
@@ -220,9 +189,9 @@ class PairScores:
             matrix[t, i] = self.scores[key(t, i)]
         return matrix
 
-    def _score(self, collection: "Collection", todo: np.ndarray, progress: bool) -> None:
-        encoder = collection.encoder
-        texts = {row["id"]: row["text"] for row in collection.store.get_texts(self.text_ids[np.unique(todo[:, 0])])}
+    def _score(self, collection: EvaluatedCollection, todo: np.ndarray, progress: bool) -> None:
+        encoder = _model_of(collection)
+        texts = {row["id"]: row["text"] for row in collection.texts(self.text_ids[np.unique(todo[:, 0])])}
         image_bridges = _image_bridges(collection, self.image_ids[np.unique(todo[:, 1])], progress)
         last_save = time.monotonic()
         text_index = np.unique(todo[:, 0])
@@ -232,6 +201,7 @@ class PairScores:
                 chunk = text_index[chunk_start : chunk_start + TEXT_CHUNK]
                 slot = {int(t): n for n, t in enumerate(chunk)}
                 states = encoder.text_states([texts[int(self.text_ids[t])] for t in chunk], with_bridge=True)
+                assert states.bridge is not None and states.mask is not None
                 pairs = todo[np.isin(todo[:, 0], chunk)]
                 for start in range(0, len(pairs), PAIR_BATCH):
                     batch = pairs[start : start + PAIR_BATCH]
@@ -247,33 +217,13 @@ class PairScores:
         self.save()
 
 
-def _image_bridges(collection: "Collection", image_ids: np.ndarray, progress: bool) -> BridgeCache:
+def _image_bridges(collection: EvaluatedCollection, image_ids: np.ndarray, progress: bool) -> BridgeCache:
     """The images' bridge inputs, memory-mapped from a cache in the collection folder (filled
     here where missing): memory stays flat however many images, and a later eval with another
     `candidates` runs no image tower. Stored in float32 for an fp32 model (exact), else float16
     (which holds bf16 states exactly)."""
-    encoder = collection.encoder
-    exact = encoder.dtype == torch.float32
-    folder = collection.path / f"eval-bridges-{'fp32' if exact else 'fp16'}"
-    cache = BridgeCache.create(folder, np.float32 if exact else np.float16)
+    exact = _model_of(collection).dtype == torch.float32
+    cache = BridgeCache.create(collection.path / eval_bridges_folder("fp32" if exact else "fp16"), np.dtype(np.float32 if exact else np.float16))
     missing = [int(i) for i in image_ids if int(i) not in cache]
-    if not missing:
-        return cache
-    rows = collection.store.get_images(missing)
-    where = {Path(row["path"]): row["id"] for row in rows}
-    paths = [Path(row["path"]) for row in rows]
-    loaded = iter_image_batches(paths, encoder.prepare_image, batch_size=16, workers=encoder.loader_workers)
-    done_ids, done_states = [], []
-    with tqdm(total=len(rows), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loaded:
-            if batch.skipped:
-                raise BtsearchError(f"cannot read {batch.skipped[0].path}: {batch.skipped[0].reason}")
-            bridge = encoder.image_states(batch.pixels(), with_bridge=True).bridge
-            done_ids += [where[image.path] for image in batch.images]
-            done_states.append(bridge.float().cpu().numpy().astype(cache.dtype, copy=False))
-            if len(done_ids) >= BRIDGE_WRITE_ROWS:
-                cache.append(np.array(done_ids), np.concatenate(done_states))
-                done_ids, done_states = [], []
-            bar.update(len(batch.images))
-    cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states) if done_states else np.empty(0))
+    fill_bridge_cache(_model_of(collection), cache, [(row["id"], row["path"]) for row in collection.images(missing)], progress)
     return cache

@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .indexers.atomic import atomic_write
+from .indexers.layout import TableName
 from .indexers.metadata_store import MetadataStore
 
 SHARD_ROWS = 1_000_000
-_LAYOUT = {  # table -> (embedding folder, metadata folder, {our column: their column})
+_LAYOUT: dict[TableName, tuple[str, str, dict[str, str]]] = {  # table -> (embedding folder, metadata folder, {our column: their column})
     "images": ("img_emb", "metadata", {"path": "image_path", "id": "id", "width": "width", "height": "height", "size": "size", "mtime": "mtime"}),
     "texts": ("text_emb", "text_metadata", {"text": "caption", "id": "id"}),
 }
@@ -34,7 +35,7 @@ def export_collection(
 ) -> dict[str, int]:
     """Write both tables under `out_dir`; returns the rows written per table."""
     out_dir = Path(out_dir)
-    written = {}
+    written: dict[str, int] = {}
     for table, (emb_folder, meta_folder, columns) in _LAYOUT.items():
         (out_dir / emb_folder).mkdir(parents=True, exist_ok=True)
         (out_dir / meta_folder).mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .collection import Collection
-from .encoder import DEFAULT_MODEL, resolve_model_id
+from .defaults import DEFAULT_MODEL, resolve_model_id
 from .errors import BtsearchError
+from .indexers.stored_files import resolve_path
 
 
 @dataclass
@@ -29,18 +30,6 @@ class Benchmark:
 
 
 # -- reading data sets ---------------------------------------------------------------------------
-
-
-def read_flickr30k(annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
-    """Karpathy's `dataset_flickr30k.json`, or the CSV of the `flickr30k` hub data set
-    (columns `raw` = JSON list of captions, `filename`, `split`)."""
-    return read_benchmark("flickr30k", annotations, images_dir, split)
-
-
-def read_coco(annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
-    """Karpathy's `dataset_coco.json` (5K test images); images under `images_dir`/val2014/ etc.
-    as its `filepath` says, or directly in `images_dir`."""
-    return read_benchmark("coco", annotations, images_dir, split)
 
 
 def read_benchmark(name: str, annotations: str | Path, images_dir: str | Path, split: str = "test") -> Benchmark:
@@ -113,14 +102,14 @@ def evaluate_flickr30k(
     """Index the split's images and captions into a cached collection, then measure recall."""
     benchmark = read_benchmark(dataset, annotations, images_dir, split)
     model_id = resolve_model_id(model or DEFAULT_MODEL)
-    key = hashlib.sha256(f"{model_id}\n{Path(annotations).resolve()}\n{split}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{model_id}\n{resolve_path(annotations)}\n{split}".encode()).hexdigest()[:12]
     collection = Collection.create(Path(cache_dir or default_cache_dir()) / f"{benchmark.name}-{key}", model=model_id, device=device, precision=precision)
     report = collection.add_images(benchmark.image_paths, progress=progress)
     if report.skipped:
         first = report.skipped[0]
         raise BtsearchError(f"{len(report.skipped)} benchmark images cannot be read, e.g. {first.path}: {first.reason}")
-    image_ids = _image_ids(collection, benchmark.image_paths)
-    text_ids = _caption_ids(collection, benchmark.captions, progress)
+    image_ids = collection.image_ids(benchmark.image_paths)
+    text_ids = collection.replace_texts(benchmark.captions, progress=progress)  # kept if they are these already
     result = collection.evaluate(benchmark.caption_image, text_ids, image_ids, candidates=candidates, progress=progress, details=report_dir is not None)
     if report_dir is not None:
         from .report import write_report
@@ -128,20 +117,3 @@ def evaluate_flickr30k(
         result["report"] = str(write_report(report_dir, result.pop("details"), result, benchmark))
     return result
 
-
-def _image_ids(collection: Collection, paths: list[Path]) -> np.ndarray:
-    known = collection.store.image_files()
-    return np.array([known[str(path.resolve())]["id"] for path in paths], dtype=np.int64)
-
-
-def _caption_ids(collection: Collection, captions: list[str], progress: bool) -> np.ndarray:
-    """The captions' text ids, adding them unless the collection already holds exactly them."""
-    stored_ids = collection.store.ids("texts")
-    if len(stored_ids) == len(captions):
-        stored = [row["text"] for row in collection.store.get_texts(stored_ids)]
-        if stored == captions:
-            return stored_ids
-    if len(stored_ids):  # a run cut short, or other captions: start the texts afresh
-        collection.store.delete_texts(stored_ids)
-        collection.index("texts").remove(stored_ids)
-    return collection.add_texts(captions, progress=progress)

@@ -10,15 +10,14 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .defaults import DEFAULT_MAX_PIXELS
 from .errors import ImageReadError
+from .indexers.stored_files import resolve_path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-# PIL's own bomb check errors only at twice its warning limit, and warns (noisily) below; this
-# limit is ours, checked from the header before any pixel is decoded.
-DEFAULT_MAX_PIXELS = 180_000_000  # a 16,000 x 11,000 panorama passes; a 50K x 50K bomb does not
-Image.MAX_IMAGE_PIXELS = None
+Image.MAX_IMAGE_PIXELS = None  # our own limit, DEFAULT_MAX_PIXELS, is checked before decoding
 
 
 def load_rgb(source: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
@@ -116,16 +115,10 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
                 subfolders.sort()
                 for name in sorted(files):
                     if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                        found.setdefault(_resolve(os.path.join(folder, name)), None)
+                        found.setdefault(resolve_path(os.path.join(folder, name)), None)
         elif root.exists() or root.is_symlink():
-            found.setdefault(_resolve(root), None)
+            found.setdefault(resolve_path(root), None)
         else:
             raise FileNotFoundError(f"no such file or folder: {root}")
     return list(found)
 
-
-def _resolve(path: str | os.PathLike) -> str:
-    try:
-        return os.path.realpath(path, strict=True)
-    except (OSError, RuntimeError):  # a dangling link or a loop: keep the name, reading it will say why
-        return os.path.abspath(path)

@@ -119,6 +119,7 @@ class Manager(nn.Module):
         super().__init__()
         hidden, managed = config.hidden_size, config.managed_layers
         vector = config.manager_weight_type == "vector"
+        self.manager_layer: nn.Module
         if index > 0 and config.manager_type == "AAUE":
             self.manager_layer = AdaptiveManager(hidden, managed, vector)
         else:

@@ -17,6 +17,7 @@ called in the same order with the same masks, so the numbers equal the reference
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ class TowerOutput:
 class RetrievalHeads:
     """What every retrieval model family shares about its heads (`itc_text_head`,
     `itc_image_head`, `itm_score`): the ITC width, and keeping them in float32."""
+
+    config: Any  # the model's BridgeTowerConfig (the class this is mixed into sets it)
 
     @property
     def embed_dim(self) -> int:
@@ -185,6 +188,7 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
         mask = self._text_mask(text_bridge[:, 0], text_mask)
         last = self.num_bridge_layers - 1
         text_in, image_in = text_bridge[:, 0], image_bridge[:, 0]
+        text_out, image_out = text_in, image_in  # each layer's outputs, read by the next layer's link towers
         for layer in range(self.num_bridge_layers):
             if layer > 0:
                 text_in = self._link_tower(bt.cross_modal_text_link_tower, layer - 1)(text_bridge[:, layer], text_out, mask)

@@ -1,21 +1,25 @@
 """ITM re-ranking of FAISS candidates for one query.
 
 The query's tower runs once (its bridge inputs come in with the query); the candidates' bridge
-inputs are computed in batches, and each batch of pairs goes through the cross-modal encoder at
-once with the query's states broadcast over it.
+inputs come from the re-rank cache, or else from their files through the image tower, and each
+batch of pairs goes through the cross-modal encoder at once with the query's states broadcast
+over it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .encoder import Encoder
-from .loader import iter_image_batches
-from .indexers import BridgeCache
-from .model import TowerOutput
+from .image_states import embed_image_files
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+    from .indexers import BridgeCache
+    from .model import TowerOutput
 
 
 class Reranker:
@@ -26,7 +30,7 @@ class Reranker:
         self.batch_size = batch_size
 
     def score_images(
-        self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] = (), cache: BridgeCache | None = None
+        self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = (), cache: BridgeCache | None = None
     ) -> np.ndarray:
         """ITM logits of (query text, image) for each path; NaN where the file cannot be read.
 
@@ -36,18 +40,14 @@ class Reranker:
         cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
         for start in range(0, len(cached), self.batch_size):
             where = cached[start : start + self.batch_size]
-            states = self.encoder.to_model(cache.get([ids[i] for i in where]))
-            scores[where] = self.encoder.match(query, TowerOutput(embeds=None, bridge=states))
+            assert cache is not None
+            states = self.encoder.states_from_cache(cache.get([ids[i] for i in where]))
+            scores[where] = self.encoder.match(query, states)
         todo = sorted(set(range(len(paths))) - set(cached))
         position = {Path(paths[i]): i for i in todo}
-        batches = iter_image_batches(
-            [Path(paths[i]) for i in todo], self.encoder.prepare_image, self.batch_size, self.encoder.loader_workers
-        )
-        for batch in batches:
-            if batch.images:
-                images = self.encoder.image_states(batch.pixels(), with_bridge=True)
-                where = [position[image.path] for image in batch.images]
-                scores[where] = self.encoder.match(query, images)
+        for batch in embed_image_files(self.encoder, [Path(paths[i]) for i in todo], self.batch_size, with_bridge=True):
+            if batch.states is not None:
+                scores[[position[image.path] for image in batch.images]] = self.encoder.match(query, batch.states)
         return scores
 
     def score_texts(self, query: TowerOutput, texts: Sequence[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ scikit-image is an optional dependency (the "demo" extra), so it is imported laz
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # Captions were written by looking at each photo. Colour photos first, then grey ones.
 SAMPLE_PHOTOS: dict[str, list[str]] = {
@@ -92,7 +93,7 @@ def write_sample_photos(out_dir: str | Path, names=None, fmt: str = "jpg") -> li
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_options = {"quality": 90} if fmt.lower() in ("jpg", "jpeg") else {}
+    save_options: dict[str, Any] = {"quality": 90} if fmt.lower() in ("jpg", "jpeg") else {}
     paths = []
     for name in names:
         path = out_dir / f"{name}.{fmt}"

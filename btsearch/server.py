@@ -1,9 +1,10 @@
 """`btsearch serve`: an HTTP API and a web page over one collection.
 
 The model is loaded once. Searches run one at a time behind a lock (the model and FAISS are
-not made for concurrent calls on a 2-core box; requests queue instead of competing), and each
-opens the collection's latest committed snapshot, so an `index` running beside the server is
+not made for concurrent calls; requests queue instead of competing), and each opens the
+collection's latest committed snapshot, so an `index` running beside the server is
 seen as it commits, never half-way. Errors the user can fix are 4xx with a one-line `detail`.
+The web page is a static file shipped with the package (`web/index.html`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import threading
 import time
 from collections import deque
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from PIL import UnidentifiedImageError
 
-from .collection import Collection, SearchResult
+from .collection import Collection
+from .defaults import DEFAULT_MAX_PIXELS
 from .encoder import Encoder
 from .errors import BtsearchError
-from .indexers import MetadataStore
-from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .images import load_rgb
+from .indexers import ImageRow
+from .indexers.layout import TABLES
+from .search import API, SearchResult, check_query, result_json
 
 THUMBNAIL_SIZES = (128, 256, 512)
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -44,16 +49,16 @@ class _Service:
 
     def collection(self) -> Collection:
         """The latest committed snapshot, reopened only when a writer has committed since."""
-        if MetadataStore.latest_versions(self.path) != self._collection.store.versions():
+        if not self._collection.is_latest():
             self._collection = Collection.open(self.path, encoder=self.encoder, read_only=True)
         return self._collection
 
-    def search(self, **kwargs) -> SearchResult:
+    def search(self, **query) -> SearchResult:
         started = time.perf_counter()
         with self.lock:
             self.requests += 1
             try:
-                return self.collection().search(**kwargs)
+                return self.collection().search(**query)
             except BtsearchError as error:
                 self.errors += 1
                 raise HTTPException(status_code=400, detail=str(error)) from None
@@ -61,26 +66,14 @@ class _Service:
                 self.latencies.append(1000 * (time.perf_counter() - started))
 
 
-def _hits_json(result: SearchResult) -> dict:
-    field = "path" if result.target == "images" else "text"
-    hits = []
-    for hit in result.hits:
-        item = {"rank": hit.rank, "id": hit.id, field: getattr(hit, field), "itc_score": hit.itc_score, "itm_score": hit.itm_score}
-        if result.target == "images":
-            item["thumbnail"] = f"/api/images/{hit.id}/thumbnail"
-            item["image"] = f"/api/images/{hit.id}"
-        hits.append(item)
-    return {"query": result.query, "target": result.target, "reranked": result.reranked, "notes": result.notes, "hits": hits}
-
-
 def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto") -> FastAPI:
     path = Path(path)
     service = _Service(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True))
     app = FastAPI(title="btsearch", description="Search images with text and texts with images (BridgeTower).", version="0.1.0")
 
-    def image_row(image_id: int) -> dict:
+    def image_row(image_id: int) -> ImageRow:
         try:
-            return service.collection().store.get_images([image_id])[0]
+            return service.collection().images([image_id])[0]
         except KeyError:
             raise HTTPException(status_code=404, detail=f"no image with id {image_id}") from None
 
@@ -92,14 +85,16 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
         image.save(out, format="JPEG", quality=85)
         return out.getvalue()
 
+    web_page = (files("btsearch") / "web" / "index.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return WEB_PAGE
+        return web_page
 
     @app.get("/api/health")
     def health() -> dict:
         snapshot = service.collection()
-        return {"status": "ok", "model": snapshot.manifest.model, "images": snapshot.store.count_images(), "texts": snapshot.store.count_texts()}
+        return {"status": "ok", "model": snapshot.manifest.model, "images": snapshot.count("images"), "texts": snapshot.count("texts")}
 
     @app.get("/api/metrics")
     def metrics() -> dict:
@@ -112,9 +107,9 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
                 "p50": statistics.median(latencies) if latencies else None,
                 "p95": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
             },
-            "images": snapshot.store.count_images(),
-            "texts": snapshot.store.count_texts(),
-            "index": {table: snapshot.index(table).describe() for table in ("images", "texts")},
+            "images": snapshot.count("images"),
+            "texts": snapshot.count("texts"),
+            "index": {table: snapshot.index(table).describe() for table in TABLES},
         }
 
     @app.get("/api/search")
@@ -126,10 +121,12 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
         rerank: bool = True,
         target: str | None = Query(None, pattern="^(images|texts)$"),
     ) -> dict:
-        if (q is None) == (image_id is None):
-            raise HTTPException(status_code=400, detail="give either q (a text) or image_id")
+        try:
+            check_query(q, image_id, k, candidates, target, spelling=API)
+        except BtsearchError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
         image = None if image_id is None else image_row(image_id)["path"]
-        return _hits_json(service.search(text=q, image=image, k=k, candidates=candidates, rerank=rerank, target=target))
+        return result_json(service.search(text=q, image=image, k=k, candidates=candidates, rerank=rerank, target=target), image_links=True)
 
     @app.post("/api/search/image")
     def search_by_upload(
@@ -146,7 +143,7 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
             picture = load_rgb(io.BytesIO(data), max_pixels=DEFAULT_MAX_PIXELS, name=file.filename or "upload")
         except (BtsearchError, UnidentifiedImageError, OSError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        return _hits_json(service.search(image=picture, k=k, candidates=candidates, rerank=rerank, target=target))
+        return result_json(service.search(image=picture, k=k, candidates=candidates, rerank=rerank, target=target), image_links=True)
 
     @app.get("/api/images/{image_id}")
     def full_image(image_id: int) -> FileResponse:
@@ -166,72 +163,3 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
             raise HTTPException(status_code=404, detail=str(error)) from None
 
     return app
-
-
-WEB_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>btsearch</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
- form{display:flex;gap:.5rem;margin-bottom:1rem} input[type=text]{flex:1;font-size:1.1rem;padding:.4rem}
- #drop{border:2px dashed #999;padding:1rem;text-align:center;color:#666;margin-bottom:1rem}
- #drop.over{border-color:#06c;color:#06c}
- #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:.8rem}
- figure{margin:0} figure img{width:100%;height:160px;object-fit:cover;cursor:pointer;border-radius:4px}
- figcaption,.score{font-size:.8rem;color:#555;word-break:break-all} ol#texts li{margin:.3rem 0}
- #status{color:#555;min-height:1.2em} #status.error{color:#a00} dialog img{max-width:90vw;max-height:80vh}
-</style></head><body>
-<h1>btsearch</h1>
-<form id="search"><input type="text" id="q" placeholder="Describe a picture..." autofocus>
-<label><input type="checkbox" id="rerank" checked> re-rank (ITM)</label><button>Search</button></form>
-<div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"> to find its captions</div>
-<div id="status"></div><div id="grid"></div><ol id="texts"></ol>
-<dialog id="viewer"><img id="full" alt=""><p id="fullpath"></p><button onclick="viewer.close()">Close</button></dialog>
-<script>
-const $ = (id) => document.getElementById(id);
-function fmt(x) { return x === null ? "-" : x.toFixed(3); }
-function show(data) {
-  $("status").className = ""; $("status").textContent = data.notes.join("; ");
-  $("grid").innerHTML = ""; $("texts").innerHTML = "";
-  for (const hit of data.hits) {
-    if (data.target === "images") {
-      const fig = document.createElement("figure"); fig.className = "hit";
-      const img = document.createElement("img"); img.src = hit.thumbnail; img.alt = hit.path;
-      img.onclick = () => { $("full").src = hit.image; $("fullpath").textContent = hit.path; $("viewer").showModal(); };
-      const cap = document.createElement("figcaption");
-      cap.textContent = `#${hit.rank} itm ${fmt(hit.itm_score)} itc ${fmt(hit.itc_score)} ${hit.path.split("/").pop()}`;
-      fig.append(img, cap); $("grid").append(fig);
-    } else {
-      const li = document.createElement("li"); li.className = "hit";
-      li.textContent = `${hit.text}  (itm ${fmt(hit.itm_score)}, itc ${fmt(hit.itc_score)})`;
-      $("texts").append(li);
-    }
-  }
-}
-async function call(url, options) {
-  $("status").className = ""; $("status").textContent = "searching...";
-  const response = await fetch(url, options);
-  const data = await response.json();
-  if (!response.ok) {
-    // 4xx from btsearch carry one line; FastAPI's validation errors carry a list.
-    const detail = Array.isArray(data.detail) ? data.detail.map((e) => `${e.loc.at(-1)}: ${e.msg}`).join("; ") : data.detail;
-    $("status").className = "error"; $("status").textContent = detail; return;
-  }
-  show(data);
-}
-$("search").onsubmit = (event) => {
-  event.preventDefault();
-  const q = $("q").value.trim(); if (!q) return;
-  call(`/api/search?q=${encodeURIComponent(q)}&k=24&rerank=${$("rerank").checked}`);
-};
-function upload(file) {
-  const body = new FormData(); body.append("file", file);
-  call(`/api/search/image?k=10&rerank=${$("rerank").checked}`, {method: "POST", body});
-}
-$("file").onchange = () => { if ($("file").files.length) upload($("file").files[0]); };
-const drop = $("drop");
-drop.ondragover = (event) => { event.preventDefault(); drop.classList.add("over"); };
-drop.ondragleave = () => drop.classList.remove("over");
-drop.ondrop = (event) => { event.preventDefault(); drop.classList.remove("over"); if (event.dataTransfer.files.length) upload(event.dataTransfer.files[0]); };
-</script></body></html>
-"""

@@ -80,7 +80,10 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
                 key, _, extension = base.partition(".")
                 key = os.path.join(directory, key)
                 suffix = "." + extension.lower().rsplit(".", 1)[-1] if extension else ""
-                data = tar.extractfile(member).read()
+                extracted = tar.extractfile(member)
+                if extracted is None:  # not a regular file after all
+                    continue
+                data = extracted.read()
                 if suffix in IMAGE_SUFFIXES:
                     _write_once(folder / (_safe(key.replace(os.sep, "__")) + suffix), data)
                 elif suffix in (".txt", ".json"):

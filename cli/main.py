@@ -1,37 +1,43 @@
 """The `btsearch` command: a thin layer over `btsearch.Collection`.
 
-Errors the user can act on print one line on stderr and exit 1; results go to stdout.
+Errors the user can act on print one line on stderr and exit 1; results go to stdout. Each
+command imports what it needs when it runs, so `--help` answers without loading torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from btsearch.collection import MEDIA_DIR, Collection, IndexReport, SearchResult
-from btsearch.convert import FAMILIES
-from btsearch.convert import convert as convert_checkpoint
-from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
-from btsearch.device import DEVICE_CHOICES, PRECISION_CHOICES
-from btsearch.encoder import DEFAULT_MODEL
+from btsearch.defaults import CHECKPOINT_FAMILIES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from btsearch.errors import BtsearchError
-from btsearch.export import export_collection
-from btsearch.sources import expand_inputs
-from btsearch.flickr30k import evaluate_flickr30k
-from btsearch.images import DEFAULT_MAX_PIXELS
-from btsearch.text_files import read_texts_file
+
+from .options import (
+    ByteSize,
+    db_option,
+    device_option,
+    json_option,
+    model_option,
+    parse_size,
+    quiet_option,
+    say,
+    show_progress,
+    start_invocation,
+)
+from .output import echo_index_line, index_summary, print_recall, print_search, say_skipped
+
+__all__ = ["main", "parse_size"]
 
 
 class _Group(click.Group):
     """Turns btsearch's own errors into one line on stderr, never a traceback."""
 
-    def invoke(self, ctx):
-        global _QUIET
-        _QUIET = False  # each invocation starts loud; a subcommand's --quiet sets it while parsing
+    def invoke(self, ctx: click.Context) -> Any:
+        start_invocation()
         try:
             return super().invoke(ctx)
         except (BtsearchError, FileNotFoundError) as error:
@@ -39,91 +45,9 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
-_QUIET = False
-
-
-def _set_quiet(ctx, param, value):
-    global _QUIET
-    _QUIET = bool(value)
-
-
-quiet_option = click.option(
-    "--quiet", "-q", is_flag=True, expose_value=False, is_eager=True, callback=_set_quiet,
-    help="No progress bars, notes or skipped-file lines on stderr (errors still print; `info --skipped` lists skips).",
-)
-
-
-def _progress() -> bool:
-    return sys.stderr.isatty() and not _QUIET
-
-
-def _say(message: str) -> None:
-    """A note for the person at the terminal, on stderr; silent with --quiet."""
-    if not _QUIET:
-        click.echo(message, err=True)
-
-
-def json_option(what: str):
-    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object on stdout, for scripts.")
-
-
-model_option = click.option(
-    "--model",
-    default=None,
-    metavar="M",
-    help=f"Hub id or local folder of a BridgeTower checkpoint with ITC heads [default: the collection's own, else {DEFAULT_MODEL}].",
-)
-
-
-def device_option(command):
-    """--device and --precision: where the model runs, and in which number format."""
-    command = click.option(
-        "--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
-        help="Model precision. auto: bf16 where the CPU or GPU computes it natively (several times faster), "
-        "else fp16 on GPUs and fp32 on CPUs. fp32 reproduces transformers' scores exactly.",
-    )(command)
-    return click.option(
-        "--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
-        help="Where the model runs (auto: CUDA when present).",
-    )(command)
-
-
-_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from a size such as 512MiB, 2GiB, 1.5G or 1000000; ValueError if it is none."""
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().lower().removesuffix("b").removesuffix("i")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in _SIZE_UNITS else (text, "")
-    try:
-        size = int(float(number) * _SIZE_UNITS[unit])
-    except ValueError:
-        raise ValueError(f"{value!r} is not a size such as 512MiB or 2GiB") from None
-    if size <= 0:
-        raise ValueError(f"{value!r} is not a positive size")
-    return size
-
-
-class ByteSize(click.ParamType):
-    """A size in bytes: 512MiB, 2GiB, 1.5G, 1000000."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_size(value)
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-db_option = click.option("--db", required=True, type=click.Path(file_okay=False, path_type=Path), help="The collection folder.")
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="btsearch")
-def main():
+def main() -> None:
     """Search images with text and texts with images, using BridgeTower.
 
     FAISS recalls candidates by the uni-modal ITC embeddings; BridgeTower's cross-modal
@@ -164,51 +88,34 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     entries of files gone from under PATHS are removed, unreadable files are skipped and
     listed by `info --skipped`. Safe to interrupt at any point: the next run resumes.
     """
+    from btsearch.collection import Collection
+    from btsearch.indexers.layout import MEDIA
+    from btsearch.sources import expand_inputs
+
     collection = Collection.create(db, model=model, device=device, precision=precision)
     if index_memory is not None:
         collection.set_index_memory(index_memory)
-    inputs = expand_inputs(list(paths), collection.path / MEDIA_DIR)
+    inputs = expand_inputs(list(paths), collection.path / MEDIA)
     for path, reason in inputs.missing:
-        _say(f"skipped {path}: {reason}")
+        say(f"skipped {path}: {reason}")
     report = collection.add_images(
-        inputs.roots, batch_size=batch_size, progress=_progress(), rerank_cache=rerank_cache,
+        inputs.roots, batch_size=batch_size, progress=show_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels,
     )
-    _say_skipped(report)
-    summary = _index_summary(report, collection)
+    say_skipped(report)
+    summary = index_summary(report, collection)
     if not as_json:
-        _echo_index_line(report, summary)
+        echo_index_line(report, summary)
     if with_captions:
-        known = {row["text"] for row in collection.store.get_texts(collection.store.ids("texts"))}
+        known = {row["text"] for row in collection.texts()}
         new_captions = list(dict.fromkeys(c for c in inputs.captions if c not in known))
         if new_captions:
-            collection.add_texts(new_captions, progress=_progress())
+            collection.add_texts(new_captions, progress=show_progress())
         summary["captions"] = {"added": len(new_captions), "already_there": len(inputs.captions) - len(new_captions)}
         if not as_json:
             click.echo(f"added {len(new_captions)} captions as texts ({len(inputs.captions) - len(new_captions)} already there)")
     if as_json:
         click.echo(json.dumps(summary))
-
-
-def _index_summary(report: IndexReport, collection: Collection) -> dict:
-    """What `index --json` prints (before captions, which the caller adds)."""
-    return {
-        "added": report.added, "updated": report.updated, "removed": report.removed, "unchanged": report.unchanged,
-        "skipped": [{"path": str(item.path), "reason": item.reason} for item in report.skipped],
-        "seconds": round(report.seconds, 3), "images": collection.store.count_images(), "db": str(collection.path),
-    }
-
-
-def _say_skipped(report: IndexReport) -> None:
-    for skipped in report.skipped:
-        _say(f"skipped {skipped.path}: {skipped.reason}")
-
-
-def _echo_index_line(report: IndexReport, summary: dict) -> None:
-    click.echo(
-        f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
-        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {summary['images']} images in {summary['db']}"
-    )
 
 
 @main.command("add-texts")
@@ -224,10 +131,13 @@ def add_texts(file, db, model, as_json, device, precision):
     FILE is .txt (one text a line), .jsonl ({"text": ...} a line), or .csv/.parquet with a
     `text` column.
     """
+    from btsearch.collection import Collection
+    from btsearch.text_files import read_texts_file
+
     texts = read_texts_file(file)
     collection = Collection.create(db, model=model, device=device, precision=precision)
-    ids = collection.add_texts(texts, progress=_progress())
-    total = collection.store.count_texts()
+    ids = collection.add_texts(texts, progress=show_progress())
+    total = collection.count("texts")
     if as_json:
         click.echo(json.dumps({"added": len(ids), "texts": total, "db": str(collection.path)}))
     else:
@@ -253,38 +163,15 @@ def add_texts(file, db, model, as_json, device, precision):
 @quiet_option
 def search(text, image, db, k, candidates, no_rerank, as_json, bare, target, model, device, precision):
     """Find images matching TEXT, or texts matching --image."""
-    if (text is None) == (image is None):
-        raise BtsearchError("give either a TEXT query or --image PATH")
-    if k < 1:
-        raise BtsearchError("-k must be at least 1")
-    if candidates is not None and candidates < 1:
-        raise BtsearchError("--candidates must be at least 1 (--no-rerank ranks by ITC alone)")
-    collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
+    from btsearch.collection import Collection
+    from btsearch.search import CLI, check_query
+
+    check_query(text, image, k, candidates, target, spelling=CLI)
     if as_json and bare:
         raise BtsearchError("--json and --paths are two output formats: choose one")
+    collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
     result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target)
-    _print_search(result, as_json, bare)
-
-
-def _print_search(result: SearchResult, as_json: bool, bare: bool = False) -> None:
-    for note in result.notes:
-        _say(f"note: {note}")
-    field = "path" if result.target == "images" else "text"
-    if bare:
-        for hit in result.hits:
-            click.echo(getattr(hit, field))
-        return
-    if as_json:
-        hits = [
-            {"rank": hit.rank, field: getattr(hit, field), "itc_score": hit.itc_score, "itm_score": hit.itm_score}
-            for hit in result.hits
-        ]
-        click.echo(json.dumps({"query": result.query, "hits": hits}, ensure_ascii=False))
-        return
-    click.echo(f"{'rank':>4}  {'itm':>8}  {'itc':>7}  {field}")
-    for hit in result.hits:
-        itm = "-" if hit.itm_score is None else f"{hit.itm_score:.3f}"
-        click.echo(f"{hit.rank:>4}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, field)}")
+    print_search(result, as_json, bare)
 
 
 @main.group("eval")
@@ -308,24 +195,18 @@ def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
     @device_option
     @quiet_option
     def command(annotations, images, split, model, candidates, cache_dir, as_json, report_dir, device, precision):
+        from btsearch.flickr30k import evaluate_flickr30k
+
         result = evaluate_flickr30k(
             annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
-            cache_dir=cache_dir, device=device, precision=precision, progress=_progress(), dataset=name, report_dir=report_dir,
+            cache_dir=cache_dir, device=device, precision=precision, progress=show_progress(), dataset=name, report_dir=report_dir,
         )
         if report_dir is not None:
-            _say(f"report: {result['report']}")
+            say(f"report: {result['report']}")
         if as_json:
             click.echo(json.dumps(result))
-            return
-        click.echo(f"{title} {split}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
-        click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}")
-        rows = [("ITC", result["itc"])]
-        if result["rerank"] is not None:
-            rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
-        for row_name, table in rows:
-            t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
-            i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
-            click.echo(f"{row_name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+        else:
+            print_recall(result, title, split, candidates)
 
     command.__doc__ = f"""R@1/5/10 both ways on {title} (ALBEF/BridgeTower protocol), ITC alone and re-ranked.
 
@@ -343,7 +224,7 @@ eval_coco = _eval_command("coco", "MSCOCO", 256, "Karpathy's dataset_coco.json (
 @main.command()
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--family", type=click.Choice(FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
+@click.option("--family", type=click.Choice(CHECKPOINT_FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
 @click.option("--tokenizer", default=None, metavar="ID|DIR", help="Tokenizer to ship with it [default: the checkpoint config's, e.g. roberta-base].")
 @quiet_option
 def convert(source, out_dir, family, tokenizer):
@@ -355,12 +236,14 @@ def convert(source, out_dir, family, tokenizer):
     the tensor shapes; a key with no place in the layout, or a missing one, is an error that
     names it.
     """
+    from btsearch.convert import convert as convert_checkpoint
+
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BtsearchError(f"{out_dir} is not empty: convert into a new folder")
     done = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
     config = done.config
     if done.dropped:
-        _say(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}")
+        say(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}")
     family_name = "ManagerTower" if done.family == "managertower" else "BridgeTower"
     click.echo(
         f"wrote {done.folder}: {family_name}, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"
@@ -382,6 +265,7 @@ def serve(db, host, port, model, device, precision):
     """
     import uvicorn
 
+    from btsearch.collection import Collection
     from btsearch.server import create_app
 
     app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision)
@@ -401,8 +285,9 @@ def export(db, out_dir, as_json):
     The LanceDB tables are readable as they are, too: pyarrow, pandas and DuckDB open
     DIR/images.lance and DIR/texts.lance (e.g. `lancedb.connect(DIR).open_table("images").to_pandas()`).
     """
-    collection = Collection.open(db, load_model=False, read_only=True)
-    written = export_collection(collection.store, out_dir, progress=_progress())
+    from btsearch.collection import Collection
+
+    written = Collection.open(db, load_model=False, read_only=True).export(out_dir, progress=show_progress())
     if as_json:
         click.echo(json.dumps({**written, "out": str(out_dir)}))
     else:
@@ -415,6 +300,8 @@ def export(db, out_dir, as_json):
 @click.option("--skipped", is_flag=True, help="List the files indexing skipped, with the reason, instead.")
 def info(db, model, skipped):
     """Show what a collection holds and which model built it."""
+    from btsearch.collection import Collection
+
     collection = Collection.open(db, model=model, load_model=False, read_only=True)
     if skipped:
         entries = collection.skipped()
@@ -436,22 +323,25 @@ def demo(db, model, device, precision):
 
     Uses the hub model when it can be had; offline, a small local checkpoint, labelled as such.
     """
+    from btsearch.collection import Collection
+    from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
+
     encoder, note = prepare_demo(db, model or DEFAULT_MODEL, device=device, precision=precision)
     if note:
         click.echo(f"NOTE: {note}\n")
     collection = Collection.create(db / "collection", encoder=encoder)
     click.echo(f"model: {collection.manifest.model}{' (small local fallback checkpoint)' if note else ''}")
-    report = collection.add_images([db / "photos"], progress=_progress())
-    _say_skipped(report)
-    _echo_index_line(report, _index_summary(report, collection))
-    if collection.store.count_texts() == 0:
+    report = collection.add_images([db / "photos"], progress=show_progress())
+    say_skipped(report)
+    echo_index_line(report, index_summary(report, collection))
+    if collection.count("texts") == 0:
         collection.add_texts(DEMO_TEXTS)
     for text in DEMO_QUERIES[:4]:
         click.echo(f"\n$ btsearch search {text!r} --db {collection.path} -k 3")
-        _print_search(collection.search(text=text, k=3, candidates=8), as_json=False)
+        print_search(collection.search(text=text, k=3, candidates=8), as_json=False)
     photo = sorted((db / "photos").iterdir())[0]
     click.echo(f"\n$ btsearch search --image {photo} --db {collection.path} -k 3")
-    _print_search(collection.search(image=photo, k=3, candidates=8), as_json=False)
+    print_search(collection.search(image=photo, k=3, candidates=8), as_json=False)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .atomic import atomic_write
 
@@ -24,7 +25,7 @@ CACHE_DTYPE = np.float16
 
 
 class BridgeCache:
-    def __init__(self, folder: str | os.PathLike[str], dtype: np.dtype = CACHE_DTYPE) -> None:
+    def __init__(self, folder: str | os.PathLike[str], dtype: DTypeLike = CACHE_DTYPE) -> None:
         """`dtype`: how new states are stored (float16 halves the bytes of float32 and holds
         bf16 states exactly; float32 keeps fp32 states exact). Chunks read back as written."""
         self.folder = Path(folder)
@@ -41,7 +42,7 @@ class BridgeCache:
         return Path(folder).is_dir()
 
     @classmethod
-    def create(cls, folder: str | os.PathLike[str], dtype: np.dtype = CACHE_DTYPE) -> "BridgeCache":
+    def create(cls, folder: str | os.PathLike[str], dtype: DTypeLike = CACHE_DTYPE) -> BridgeCache:
         Path(folder).mkdir(parents=True, exist_ok=True)
         return cls(folder, dtype)
 

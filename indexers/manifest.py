@@ -12,10 +12,10 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
 from .atomic import atomic_write
-
-MANIFEST_NAME = "manifest.json"
+from .layout import MANIFEST
 
 
 class ManifestError(ValueError):
@@ -33,31 +33,31 @@ class Manifest:
     config_hash: str
     embed_dim: int
     created: str = field(default_factory=_now)  # ISO 8601, UTC
-    btsearch_version: str | None = None
     index_memory: int | None = None  # bytes the FAISS indexes may take; None: a share of the machine's memory
 
     @staticmethod
     def exists(folder: str | os.PathLike[str]) -> bool:
-        return (Path(folder) / MANIFEST_NAME).is_file()
+        return (Path(folder) / MANIFEST).is_file()
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> "Manifest":
         """Read `folder`/manifest.json; unknown keys (from newer writers) are ignored."""
-        path = Path(folder) / MANIFEST_NAME
+        path = Path(folder) / MANIFEST
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ManifestError(f"{path} does not hold a JSON object")
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in data:
                 if f.default is MISSING and f.default_factory is MISSING:
                     raise ManifestError(f"{path} lacks the field {f.name!r}")
                 continue
             value = data[f.name]
-            if not isinstance(value, f.type) or (isinstance(value, bool) and f.type is int):  # JSON true is no int
+            expected = cast(type, f.type)  # real types: see the note on the imports
+            if not isinstance(value, expected) or (isinstance(value, bool) and expected is int):  # JSON true is no int
                 raise ManifestError(f"{path}: {f.name} has the wrong type: {value!r}")
             values[f.name] = value
         return cls(**values)
@@ -65,5 +65,5 @@ class Manifest:
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Write `folder`/manifest.json atomically; `folder` must exist."""
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
-        with atomic_write(Path(folder) / MANIFEST_NAME) as f:
+        with atomic_write(Path(folder) / MANIFEST) as f:
             f.write(text.encode("utf-8"))

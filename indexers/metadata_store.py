@@ -1,8 +1,8 @@
 """Image and text records, with their embeddings, in an embedded LanceDB database.
 
 LanceDB is the source of truth: a FAISS index can always be rebuilt from it (`iter_embeddings`).
-The store assumes one writer at a time (one process, one `MetadataStore`), like the rest of a
-collection: ids are allocated from a counter kept in memory.
+The store assumes one writer at a time (the collection's write lock sees to it): ids come from
+the largest stored id and a reservation on disk (`next-ids.json`), so none is ever reused.
 
 Every `add_*` call is one LanceDB append, which leaves one small file and one table version
 behind; reads slow down as these pile up. Write in large batches, and call `optimize()` after a
@@ -16,10 +16,9 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Any, TypedDict
 
 import lancedb
 import numpy as np
@@ -28,6 +27,8 @@ import pyarrow.compute as pc
 from lancedb.index import BTree
 
 from .atomic import atomic_write
+from .layout import ID_RESERVATION, TableName
+from .stored_files import StoredFiles, is_utf8, resolve_path
 
 
 def images_schema(dim: int) -> pa.Schema:
@@ -57,7 +58,6 @@ def texts_schema(dim: int) -> pa.Schema:
     )
 
 
-TableName = Literal["images", "texts"]
 _SCHEMAS = {"images": images_schema, "texts": texts_schema}
 
 # Below this many rows a scan is as fast as a BTREE lookup, so indices would only cost writes.
@@ -67,7 +67,6 @@ _INDEXED_COLUMNS = {"images": ("id", "path"), "texts": ("id",)}
 # optimize() deletes older table versions; a reader that opened the table within this grace
 # period may still be reading one of them.
 VERSION_GRACE = timedelta(minutes=5)
-ID_RESERVATION = "next-ids.json"  # the smallest id never handed out, per table
 
 
 class ImageInfo(TypedDict):
@@ -151,7 +150,7 @@ class MetadataStore:
         embeddings = self._check_embeddings(embeddings, len(images))
         if not images:
             return np.empty(0, np.int64)
-        paths = [_resolve(image["path"]) for image in images]
+        paths = [resolve_path(image["path"]) for image in images]
         unstorable = [path for path in paths if not is_utf8(path)]
         if unstorable:  # file names that are not UTF-8: Arrow strings cannot hold them
             raise ValueError(f"{len(unstorable)} paths are not valid UTF-8, e.g. {unstorable[0]!r}")
@@ -210,7 +209,7 @@ class MetadataStore:
                 raise KeyError(f"no images with ids {sorted(set(chunk) - {row['id'] for row in current})[:10]}")
             for row in current:
                 row.update(chunk[row["id"]])
-                row["path"] = _resolve(row["path"])
+                row["path"] = resolve_path(row["path"])
             table.merge_insert("id").when_matched_update_all().execute(pa.Table.from_pylist(current, schema=self._schemas["images"]))
 
     def delete_images(self, ids: Iterable[int]) -> int:
@@ -233,7 +232,7 @@ class MetadataStore:
 
     def image_by_path(self, path: str | os.PathLike[str]) -> ImageRow | None:
         """The row of the image at `path` (resolved like stored paths), or None."""
-        path = _resolve(path)
+        path = resolve_path(path)
         if not is_utf8(path):  # could not have been stored
             return None
         rows = self._select("images", self._row_columns["images"], f"path = {_sql_string(path)}")
@@ -365,16 +364,16 @@ class MetadataStore:
         with atomic_write(self.folder / ID_RESERVATION) as f:
             f.write(json.dumps(reserved).encode())
 
-    def _append(self, table: TableName, columns: dict[str, object], embeddings: np.ndarray) -> None:
+    def _append(self, table: TableName, columns: dict[str, Any], embeddings: np.ndarray) -> None:
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)
         data = pa.table({**columns, "embedding": embedding}, schema=self._schemas[table])
         self._tables[table].add(data)
         self._next_ids[table] = int(columns["id"][-1]) + 1  # only once the rows are written
 
-    def _select(self, table: TableName, columns: list[str], where: str) -> list[dict]:
+    def _select(self, table: TableName, columns: list[str], where: str) -> list[Any]:
         return self._tables[table].search().where(where).select(columns).to_arrow().to_pylist()
 
-    def _get(self, table: TableName, ids: Iterable[int]) -> list[dict]:
+    def _get(self, table: TableName, ids: Iterable[int]) -> list[Any]:
         ids = [int(i) for i in ids]
         if not ids:
             return []
@@ -390,49 +389,6 @@ class MetadataStore:
         if not ids:  # "id IN ()" is a syntax error
             return 0
         return self._tables[table].delete(f"id IN ({_sql_ints(ids)})").num_deleted_rows
-
-
-def _resolve(path: str | os.PathLike[str]) -> str:
-    return str(Path(path).resolve())
-
-
-@dataclass
-class StoredFiles:
-    """Image rows' file facts, one position per row, matched against paths in Arrow (C++):
-    planning the sync of millions of files needs no Python object per stored row."""
-
-    ids: np.ndarray
-    paths: pa.StringArray  # absolute, resolved
-    sizes: np.ndarray
-    mtimes: np.ndarray
-    hashes: pa.StringArray  # content_hash, null in rows from before the column existed
-
-    def positions_of(self, paths: pa.StringArray) -> np.ndarray:
-        """Each path's row position, -1 for a path no row has."""
-        return pc.fill_null(pc.index_in(paths, value_set=self.paths), -1).to_numpy().astype(np.int64)
-
-    def absent_from(self, positions: np.ndarray, files: Iterable[str] = (), folders: Iterable[str] = ()) -> np.ndarray:
-        """Positions of rows that `positions` (what `positions_of` gave for the files found)
-        does not name, whose path is one of `files` or lies under one of `folders`: the rows a
-        sync of those roots finds gone."""
-        inside = pc.is_in(self.paths, value_set=pa.array(list(files), pa.string()))
-        for folder in folders:
-            inside = pc.or_(inside, pc.starts_with(self.paths, folder.rstrip(os.sep) + os.sep))
-        found = np.zeros(len(self.ids), dtype=bool)
-        found[positions[positions >= 0]] = True
-        return np.flatnonzero(inside.to_numpy(zero_copy_only=False) & ~found)
-
-    def content_hash(self, position: int) -> str | None:
-        return self.hashes[position].as_py()
-
-
-def is_utf8(text: str) -> bool:
-    # Linux file names are bytes; Python decodes undecodable ones to lone surrogates.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _sql_string(value: str) -> str:

@@ -12,13 +12,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic import atomic_write
-
-SKIP_LOG_NAME = "skipped.json"
+from .layout import SKIP_LOG
 
 
 class SkipLog:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.path = Path(folder) / SKIP_LOG_NAME
+        self.path = Path(folder) / SKIP_LOG
         try:
             entries = json.loads(self.path.read_text(encoding="utf-8"))
             self.entries: dict[str, dict] = entries if isinstance(entries, dict) else {}

@@ -19,11 +19,14 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
 
 from .atomic import atomic_write
+
+_faiss: Any = faiss  # the parts of faiss its type stub leaves out
 
 # Stored vectors must be unit length for scores to be cosines. The slack admits embeddings
 # normalised in float16 on a GPU; unnormalised model outputs are off by far more.
@@ -90,7 +93,9 @@ class VectorIndex:
         if dim <= 0:
             raise ValueError(f"dimension must be positive, got {dim}")
         # IndexIDMap2 (not IndexIDMap) keeps a reverse map, so ids can be removed.
-        self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        # faiss's SWIG objects: its type stub lacks most of their attributes, so they are Any here.
+        self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._quantizer: Any = None  # an IVF index's coarse quantizer, which it does not own
         self._on_gpu = False
         self._plan = IndexPlan("flat")
         self._nprobe = 0
@@ -107,6 +112,7 @@ class VectorIndex:
         if len(sample) < plan.nlist:
             raise ValueError(f"{plan.nlist} lists need at least as many training vectors, got {len(sample)}")
         quantizer = faiss.IndexFlatIP(dim)
+        ivf: Any
         if plan.kind == "ivf":
             ivf = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
         else:
@@ -147,7 +153,7 @@ class VectorIndex:
     def load(cls, path: str | os.PathLike[str], dim: int) -> VectorIndex:
         """Read an index written by `save`; it must hold `dim`-dimensional vectors."""
         with open(path, "rb") as f:  # open() gives a FileNotFoundError, faiss a bare RuntimeError
-            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+            index = faiss.read_index(_faiss.PyCallbackIOReader(f.read))
         if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVFFlat, faiss.IndexIVFPQ)) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path} is not an inner-product index with ids ({type(index).__name__})")
         if index.d != dim:
@@ -164,7 +170,7 @@ class VectorIndex:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index atomically, always in CPU form so that any machine can load it."""
         with atomic_write(path) as f:
-            faiss.write_index(self._cpu_index(), faiss.PyCallbackIOWriter(f.write))
+            faiss.write_index(self._cpu_index(), _faiss.PyCallbackIOWriter(f.write))
 
     @property
     def dim(self) -> int:
@@ -272,7 +278,7 @@ class VectorIndex:
         if len(ids) == 0:
             return 0
         if self._on_gpu:  # GPU indexes cannot remove vectors: edit a CPU copy and move it back
-            index = faiss.index_gpu_to_cpu(self._index)
+            index: Any = faiss.index_gpu_to_cpu(self._index)
             removed = index.remove_ids(ids)
             self._index = faiss.index_cpu_to_all_gpus(index)
             if self._plan.kind != "flat":
@@ -328,7 +334,7 @@ class VectorIndex:
         self.nprobe = nprobe
         return recall
 
-    def _cpu_index(self) -> faiss.Index:
+    def _cpu_index(self) -> Any:
         return faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
 
     def _as_matrix(self, x: np.ndarray, what: str) -> np.ndarray:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .layout import WRITE_LOCK
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here; one writer is then the user's business
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
-LOCK_NAME = "write.lock"
 
 
 class CollectionLockedError(RuntimeError):
@@ -29,9 +29,8 @@ class CollectionLockedError(RuntimeError):
 class WriteLock:
     """Re-entrant within one object: nested `with lock:` blocks hold it once."""
 
-    def __init__(self, folder: str | os.PathLike[str], wait_s: float = 0.0) -> None:
-        self.path = Path(folder) / LOCK_NAME
-        self.wait_s = wait_s
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.path = Path(folder) / WRITE_LOCK
         self._fd: int | None = None
         self._depth = 0
 
@@ -55,20 +54,15 @@ class WriteLock:
         if fcntl is None:
             self._fd = fd
             return
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_holder(self.path)
-                    os.close(fd)
-                    raise CollectionLockedError(
-                        f"{self.path.parent} is being written by another btsearch process{holder}: "
-                        "wait for it to finish (searches can go on meanwhile)"
-                    ) from None
-                time.sleep(0.2)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(self.path)
+            os.close(fd)
+            raise CollectionLockedError(
+                f"{self.path.parent} is being written by another btsearch process{holder}: "
+                "wait for it to finish (searches can go on meanwhile)"
+            ) from None
         os.ftruncate(fd, 0)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": started}).encode(), 0)

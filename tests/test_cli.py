@@ -75,7 +75,7 @@ def test_readable_table_and_info(collection, photos):
 
 
 def test_reindex_skips_unchanged(collection, photos):
-    assert "0 new, 0 updated, 0 removed, %d unchanged" % len(photos) in run("index", photos[0].parent, "--db", collection).output
+    assert f"0 new, 0 updated, 0 removed, {len(photos)} unchanged" in run("index", photos[0].parent, "--db", collection).output
 
 
 @pytest.mark.parametrize(

@@ -341,7 +341,7 @@ def test_optimize_compacts_indexes_and_prunes(store, tmp_path, monkeypatch):
 def test_manifest_round_trip(tmp_path):
     assert not Manifest.exists(tmp_path)
     manifest = Manifest(
-        format_version=1, model="BridgeTower/x", config_hash="abc123", embed_dim=512, btsearch_version="0.1.0"
+        format_version=1, model="BridgeTower/x", config_hash="abc123", embed_dim=512, index_memory=2**30
     )
     manifest.save(tmp_path)
     assert Manifest.exists(tmp_path)

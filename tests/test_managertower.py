@@ -63,7 +63,7 @@ def plain_forward(model: ManagerTowerRetrievalModel, ids, mask, pixels):
         return [transform(states[first + r]) + model.token_type_embeddings.weight[token_type] + embeddings.weight[first + r] for r in range(R)]
 
     T = managed(text_states, model.cross_modal_text_transform, 0, model.layer_embeddings_text)
-    I = managed(list(image_states), model.cross_modal_image_transform, 1, model.layer_embeddings_image)
+    I = managed(list(image_states), model.cross_modal_image_transform, 1, model.layer_embeddings_image)  # noqa: E741 (the paper's name)
     extended = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
 
     def manage(manager, layers, previous, other):

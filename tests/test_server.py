@@ -13,7 +13,6 @@ from btsearch.collection import Collection
 from btsearch.encoder import Encoder
 from btsearch.server import create_app
 
-
 QUERY = "a close up of a tabby cat"
 
 

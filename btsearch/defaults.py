@@ -1,0 +1,28 @@
+"""Defaults and choices that the CLI, the library and the server share, importable without torch.
+
+The command line reads these while it parses its arguments, before any heavy module loads, so
+nothing here may import torch, transformers, FAISS or LanceDB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_MODEL = "BridgeTower/bridgetower-large-itm-mlm-itc"
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_FAMILIES = ("auto", "bridgetower", "managertower")  # what `btsearch convert` reads
+
+# PIL's own bomb check errors only at twice its warning limit, and warns (noisily) below; this
+# limit is ours, checked from the header before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 180_000_000  # a 16,000 x 11,000 panorama passes; a 50K x 50K bomb does not
+
+# Candidates ITM re-ranks per query unless told: the papers' 128 on a GPU; 16 on a CPU, which
+# keeps a query within seconds (README, Speed), where 128 would take minutes.
+GPU_CANDIDATES, CPU_CANDIDATES = 128, 16
+
+
+def resolve_model_id(source: str) -> str:
+    """A hub id stays as it is; a local folder becomes its absolute path."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source

@@ -1,0 +1,166 @@
+"""Indexing as a pipeline of named stages, and the local runner that chains them:
+
+    find_files -> plan_sync -> load and prepare -> embed -> write
+    (sync.py)     (sync.py)    (loader.py)        (image_states.py)   (ImageWriter: LanceDB, then
+                                                                       the re-rank cache, then FAISS)
+
+Each stage takes and gives plain values (path lists, a plan, arrays), not a collection, so the
+same stages can run in this process or as map stages of a distributed engine. `index_images` is
+the in-process runner; the caller holds the collection's write lock around it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .defaults import DEFAULT_MAX_PIXELS
+from .image_states import embed_image_files
+from .indexers.skip_log import SkipLog
+from .loader import LoadedImage, SkippedImage
+from .sync import SyncPlan, find_files, plan_sync
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+    from .indexers import BridgeCache, MetadataStore, TableIndexes
+
+# LanceDB commits at least this often: a crash loses at most this much work. Not after every
+# batch: each commit is a table version, and thousands of them slow every read until optimize.
+COMMIT_INTERVAL_S = float(os.environ.get("BTSEARCH_COMMIT_SECONDS", 5.0))
+INDEX_SAVE_INTERVAL_S = 30.0  # FAISS saves; a stale index is caught up from LanceDB on open
+WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
+WRITE_BRIDGE_BYTES = 256 * 2**20  # ...or fewer, when their re-rank cache states would fill this
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0  # changed files re-embedded, and moved files followed
+    removed: int = 0  # rows whose files are gone
+    unchanged: int = 0
+    skipped: list[SkippedImage] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class ImageWriter:
+    """Stage 5: embedded images into the collection, in large appends and at least every
+    COMMIT_INTERVAL_S. LanceDB first (the truth), then the re-rank cache, then FAISS: a crash
+    in between leaves FAISS behind, which the next open catches up from LanceDB."""
+
+    def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None) -> None:
+        self.store, self.indexes, self.rerank_cache = store, indexes, rerank_cache
+        indexes["images"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
+        self._rows: list[dict] = []
+        self._embeddings: list[np.ndarray] = []
+        self._bridges: list[np.ndarray] = []  # float16 bridge inputs, when the re-rank cache is on
+        self._last_commit = time.monotonic()
+
+    def add(self, images: Sequence[LoadedImage], embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
+        self._rows += [
+            {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height, "content_hash": im.content_hash}
+            for im in images
+        ]
+        self._embeddings.append(embeddings)
+        if bridges is not None:
+            self._bridges.append(bridges)
+
+    def flush_if_due(self) -> None:
+        """Write what waits once it fills an append, or once COMMIT_INTERVAL_S has passed."""
+        full = len(self._rows) >= WRITE_ROWS or sum(b.nbytes for b in self._bridges) >= WRITE_BRIDGE_BYTES
+        if full or time.monotonic() - self._last_commit > COMMIT_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_commit = time.monotonic()
+        if not self._rows:
+            return
+        rows, embeddings = self._rows, np.concatenate(self._embeddings)
+        bridges = np.concatenate(self._bridges) if self._bridges else None
+        self._rows, self._embeddings, self._bridges = [], [], []
+        ids = self.store.add_images(rows, embeddings)  # type: ignore[arg-type]
+        if bridges is not None and self.rerank_cache is not None:  # before FAISS: a searchable image finds its cached states
+            self.rerank_cache.append(ids, bridges)
+        self.indexes["images"].add(ids, embeddings)
+
+
+def apply_plan(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan) -> None:
+    """Update touched and moved rows in place; delete the rows of gone and changed files
+    (LanceDB first: a crash before FAISS follows is mended on the next open)."""
+    index = indexes["images"]  # loaded (or caught up) before LanceDB changes under it
+    store.update_images(plan.touched)
+    gone = plan.removed + plan.replaced
+    if gone:
+        store.delete_images(gone)
+        index.remove(np.asarray(gone, dtype=np.int64))
+
+
+def index_images(
+    encoder: Encoder,
+    store: MetadataStore,
+    indexes: TableIndexes,
+    rerank_cache: BridgeCache | None,
+    roots: Sequence[str | os.PathLike[str]],
+    batch_size: int = 16,
+    progress: bool = False,
+    keep_missing: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> IndexReport:
+    """The local runner: sync the collection with the image files under `roots`, stage by stage."""
+    started = time.perf_counter()
+    plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
+    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
+    apply_plan(store, indexes, plan)
+    writer = ImageWriter(store, indexes, rerank_cache)
+    last_save = time.monotonic()
+    with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in embed_image_files(encoder, plan.todo, batch_size, with_bridge=rerank_cache is not None, max_pixels=max_pixels):
+            report.skipped.extend(batch.skipped)
+            if batch.states is not None:
+                writer.add(batch.images, batch.embeddings(), batch.bridges() if rerank_cache is not None else None)
+                changed = sum(str(image.path) in plan.replaced_paths for image in batch.images)
+                report.updated += changed
+                report.added += len(batch.images) - changed
+            writer.flush_if_due()
+            bar.update(len(batch.images) + len(batch.skipped))
+            if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
+                indexes.save("images")
+                last_save = time.monotonic()
+    writer.flush()
+    report.updated += plan.moved
+    indexes.save("images")
+    _log_skips(SkipLog(store.folder), plan.found, report.skipped)
+    store.optimize()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> None:
+    """The skip log after a run: files found this time leave it, then the ones skipped go back in."""
+    log.forget(found)
+    for item in skipped:
+        log.record(item.path, item.reason)
+    log.forget_missing()
+    log.save()
+
+
+def add_texts(encoder: Encoder, store: MetadataStore, indexes: TableIndexes, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """Embed and store texts (LanceDB, then FAISS), in batches; returns their ids in order."""
+    index = indexes["texts"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
+    all_ids = []
+    with tqdm(total=len(texts), desc="embedding texts", unit="text", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            embeddings = encoder.embed_texts(chunk)
+            ids = store.add_texts(chunk, embeddings)
+            index.add(ids, embeddings)
+            all_ids.append(ids)
+            bar.update(len(chunk))
+    indexes.save("texts")
+    store.optimize()
+    return np.concatenate(all_ids) if all_ids else np.empty(0, dtype=np.int64)

@@ -1,0 +1,69 @@
+"""How the commands print what the library returns: search hits as a table, paths or JSON, and
+the index summary as a line or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .options import say
+
+if TYPE_CHECKING:
+    from btsearch.collection import Collection
+    from btsearch.ingest import IndexReport
+    from btsearch.search import SearchResult
+
+
+def print_search(result: SearchResult, as_json: bool = False, bare: bool = False) -> None:
+    """Notes on stderr; the hits on stdout, as a table, bare paths (or texts), or JSON."""
+    from btsearch.search import result_json
+
+    for note in result.notes:
+        say(f"note: {note}")
+    if bare:
+        for hit in result.hits:
+            click.echo(getattr(hit, result.field))
+        return
+    if as_json:
+        click.echo(json.dumps(result_json(result), ensure_ascii=False))
+        return
+    click.echo(f"{'rank':>4}  {'itm':>8}  {'itc':>7}  {result.field}")
+    for hit in result.hits:
+        itm = "-" if hit.itm_score is None else f"{hit.itm_score:.3f}"
+        click.echo(f"{hit.rank:>4}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, result.field)}")
+
+
+def index_summary(report: IndexReport, collection: Collection) -> dict[str, Any]:
+    """What `index --json` prints (before captions, which the caller adds)."""
+    return {
+        "added": report.added, "updated": report.updated, "removed": report.removed, "unchanged": report.unchanged,
+        "skipped": [{"path": str(item.path), "reason": item.reason} for item in report.skipped],
+        "seconds": round(report.seconds, 3), "images": collection.count("images"), "db": str(collection.path),
+    }
+
+
+def say_skipped(report: IndexReport) -> None:
+    for skipped in report.skipped:
+        say(f"skipped {skipped.path}: {skipped.reason}")
+
+
+def echo_index_line(report: IndexReport, summary: dict[str, Any]) -> None:
+    click.echo(
+        f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {summary['images']} images in {summary['db']}"
+    )
+
+
+def print_recall(result: dict[str, Any], title: str, split: str, candidates: int) -> None:
+    """The eval table: R@1/5/10 both ways and RSUM, ITC alone and re-ranked."""
+    click.echo(f"{title} {split}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
+    click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}")
+    rows = [("ITC", result["itc"])]
+    if result["rerank"] is not None:
+        rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
+    for row_name, table in rows:
+        t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
+        i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
+        click.echo(f"{row_name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")

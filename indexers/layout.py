@@ -1,0 +1,37 @@
+"""The collection folder's layout: the name of every file and folder in it, each defined once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+TableName = Literal["images", "texts"]
+TABLES: tuple[TableName, ...] = ("images", "texts")
+
+MANIFEST = "manifest.json"  # written last at creation: a folder with one is a whole collection
+WRITE_LOCK = "write.lock"
+ID_RESERVATION = "next-ids.json"  # the smallest id never handed out, per table
+SKIP_LOG = "skipped.json"
+RERANK_CACHE = "rerank-cache"  # the images' bridge inputs, when `index --rerank-cache` is on
+MEDIA = "media"  # images extracted from tar shards and parquet bytes
+
+
+def lance_folder(table: TableName) -> str:
+    return f"{table}.lance"
+
+
+def faiss_file(table: TableName) -> str:
+    return f"{table}.faiss"
+
+
+def eval_scores_file(precision: str) -> str:
+    """ITM scores evaluation keeps between runs (another precision differs in the last digits)."""
+    return f"eval-itm-scores-{precision}.npz"
+
+
+def eval_bridges_folder(storage: str) -> str:
+    """Images' bridge inputs evaluation keeps, in `storage` ("fp32" or "fp16")."""
+    return f"eval-bridges-{storage}"
+
+
+# What a creation killed before writing its manifest (the last step) leaves behind.
+CREATION_LEFTOVERS = frozenset({*(lance_folder(table) for table in TABLES), WRITE_LOCK, ID_RESERVATION})

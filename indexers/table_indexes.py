@@ -1,0 +1,109 @@
+"""The FAISS index of each table, kept in step with LanceDB (the truth) and with its size plan.
+
+Each index is loaded on first use; one that is missing, unreadable or far out of step is rebuilt
+from LanceDB, one a crash or another writer left a little behind is caught up. Growth past the
+planned size retrains it, within the collection's memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .layout import TABLES, TableName, faiss_file
+from .metadata_store import MetadataStore
+from .vector_index import VectorIndex, needs_rebuild, plan_index
+
+
+class IndexBudgetError(ValueError):
+    """The table's vectors cannot be indexed within the memory budget."""
+
+
+def default_index_memory() -> int:
+    """Bytes all FAISS indexes may take unless a collection says otherwise: a quarter of RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+class TableIndexes:
+    def __init__(self, folder: Path, store: MetadataStore, memory_budget: int, use_gpu: bool = True) -> None:
+        """`memory_budget`: bytes all tables' indexes may take together."""
+        self.folder = folder
+        self.store = store
+        self.memory_budget = memory_budget
+        self._use_gpu = use_gpu
+        self._indexes: dict[str, VectorIndex] = {}
+
+    def __getitem__(self, table: TableName) -> VectorIndex:
+        """The FAISS index of `table`, loaded, or rebuilt from LanceDB when missing or stale."""
+        if table not in self._indexes:
+            self._indexes[table] = self._placed(self._load_or_rebuild(table))
+        return self._indexes[table]
+
+    def forget(self) -> None:
+        """Drop the loaded indexes: another writer has saved newer ones."""
+        self._indexes.clear()
+
+    def save(self, table: TableName) -> None:
+        """Write the index, retraining it first when the table has outgrown its plan."""
+        index = self[table]
+        try:
+            wanted = plan_index(len(index), index.dim, self._table_budget)
+        except ValueError as error:
+            raise IndexBudgetError(str(error)) from error
+        if not needs_rebuild(index.plan, wanted):
+            index.save(self._path(table))
+            return
+        self._indexes[table] = self._placed(self._build(table))  # which saves it
+
+    def describe(self) -> dict[str, str]:
+        """Per table: the index type and its size in memory."""
+        return {table: f"{self[table].describe()}, {self[table].nbytes() / 2**20:.1f} MiB" for table in TABLES}
+
+    @property
+    def _table_budget(self) -> int:
+        return self.memory_budget // len(TABLES)
+
+    def _path(self, table: TableName) -> Path:
+        return self.folder / faiss_file(table)
+
+    def _placed(self, index: VectorIndex) -> VectorIndex:
+        if self._use_gpu:
+            index.to_gpu()
+        return index
+
+    def _load_or_rebuild(self, table: TableName) -> VectorIndex:
+        path = self._path(table)
+        index = None
+        if path.exists():
+            try:
+                index = VectorIndex.load(path, self.store.dim)
+            except (OSError, ValueError, RuntimeError):  # corrupt or foreign file: LanceDB holds the truth
+                index = None
+        if index is not None and self._catch_up(index, table):
+            return index
+        return self._build(table)
+
+    def _catch_up(self, index: VectorIndex, table: TableName) -> bool:
+        """Bring a saved index in step with LanceDB, which a crash or a concurrent writer may
+        have moved on: drop what LanceDB no longer holds, add what it gained. Ids are never
+        reused, so equal ids mean equal vectors. False when a rebuild is the better course."""
+        stored, indexed = self.store.ids(table), np.sort(index.ids())
+        if np.array_equal(stored, indexed):
+            return True
+        extra, missing = np.setdiff1d(indexed, stored), np.setdiff1d(stored, indexed)
+        if len(extra) + len(missing) > max(4096, len(stored) // 4):
+            return False
+        index.remove(extra)
+        index.add(*self.store.get_embeddings(table, missing))
+        return True
+
+    def _build(self, table: TableName) -> VectorIndex:
+        """The index planned for `table`'s size and the memory budget, built from LanceDB."""
+        index = VectorIndex.build(
+            self.store.dim, self.store.count_rows(table), lambda: self.store.iter_embeddings(table, batch_size=65536), self._table_budget
+        )
+        if not self.store.read_only:  # readers never write: a writer may be saving this file
+            index.save(self._path(table))
+        return index
