@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 
 from btsearch.cli.options import parse_size
-from btsearch.indexers.vector_index import VectorIndex, exact_search, plan_index
+from btsearch.indexers.index_plan import plan_index
+from btsearch.indexers.vector_index import VectorIndex, exact_search
 
 BATCH = 65_536
 

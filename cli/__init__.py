@@ -1,0 +1,2 @@
+"""The `btsearch` command line (installed as the package `btsearch.cli`): commands in `main`,
+shared options in `options`, printing in `output`."""

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .index_plan import needs_rebuild, plan_index
 from .layout import TABLES, TableName, faiss_file
 from .metadata_store import MetadataStore
-from .vector_index import VectorIndex, needs_rebuild, plan_index
+from .vector_index import VectorIndex
 
 
 class IndexBudgetError(ValueError):

@@ -1,7 +1,7 @@
 """Nearest-neighbour recall over L2-normalised embeddings keyed by int64 ids (FAISS).
 
 On unit vectors the inner product is the cosine similarity, so scores are cosines. The index
-type follows the collection's size and a memory budget (`plan_index`):
+type follows the collection's size and a memory budget (`index_plan.plan_index`):
 
 - `flat`: exact search, while scanning every vector per query stays cheap;
 - `ivf`: an inverted file (IVF-Flat) trained on the collection's own vectors; a query scans the
@@ -15,16 +15,15 @@ past a planning threshold retrains (`needs_rebuild`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
 from .atomic import atomic_write
+from .index_plan import IndexPlan, plan_index
 
 _faiss: Any = faiss  # the parts of faiss its type stub leaves out
 
@@ -32,57 +31,16 @@ _faiss: Any = faiss  # the parts of faiss its type stub leaves out
 # normalised in float16 on a GPU; unnormalised model outputs are off by far more.
 _NORM_TOLERANCE = 1e-2
 
-# Exact search while a query scans at most this many floats (256K vectors of 512 dims: tens of
-# ms on two cores). Past it, an IVF index is trained.
-EXACT_MAX_FLOATS = 2**27
 # k-means points per IVF list: faiss wants at least 39; more costs training time for little.
 TRAIN_POINTS_PER_LIST = 48
 TUNE_QUERIES = 256
 TUNE_RECALL = 0.97  # tuned above the 0.95 we promise: real queries come from the other tower
 PLATEAU = 0.003  # recall gained by two more nprobe steps below which scanning more is waste
-KINDS = ("flat", "ivf", "ivfpq")
 
 
 def gpu_available() -> bool:
     """True when the installed faiss is a GPU build and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-@dataclass(frozen=True)
-class IndexPlan:
-    """Which index suits a collection: `kind`, IVF lists, and PQ bytes per vector (ivfpq)."""
-
-    kind: str
-    nlist: int = 0
-    pq_bytes: int = 0
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown index kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-
-
-def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
-    """The index for `n` vectors of `dim` floats whose codes must fit `memory_budget` bytes."""
-    if n * dim <= EXACT_MAX_FLOATS:
-        return IndexPlan("flat")
-    # ~4 sqrt(n) lists: more than the textbook sqrt(n), because embeddings crowd into a cone
-    # and the lists near its axis grow several times the mean.
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    if memory_budget is None or n * (dim * 4 + 8) <= memory_budget:
-        return IndexPlan("ivf", nlist)
-    # The largest PQ code (8 bits per sub-vector, sub-vectors dividing dim) that fits.
-    for pq_bytes in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32):
-        if pq_bytes >= 1 and dim % pq_bytes == 0 and n * (pq_bytes + 8) <= memory_budget:
-            return IndexPlan("ivfpq", nlist, pq_bytes)
-    raise ValueError(f"{n} vectors do not fit a memory budget of {memory_budget} bytes, even as {max(1, dim // 32)}-byte codes")
-
-
-def needs_rebuild(current: IndexPlan, wanted: IndexPlan) -> bool:
-    """Whether an index built to `current` should be retrained as `wanted`: another kind, or a
-    collection grown (or shrunk) fourfold since its lists were trained."""
-    if current.kind != wanted.kind or current.pq_bytes != wanted.pq_bytes:
-        return True
-    return current.kind != "flat" and not (wanted.nlist // 2 <= current.nlist <= wanted.nlist * 2)
 
 
 class VectorIndex:

@@ -118,9 +118,9 @@ def test_checkpoint_without_itm_head_ranks_by_itc_with_a_note(tmp_path, photos):
 def test_index_type_follows_size_and_memory_budget(tmp_path, random_checkpoint, photos, monkeypatch):
     """Past the exact limit (lowered here to 100 vectors) a table's index is retrained as IVF,
     with PQ codes when --index-memory is too small for full vectors; search goes on working."""
-    from btsearch.indexers import vector_index
+    from btsearch.indexers import index_plan
 
-    monkeypatch.setattr(vector_index, "EXACT_MAX_FLOATS", 100 * 32)  # the checkpoint embeds in 32 dims
+    monkeypatch.setattr(index_plan, "EXACT_MAX_FLOATS", 100 * 32)  # the checkpoint embeds in 32 dims
     db = tmp_path / "db"
     run("index", photos[0].parent, "--db", db, "--model", random_checkpoint, "--index-memory", "1GiB")
     info = run("info", "--db", db).output

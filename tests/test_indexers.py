@@ -15,6 +15,7 @@ from btsearch.indexers import (
     MetadataStore,
     VectorIndex,
     gpu_available,
+    index_plan,
     metadata_store,
     vector_index,
 )
@@ -392,20 +393,20 @@ def recall(found, truth):
 
 
 def test_plan_follows_size_and_memory(monkeypatch):
-    assert vector_index.plan_index(1000, 512) == vector_index.IndexPlan("flat")
-    assert vector_index.plan_index(2**18, 512).kind == "flat"  # 2**27 floats: still exact
-    plan = vector_index.plan_index(1_000_000, 512, memory_budget=8 * 2**30)
+    assert index_plan.plan_index(1000, 512) == index_plan.IndexPlan("flat")
+    assert index_plan.plan_index(2**18, 512).kind == "flat"  # 2**27 floats: still exact
+    plan = index_plan.plan_index(1_000_000, 512, memory_budget=8 * 2**30)
     assert plan.kind == "ivf" and plan.nlist == 4096
-    squeezed = vector_index.plan_index(1_000_000, 512, memory_budget=200 * 2**20)
+    squeezed = index_plan.plan_index(1_000_000, 512, memory_budget=200 * 2**20)
     assert squeezed.kind == "ivfpq" and 1_000_000 * (squeezed.pq_bytes + 8) <= 200 * 2**20
     assert 512 % squeezed.pq_bytes == 0
     with pytest.raises(ValueError, match="do not fit"):
-        vector_index.plan_index(1_000_000, 512, memory_budget=2**20)
-    ivf = vector_index.IndexPlan("ivf", 1024)
-    assert not vector_index.needs_rebuild(ivf, vector_index.IndexPlan("ivf", 2048))
-    assert vector_index.needs_rebuild(ivf, vector_index.IndexPlan("ivf", 4096))  # grew fourfold
-    assert vector_index.needs_rebuild(vector_index.IndexPlan("flat"), ivf)
-    assert vector_index.needs_rebuild(ivf, vector_index.IndexPlan("ivfpq", 1024, 64))
+        index_plan.plan_index(1_000_000, 512, memory_budget=2**20)
+    ivf = index_plan.IndexPlan("ivf", 1024)
+    assert not index_plan.needs_rebuild(ivf, index_plan.IndexPlan("ivf", 2048))
+    assert index_plan.needs_rebuild(ivf, index_plan.IndexPlan("ivf", 4096))  # grew fourfold
+    assert index_plan.needs_rebuild(index_plan.IndexPlan("flat"), ivf)
+    assert index_plan.needs_rebuild(ivf, index_plan.IndexPlan("ivfpq", 1024, 64))
 
 
 def test_exact_search_streams_to_the_true_top_k():
@@ -418,7 +419,7 @@ def test_exact_search_streams_to_the_true_top_k():
 @pytest.fixture
 def ivf(monkeypatch):
     """An IVF index over 6000 clustered vectors: the exact limit is lowered to reach it."""
-    monkeypatch.setattr(vector_index, "EXACT_MAX_FLOATS", 1000 * 32)
+    monkeypatch.setattr(index_plan, "EXACT_MAX_FLOATS", 1000 * 32)
     vectors = clustered(6000)
     ids = np.arange(10, 6010, dtype=np.int64)
     index = VectorIndex.build(32, len(ids), batches_of(ids, vectors))
@@ -455,7 +456,7 @@ def test_ivf_adds_removes_and_survives_a_reload(ivf, tmp_path):
 
 
 def test_ivfpq_when_memory_is_short(monkeypatch):
-    monkeypatch.setattr(vector_index, "EXACT_MAX_FLOATS", 1000 * 32)
+    monkeypatch.setattr(index_plan, "EXACT_MAX_FLOATS", 1000 * 32)
     vectors, ids = clustered(6000), np.arange(6000, dtype=np.int64)
     budget = 6000 * (8 + 8)  # room for 8-byte codes, not for 128-byte vectors
     index = VectorIndex.build(32, 6000, batches_of(ids, vectors), memory_budget=budget)
