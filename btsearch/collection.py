@@ -3,8 +3,9 @@ pipeline (`ingest`) and search (`search`) that the CLI, the server and evaluatio
 
 A collection is a folder (its layout: `indexers/layout.py`): a LanceDB database (`images` and
 `texts` tables, the source of truth), one FAISS index per table kept in step with it, an optional
-re-rank cache, and a manifest naming the model whose embeddings these are. Opening one for
-storage only (`load_model=False`) imports no torch.
+re-rank cache, and a manifest naming the model whose embeddings these are. The model, the ingest
+pipeline and search load on first use: opening one for storage only (`load_model=False`, as
+`info` does) imports none of them, nor torch.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
-from . import ingest, search
 from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, resolve_model_id
 from .errors import BtsearchError, CollectionError
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
@@ -30,15 +29,17 @@ from .indexers.skip_log import SkipLog
 from .indexers.stored_files import resolve_path
 from .indexers.table_indexes import IndexBudgetError, default_index_memory
 from .indexers.write_lock import CollectionLockedError, WriteLock
-from .ingest import IndexReport
-from .search import Hit, SearchResult
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from .encoder import Encoder
     from .indexers import ImageRow, TextRow
+    from .ingest import IndexReport
+    from .search import SearchResult
 
 FORMAT_VERSION = 1
-__all__ = ["Collection", "Hit", "IndexReport", "SearchResult"]
+__all__ = ["Collection"]
 
 
 class Collection:
@@ -145,6 +146,8 @@ class Collection:
         consistent collection, and the next run picks up where it stopped.
         `rerank_cache=True` turns the re-rank cache on (it stays on): each image's bridge inputs
         are kept on disk in float16, so re-ranking reads them instead of the image file."""
+        from . import ingest
+
         with self._writing():
             if rerank_cache and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
@@ -155,6 +158,8 @@ class Collection:
 
     def add_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed and store texts; returns their ids in order."""
+        from . import ingest
+
         texts = _checked_texts(texts)
         with self._writing():
             return ingest.add_texts(self._model(), self.store, self.indexes, texts, batch_size, progress)
@@ -162,6 +167,8 @@ class Collection:
     def replace_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Make `texts` the collection's only texts, in this order; returns their ids. Texts that
         are exactly these already are kept as they are (no embedding)."""
+        from . import ingest
+
         texts = _checked_texts(texts)
         with self._writing():
             stored = self.texts()
@@ -219,6 +226,8 @@ class Collection:
         `candidates` by ITC, the ITM head re-ranks them, and the rest follow in ITC order up to
         `k` hits. `candidates` defaults to `default_candidates()`. `target` ("images" or
         "texts") overrides what is searched; across the same modality, ranking is by ITC alone."""
+        from . import search
+
         search.check_query(text, image, k, candidates, target)
         return search.search(
             self._model(), self.store, self.indexes, self.rerank_cache, text, image, k,
