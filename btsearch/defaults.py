@@ -6,7 +6,7 @@ nothing here may import torch, transformers, FAISS or LanceDB.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 DEFAULT_MODEL = "BridgeTower/bridgetower-large-itm-mlm-itc"
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -24,5 +24,5 @@ GPU_CANDIDATES, CPU_CANDIDATES = 128, 16
 
 def resolve_model_id(source: str) -> str:
     """A hub id stays as it is; a local folder becomes its absolute path."""
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
+    path = os.path.expanduser(source)
+    return os.path.realpath(path) if os.path.exists(path) else source  # as `resolve_path` stores paths
