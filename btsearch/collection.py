@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .encoder import Encoder
-    from .indexers import ImageRow, TextRow
+    from .indexers import ImageRow, TextRow, VectorIndex
     from .ingest import IndexReport
     from .search import SearchResult
 
@@ -234,8 +234,8 @@ class Collection:
             candidates if candidates is not None else self.default_candidates(), rerank, target,  # type: ignore[arg-type]
         )
 
-    def index(self, table: TableName) -> Any:
-        """The FAISS index (`VectorIndex`) of `table`, in step with LanceDB."""
+    def index(self, table: TableName) -> VectorIndex:
+        """The FAISS index of `table`, in step with LanceDB."""
         return self.indexes[table]
 
     # -- reading ----------------------------------------------------------------------------

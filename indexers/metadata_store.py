@@ -290,12 +290,6 @@ class MetadataStore:
     def count_rows(self, table: TableName) -> int:
         return self._tables[table].count_rows()
 
-    def count_images(self) -> int:
-        return self._tables["images"].count_rows()
-
-    def count_texts(self) -> int:
-        return self._tables["texts"].count_rows()
-
     def iter_embeddings(self, table: TableName, batch_size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield `(ids, embeddings)` of every row of `table`: int64 (n,) and float32 (n, dim).
 

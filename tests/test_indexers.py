@@ -219,7 +219,7 @@ def test_ids_continue_from_the_largest(store, tmp_path):
     assert store.add_texts(["d"], unit_vectors(1)).tolist() == [3]
     assert store.add_texts([], np.empty((0, DIM), np.float32)).tolist() == []
     assert [row["text"] for row in store.get_texts([3, 1])] == ["d", "b"]
-    assert store.count_texts() == 3
+    assert store.count_rows("texts") == 3
     # the images table has ids of its own
     assert store.add_images([image(tmp_path / "x.jpg")], unit_vectors(1)).tolist() == [0]
 
@@ -228,7 +228,7 @@ def test_delete(store, tmp_path):
     store.add_images([image(tmp_path / f"{i}.jpg") for i in range(4)], unit_vectors(4))
     assert store.delete_images([1, 3, 42]) == 2
     assert store.delete_images([]) == 0
-    assert store.count_images() == 2
+    assert store.count_rows("images") == 2
     assert store.image_by_path(tmp_path / "1.jpg") is None
     assert store.image_by_path(tmp_path / "2.jpg")["id"] == 2
 
@@ -269,7 +269,7 @@ def test_paths_are_stored_resolved(store, tmp_path, monkeypatch):
         store.add_images([image(tmp_path / "c.jpg"), image("../c.jpg")], unit_vectors(2))
     with pytest.raises(ValueError, match="UTF-8"):
         store.add_images([image(tmp_path / "bad\udcff.jpg")], unit_vectors(1))
-    assert store.count_images() == 1
+    assert store.count_rows("images") == 1
 
 
 def test_add_validates_embeddings(store, tmp_path):
@@ -279,7 +279,7 @@ def test_add_validates_embeddings(store, tmp_path):
         store.add_texts(["a", "b"], unit_vectors(1))
     with pytest.raises(ValueError):
         store.add_images([image(tmp_path / "a.jpg")], unit_vectors(1, dim=DIM + 1))
-    assert store.count_texts() == store.count_images() == 0
+    assert store.count_rows("texts") == store.count_rows("images") == 0
 
 
 def test_iter_embeddings_rebuilds_the_vector_index(store):

@@ -255,7 +255,7 @@ def test_a_writer_opened_before_another_commits_plans_from_that_work(tmp_path, r
     assert first.add_images([photos[0].parent], rerank_cache=True).added == len(photos) - 1
     report = second.add_images([photos[0].parent])
     assert (report.added, report.unchanged) == (0, len(photos))
-    assert second.store.count_images() == len(second.store.image_files()) == len(photos)
+    assert second.store.count_rows("images") == len(second.store.image_files()) == len(photos)
     assert sorted(second.index("images").ids()) == sorted(second.store.ids("images"))
     assert second.rerank_cache is not None and len(second.rerank_cache) == len(photos) - 1
     assert len(snapshot(db)) == len(photos)
@@ -284,7 +284,7 @@ def snapshot(db: Path) -> dict[str, np.ndarray]:
     """Path -> embedding of a collection, checking that FAISS and LanceDB agree and nothing repeats."""
     collection = Collection.open(db, load_model=False, read_only=True)
     files = collection.store.image_files()
-    assert len(files) == collection.store.count_images()  # no path twice
+    assert len(files) == collection.store.count_rows("images")  # no path twice
     ids, vectors = collection.store.get_embeddings("images", [row["id"] for row in files.values()])
     saved = collection.index("images")  # caught up in memory if the last run died before saving
     assert sorted(saved.ids()) == sorted(ids.tolist())
@@ -332,7 +332,7 @@ READER_SCRIPT = textwrap.dedent(
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         collection = Collection.open(db, encoder=encoder, read_only=True)
-        count = collection.store.count_images()
+        count = collection.store.count_rows("images")
         paths = set(collection.store.image_files())
         result = collection.search(text="a photo of a cat", k=8, candidates=3)
         hits = result.hits
