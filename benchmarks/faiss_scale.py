@@ -1,6 +1,6 @@
 """FAISS at scale: the index btsearch plans for n vectors, beside exact search on the same data.
 
-    python benchmarks/faiss_scale.py [--n 1000000] [--dim 512] [--memory-budget 8GiB]
+    python benchmarks/faiss_scale.py [--n 1000000] [--dim 512] [--memory-budget 8GiB] [--shards S]
 
 The index is built the way a collection builds it (`VectorIndex.build`: plan, sample, train,
 add, tune nprobe on the collection's own vectors). Vectors are synthetic, shaped like
@@ -8,12 +8,15 @@ embeddings rather than uniform noise (on which no approximate index can beat a s
 Gaussian with a power-law spectrum around a shared direction. Queries come from the same
 distribution with a fixed offset, like the other tower's embeddings (the "modality gap"), and
 are never stored.
-Prints build time, memory, one-query latency and recall@10 against exact search.
+Prints build time, memory, one-query latency and recall@10 against exact search. With
+`--shards S` the planned IVF index is filled as S shards of one trained index (`sharded_index`),
+and also as one index from the same training: the table says whether their answers are the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import time
@@ -23,7 +26,8 @@ import numpy as np
 
 from btsearch.cli.options import parse_size
 from btsearch.indexers.index_plan import plan_index
-from btsearch.indexers.vector_index import VectorIndex, exact_search
+from btsearch.indexers.sharded_index import ShardedIndex, fill_shard, row_ranges, rows_between
+from btsearch.indexers.vector_index import TRAIN_POINTS_PER_LIST, VectorIndex, exact_search, sample_rows
 
 BATCH = 65_536
 
@@ -61,7 +65,21 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def latency_ms(index: VectorIndex, queries: np.ndarray, k: int = 10) -> tuple[float, float]:
+def build_sharded(data: Embeddings, plan) -> tuple[ShardedIndex, VectorIndex, float]:
+    """S shards of one trained index, and one index filled from the same training; the shards' build seconds."""
+    start = time.perf_counter()
+    _, sample = sample_rows(data.batches(), data.n, TRAIN_POINTS_PER_LIST * plan.nlist)
+    trained = VectorIndex.train(data.dim, plan, sample).to_bytes()
+    shards = [VectorIndex.from_bytes(fill_shard(trained, rows_between(data.batches(), a, b), data.dim), data.dim) for a, b in row_ranges(data.n, plan.shards)]
+    sharded = ShardedIndex(shards, VectorIndex.from_bytes(trained, data.dim), plan)
+    build_s = time.perf_counter() - start
+    single = VectorIndex.from_bytes(trained, data.dim)
+    for ids, vectors in data.batches():
+        single.add(ids, vectors)
+    return sharded, single, build_s
+
+
+def latency_ms(index, queries: np.ndarray, k: int = 10) -> tuple[float, float]:
     times = []
     for query in queries:
         start = time.perf_counter()
@@ -85,16 +103,24 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--memory-budget", type=parse_size, default=None, help="e.g. 256MiB: forces PQ codes")
     parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--shards", type=int, default=1, help="fill the planned IVF index as this many shards of one trained index")
     args = parser.parse_args()
 
     data = Embeddings(args.n, args.dim)
     queries = data.queries(args.queries)
     plan = plan_index(args.n, args.dim, args.memory_budget)
+    if args.shards > 1:
+        plan = dataclasses.replace(plan, shards=args.shards)
     print(f"{args.n:,} x {args.dim} synthetic embeddings, {faiss.omp_get_max_threads()} threads; plan: {plan}")
 
     start = time.perf_counter()
-    index = VectorIndex.build(args.dim, args.n, data.batches, args.memory_budget)
-    build_s = time.perf_counter() - start
+    single_of_same_training = None
+    index: VectorIndex | ShardedIndex
+    if args.shards > 1:
+        index, single_of_same_training, build_s = build_sharded(data, plan)
+    else:
+        index = VectorIndex.build(args.dim, args.n, data.batches, args.memory_budget)
+        build_s = time.perf_counter() - start
     index_gib = index.nbytes() / 2**30
 
     start = time.perf_counter()
@@ -105,8 +131,15 @@ def main() -> None:
         exact.add(ids, vectors)
     exact_gib = exact.nbytes() / 2**30
 
+    if single_of_same_training is not None:  # one nprobe for both: the sharded index's own is untuned here
+        index.nprobe = single_of_same_training.nprobe = max(1, plan.nlist // 16)
     found = index.search(queries, 10)[1]
     recall = recall_at(found, truth)
+    same_answers = None
+    if single_of_same_training is not None:
+        single_scores, single_ids = single_of_same_training.search(queries, 40)
+        shard_scores, shard_ids = index.search(queries, 40)
+        same_answers = bool(np.array_equal(single_ids, shard_ids) and np.array_equal(single_scores, shard_scores))
     refined_recall = None
     if index.plan.kind == "ivfpq":  # as a collection searches PQ: 4x candidates, re-scored exactly
         vectors = np.concatenate([v for _, v in data.batches()])  # stands in for LanceDB's embeddings
@@ -127,7 +160,8 @@ def main() -> None:
     print(f"|{'-' * 46}|{'-' * 27}:|")
     rows = [
         ("index", index.describe()),
-        ("build: sample, train, add, tune (s)", f"{build_s:.1f}"),
+        ("build: sample, train, add, tune (s)" if args.shards == 1 else "build: sample, train, fill shards (s)", f"{build_s:.1f}"),
+        *([("same ids and scores as one index (top 40)", str(same_answers))] if same_answers is not None else []),
         ("index memory (GiB)", f"{index_gib:.2f}"),
         ("exact index memory (GiB)", f"{exact_gib:.2f}"),
         ("peak process memory (GiB)", f"{rss_gib():.2f}"),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from .encoder import Encoder
     from .indexers import ImageRow, TextRow, VectorIndex
+    from .indexers.sharded_index import ShardedIndex
     from .ingest import IndexReport
     from .search import SearchResult
 
@@ -234,7 +235,7 @@ class Collection:
             candidates if candidates is not None else self.default_candidates(), rerank, target,  # type: ignore[arg-type]
         )
 
-    def index(self, table: TableName) -> VectorIndex:
+    def index(self, table: TableName) -> VectorIndex | ShardedIndex:
         """The FAISS index of `table`, in step with LanceDB."""
         return self.indexes[table]
 

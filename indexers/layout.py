@@ -23,6 +23,11 @@ def faiss_file(table: TableName) -> str:
     return f"{table}.faiss"
 
 
+def faiss_shards_folder(table: TableName) -> str:
+    """A table's sharded FAISS index (`sharded_index`), past what one index should hold."""
+    return f"{table}.faiss-shards"
+
+
 def eval_scores_file(precision: str) -> str:
     """ITM scores evaluation keeps between runs (another precision differs in the last digits)."""
     return f"eval-itm-scores-{precision}.npz"

@@ -2,20 +2,26 @@
 
 Each index is loaded on first use; one that is missing, unreadable or far out of step is rebuilt
 from LanceDB, one a crash or another writer left a little behind is caught up. Growth past the
-planned size retrains it, within the collection's memory budget.
+planned size retrains it, within the collection's memory budget. Past what one index should
+hold, the index is sharded (`sharded_index`); `fill_shards` lets a cluster fill the shards.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .index_plan import needs_rebuild, plan_index
-from .layout import TABLES, TableName, faiss_file
+from .layout import TABLES, TableName, faiss_file, faiss_shards_folder
 from .metadata_store import MetadataStore
+from .sharded_index import ShardedIndex
 from .vector_index import VectorIndex
+
+Index = VectorIndex | ShardedIndex
+ShardFill = Callable[[bytes, list[tuple[int, int]]], list[bytes]]
 
 
 class IndexBudgetError(ValueError):
@@ -28,15 +34,17 @@ def default_index_memory() -> int:
 
 
 class TableIndexes:
-    def __init__(self, folder: Path, store: MetadataStore, memory_budget: int, use_gpu: bool = True) -> None:
-        """`memory_budget`: bytes all tables' indexes may take together."""
+    def __init__(self, folder: Path, store: MetadataStore, memory_budget: int, use_gpu: bool = True, fill_shards: ShardFill | None = None) -> None:
+        """`memory_budget`: bytes all tables' indexes may take together. `fill_shards(trained,
+        row ranges)`: how a sharded build fills its shards (`ShardedIndex.build`; here by default)."""
         self.folder = folder
         self.store = store
         self.memory_budget = memory_budget
+        self.fill_shards = fill_shards
         self._use_gpu = use_gpu
-        self._indexes: dict[str, VectorIndex] = {}
+        self._indexes: dict[str, Index] = {}
 
-    def __getitem__(self, table: TableName) -> VectorIndex:
+    def __getitem__(self, table: TableName) -> Index:
         """The FAISS index of `table`, loaded, or rebuilt from LanceDB when missing or stale."""
         if table not in self._indexes:
             self._indexes[table] = self._placed(self._load_or_rebuild(table))
@@ -54,7 +62,7 @@ class TableIndexes:
         except ValueError as error:
             raise IndexBudgetError(str(error)) from error
         if not needs_rebuild(index.plan, wanted):
-            index.save(self._path(table))
+            self._write(table, index)
             return
         self._indexes[table] = self._placed(self._build(table))  # which saves it
 
@@ -69,24 +77,38 @@ class TableIndexes:
     def _path(self, table: TableName) -> Path:
         return self.folder / faiss_file(table)
 
-    def _placed(self, index: VectorIndex) -> VectorIndex:
+    def _shards_path(self, table: TableName) -> Path:
+        return self.folder / faiss_shards_folder(table)
+
+    def _write(self, table: TableName, index: Index) -> None:
+        """Save `index` where its kind lives, then remove the other kind's files."""
+        if isinstance(index, ShardedIndex):
+            index.save(self._shards_path(table))
+            self._path(table).unlink(missing_ok=True)
+        else:
+            index.save(self._path(table))
+            ShardedIndex.remove_files(self._shards_path(table))
+
+    def _placed(self, index: Index) -> Index:
         if self._use_gpu:
             index.to_gpu()
         return index
 
-    def _load_or_rebuild(self, table: TableName) -> VectorIndex:
-        path = self._path(table)
-        index = None
-        if path.exists():
-            try:
+    def _load_or_rebuild(self, table: TableName) -> Index:
+        path, shards = self._path(table), self._shards_path(table)
+        index: Index | None = None
+        try:
+            if ShardedIndex.exists(shards):
+                index = ShardedIndex.load(shards, self.store.dim)
+            elif path.exists():
                 index = VectorIndex.load(path, self.store.dim)
-            except (OSError, ValueError, RuntimeError):  # corrupt or foreign file: LanceDB holds the truth
-                index = None
+        except (OSError, ValueError, KeyError, RuntimeError):  # corrupt or foreign files: LanceDB holds the truth
+            index = None
         if index is not None and self._catch_up(index, table):
             return index
         return self._build(table)
 
-    def _catch_up(self, index: VectorIndex, table: TableName) -> bool:
+    def _catch_up(self, index: Index, table: TableName) -> bool:
         """Bring a saved index in step with LanceDB, which a crash or a concurrent writer may
         have moved on: drop what LanceDB no longer holds, add what it gained. Ids are never
         reused, so equal ids mean equal vectors. False when a rebuild is the better course."""
@@ -100,11 +122,19 @@ class TableIndexes:
         index.add(*self.store.get_embeddings(table, missing))
         return True
 
-    def _build(self, table: TableName) -> VectorIndex:
+    def _build(self, table: TableName) -> Index:
         """The index planned for `table`'s size and the memory budget, built from LanceDB."""
-        index = VectorIndex.build(
-            self.store.dim, self.store.count_rows(table), lambda: self.store.iter_embeddings(table, batch_size=65536), self._table_budget
-        )
-        if not self.store.read_only:  # readers never write: a writer may be saving this file
-            index.save(self._path(table))
+        n = self.store.count_rows(table)
+        plan = plan_index(n, self.store.dim, self._table_budget)
+
+        def batches():
+            return self.store.iter_embeddings(table, batch_size=65536)
+
+        index: Index
+        if plan.shards > 1:
+            index = ShardedIndex.build(self.store.dim, n, batches, plan, self.fill_shards)
+        else:
+            index = VectorIndex.build(self.store.dim, n, batches, self._table_budget)
+        if not self.store.read_only:  # readers never write: a writer may be saving these files
+            self._write(table, index)
         return index

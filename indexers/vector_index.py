@@ -111,7 +111,18 @@ class VectorIndex:
     def load(cls, path: str | os.PathLike[str], dim: int) -> VectorIndex:
         """Read an index written by `save`; it must hold `dim`-dimensional vectors."""
         with open(path, "rb") as f:  # open() gives a FileNotFoundError, faiss a bare RuntimeError
-            index = faiss.read_index(_faiss.PyCallbackIOReader(f.read))
+            return cls._checked(faiss.read_index(_faiss.PyCallbackIOReader(f.read)), dim, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, dim: int) -> VectorIndex:
+        """An index from `to_bytes`: how an index crosses processes (a shard filled elsewhere)."""
+        return cls._checked(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), dim, "the serialised index")
+
+    def to_bytes(self) -> bytes:
+        return faiss.serialize_index(self._cpu_index()).tobytes()
+
+    @classmethod
+    def _checked(cls, index: Any, dim: int, path: str) -> VectorIndex:
         if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVFFlat, faiss.IndexIVFPQ)) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path} is not an inner-product index with ids ({type(index).__name__})")
         if index.d != dim:
@@ -265,32 +276,8 @@ class VectorIndex:
         return scores, ids
 
     def tune(self, queries: np.ndarray, query_ids: np.ndarray, neighbours: np.ndarray, target: float = TUNE_RECALL) -> float:
-        """Set the smallest nprobe (of 1, 2, 3, 4, 6, 8, 12, ...) whose recall@k reaches `target`;
-        returns the recall reached. Where compressed codes cap recall below `target`, the
-        smallest nprobe within `PLATEAU` of the best recall seen.
-
-        `queries` are stored vectors (their own `query_ids`), `neighbours` their exact top k+1
-        (as from `exact_search`): each query's own id is left out of both sides, so finding
-        itself does not count."""
-        if self.plan.kind == "flat":
-            return 1.0
-        k = neighbours.shape[1] - 1
-        truth = [row[row != own][:k] for row, own in zip(neighbours, query_ids)]
-        measured: list[tuple[int, float]] = []
-        for nprobe in _nprobe_steps(self.plan.nlist):
-            self.nprobe = nprobe
-            found = self.search(queries, k + 1)[1]
-            recall = float(np.mean([np.isin(t, f[f != own]).mean() for t, f, own in zip(truth, found, query_ids)]))
-            measured.append((nprobe, recall))
-            if recall >= target:
-                return recall
-            # PQ codes cap recall below the target: stop once more lists stop helping.
-            if len(measured) >= 3 and recall - measured[-3][1] < PLATEAU:
-                break
-        best = max(recall for _, recall in measured)
-        nprobe, recall = next((n, r) for n, r in measured if r >= best - PLATEAU)
-        self.nprobe = nprobe
-        return recall
+        """Set the smallest nprobe reaching `target` recall; see `tune_nprobe`."""
+        return tune_nprobe(self, queries, query_ids, neighbours, target)
 
     def _cpu_index(self) -> Any:
         return faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
@@ -304,6 +291,35 @@ class VectorIndex:
         if not np.isfinite(x).all():
             raise ValueError(f"{what} contain NaN or infinite values")
         return np.ascontiguousarray(x)
+
+
+def tune_nprobe(index: Any, queries: np.ndarray, query_ids: np.ndarray, neighbours: np.ndarray, target: float = TUNE_RECALL) -> float:
+    """Set `index`'s smallest nprobe (of 1, 2, 3, 4, 6, 8, 12, ...) whose recall@k reaches `target`;
+    returns the recall reached. Where compressed codes cap recall below `target`, the
+    smallest nprobe within `PLATEAU` of the best recall seen.
+
+    `queries` are stored vectors (their own `query_ids`), `neighbours` their exact top k+1
+    (as from `exact_search`): each query's own id is left out of both sides, so finding
+    itself does not count."""
+    if index.plan.kind == "flat":
+        return 1.0
+    k = neighbours.shape[1] - 1
+    truth = [row[row != own][:k] for row, own in zip(neighbours, query_ids)]
+    measured: list[tuple[int, float]] = []
+    for nprobe in _nprobe_steps(index.plan.nlist):
+        index.nprobe = nprobe
+        found = index.search(queries, k + 1)[1]
+        recall = float(np.mean([np.isin(t, f[f != own]).mean() for t, f, own in zip(truth, found, query_ids)]))
+        measured.append((nprobe, recall))
+        if recall >= target:
+            return recall
+        # PQ codes cap recall below the target: stop once more lists stop helping.
+        if len(measured) >= 3 and recall - measured[-3][1] < PLATEAU:
+            break
+    best = max(recall for _, recall in measured)
+    nprobe, recall = next((n, r) for n, r in measured if r >= best - PLATEAU)
+    index.nprobe = nprobe
+    return recall
 
 
 def exact_search(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
