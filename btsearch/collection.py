@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .search import SearchResult
 
 FORMAT_VERSION = 1
+ENGINES = ("local", "ray")
 __all__ = ["Collection"]
 
 
@@ -138,6 +139,9 @@ class Collection:
         rerank_cache: bool = False,
         keep_missing: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        engine: str = "local",
+        ray_address: str | None = None,
+        workers: int | None = None,
     ) -> IndexReport:
         """Sync the collection with the image files under `roots`: embed new and changed files,
         drop rows whose files are gone from under `roots` (unless `keep_missing`), and follow
@@ -146,15 +150,38 @@ class Collection:
         Work is committed every few seconds, LanceDB first: a run killed at any point leaves a
         consistent collection, and the next run picks up where it stopped.
         `rerank_cache=True` turns the re-rank cache on (it stays on): each image's bridge inputs
-        are kept on disk in float16, so re-ranking reads them instead of the image file."""
+        are kept on disk in float16, so re-ranking reads them instead of the image file.
+        `engine="ray"` embeds on a Ray cluster (`ray_engine`; at `ray_address`, with `workers`
+        embedding actors): the same rows, skips and summary as the local engine."""
         from . import ingest
 
+        if engine not in ENGINES:
+            raise BtsearchError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if engine == "ray":
+            return self._add_images_on_ray(roots, batch_size, progress, rerank_cache, keep_missing, max_pixels, ray_address, workers)
         with self._writing():
             if rerank_cache and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
             return ingest.index_images(
                 self._model(), self.store, self.indexes, self.rerank_cache, roots,
                 batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
+            )
+
+    def _add_images_on_ray(
+        self, roots: Sequence[str | os.PathLike[str]], batch_size: int, progress: bool, rerank_cache: bool,
+        keep_missing: bool, max_pixels: int, ray_address: str | None, workers: int | None,
+    ) -> IndexReport:
+        from . import ray_engine
+
+        ray_engine.require_ray()
+        if rerank_cache or self.rerank_cache is not None:
+            raise BtsearchError("--engine ray does not fill the re-rank cache yet: index this collection with --engine local")
+        encoder = self._model()
+        precision = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(encoder.dtype)]
+        with self._writing():
+            return ray_engine.index_images_on_ray(
+                self.manifest.model, self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
+                max_pixels=max_pixels, precision=precision, workers=workers, address=ray_address, progress=progress,
             )
 
     def add_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:

@@ -134,13 +134,13 @@ def index_images(
     writer.flush()
     report.updated += plan.moved
     indexes.save("images")
-    _log_skips(SkipLog(store.folder), plan.found, report.skipped)
+    log_skips(SkipLog(store.folder), plan.found, report.skipped)
     store.optimize()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> None:
+def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> None:
     """The skip log after a run: files found this time leave it, then the ones skipped go back in."""
     log.forget(found)
     for item in skipped:

@@ -48,7 +48,7 @@ class ImageBatch:
         return np.stack([image.pixels for image in self.images])
 
 
-def _load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> LoadedImage | SkippedImage:
+def load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> LoadedImage | SkippedImage:
     path = Path(path)
     try:
         with open(path, "rb") as f:  # read once: the bytes are both hashed and decoded
@@ -93,7 +93,7 @@ def iter_image_batches(
         def submit_next() -> bool:
             chunk = list(islice(paths, batch_size))
             if chunk:
-                pending.append([pool.submit(_load_one, path, preprocess, max_pixels) for path in chunk])
+                pending.append([pool.submit(load_one, path, preprocess, max_pixels) for path in chunk])
             return bool(chunk)
 
         for _ in range(prefetch + 1):

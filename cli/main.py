@@ -75,11 +75,17 @@ def main() -> None:
     "--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
     help="Skip images with more pixels than this (decompression bombs), before decoding them.",
 )
+@click.option(
+    "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    help="Where embedding runs: this process, or a Ray cluster (pip install 'btsearch[ray]'); the same collection either way.",
+)
+@click.option("--address", default=None, metavar="ADDR", help="With --engine ray: the cluster to join [default: RAY_ADDRESS, else a local Ray on this machine's cores].")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N", help="With --engine ray: embedding actors [default: one per GPU, else a few CPU actors].")
 @click.option("--captions", "with_captions", is_flag=True, help="Also add the captions that come with the images (webdataset .txt/.json members, a parquet caption column) as texts.")
 @json_option("the summary (counts, skipped files with reasons, seconds)")
 @device_option
 @quiet_option
-def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, with_captions, as_json, device, precision):
+def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, engine, address, workers, with_captions, as_json, device, precision):
     """Sync the collection with the images under PATHS: folders (recursively), image files,
     webdataset .tar shards, or parquet files with a path or image-bytes column.
 
@@ -92,6 +98,10 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     from btsearch.indexers.layout import MEDIA
     from btsearch.sources import expand_inputs
 
+    if engine == "ray":  # before a collection is made for nothing
+        from btsearch.ray_engine import require_ray
+
+        require_ray()
     collection = Collection.create(db, model=model, device=device, precision=precision)
     if index_memory is not None:
         collection.set_index_memory(index_memory)
@@ -100,7 +110,7 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         say(f"skipped {path}: {reason}")
     report = collection.add_images(
         inputs.roots, batch_size=batch_size, progress=show_progress(), rerank_cache=rerank_cache,
-        keep_missing=keep_missing, max_pixels=max_pixels,
+        keep_missing=keep_missing, max_pixels=max_pixels, engine=engine, ray_address=address, workers=workers,
     )
     say_skipped(report)
     summary = index_summary(report, collection)

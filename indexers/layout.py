@@ -13,6 +13,7 @@ ID_RESERVATION = "next-ids.json"  # the smallest id never handed out, per table
 SKIP_LOG = "skipped.json"
 RERANK_CACHE = "rerank-cache"  # the images' bridge inputs, when `index --rerank-cache` is on
 MEDIA = "media"  # images extracted from tar shards and parquet bytes
+RAY_WAVES = "ray-waves"  # the Ray engine's run plan (ids, paths), saved before it is submitted
 
 
 def lance_folder(table: TableName) -> str:

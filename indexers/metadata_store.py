@@ -28,37 +28,8 @@ from lancedb.index import BTree
 
 from .atomic import atomic_write
 from .layout import ID_RESERVATION, TableName
+from .schemas import SCHEMAS as _SCHEMAS
 from .stored_files import StoredFiles, is_utf8, resolve_path
-
-
-def images_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("id", pa.int64(), nullable=False),
-            pa.field("path", pa.string(), nullable=False),  # absolute and resolved
-            pa.field("size", pa.int64(), nullable=False),  # bytes
-            pa.field("mtime", pa.float64(), nullable=False),  # os.stat().st_mtime
-            pa.field("width", pa.int32(), nullable=False),
-            pa.field("height", pa.int32(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-            # blake2b-128 of the file's bytes: tells a touched file from a changed one, and finds
-            # a moved file's row. Null in rows from before the column existed.
-            pa.field("content_hash", pa.string(), nullable=True),
-        ]
-    )
-
-
-def texts_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("id", pa.int64(), nullable=False),
-            pa.field("text", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-        ]
-    )
-
-
-_SCHEMAS = {"images": images_schema, "texts": texts_schema}
 
 # Below this many rows a scan is as fast as a BTREE lookup, so indices would only cost writes.
 SCALAR_INDEX_MIN_ROWS = 10_000
@@ -333,6 +304,16 @@ class MetadataStore:
         if embeddings.shape != (n, self.dim):
             raise ValueError(f"embeddings must have shape ({n}, {self.dim}), got {embeddings.shape}")
         return np.ascontiguousarray(embeddings)
+
+    def reserve_ids(self, table: TableName, n: int) -> np.ndarray:
+        """`n` new ids, reserved on disk, for rows another process writes (the Ray engine's waves)."""
+        ids = self._allocate_ids(table, n)
+        self._next_ids[table] = int(ids[-1]) + 1 if n else self._next_ids[table]
+        return ids
+
+    def table_schema(self, table: TableName) -> pa.Schema:
+        """The Arrow schema rows of `table` are stored in (fragments written elsewhere must match)."""
+        return self._tables[table].schema
 
     def _allocate_ids(self, table: TableName, n: int) -> np.ndarray:
         # One more than the largest id, read once: scanning the id column on every append would

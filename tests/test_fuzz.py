@@ -10,7 +10,7 @@ from PIL import Image
 
 from btsearch.collection import Collection
 from btsearch.errors import BtsearchError
-from btsearch.loader import LoadedImage, SkippedImage, _load_one
+from btsearch.loader import LoadedImage, SkippedImage, load_one
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -45,7 +45,7 @@ def preprocess(image: Image.Image):
 def test_any_bytes_load_or_are_skipped_with_a_reason(tmp_path, data, suffix):
     path = tmp_path / f"fuzz{suffix}"
     path.write_bytes(data)
-    result = _load_one(path, preprocess, max_pixels=10_000_000)
+    result = load_one(path, preprocess, max_pixels=10_000_000)
     if isinstance(result, LoadedImage):
         assert result.pixels.shape == (8, 8, 3) and result.width > 0 and result.height > 0
     else:

@@ -17,6 +17,7 @@ from btsearch.indexers import (
     gpu_available,
     index_plan,
     metadata_store,
+    schemas,
     vector_index,
 )
 from btsearch.indexers.atomic import atomic_write
@@ -497,10 +498,10 @@ def test_read_only_store_is_a_snapshot(tmp_path):
 
 
 def test_an_older_images_table_gains_the_content_hash_column(tmp_path):
-    old_schema = metadata_store.images_schema(DIM)
+    old_schema = schemas.images_schema(DIM)
     old_schema = old_schema.remove(old_schema.get_field_index("content_hash"))
     db = lancedb.connect(tmp_path / "db")
-    db.create_table("texts", schema=metadata_store.texts_schema(DIM))
+    db.create_table("texts", schema=schemas.texts_schema(DIM))
     db.create_table("images", schema=old_schema).add(
         [{**image(tmp_path / "a.jpg"), "id": 0, "path": str(tmp_path / "a.jpg"), "embedding": unit_vectors(1)[0].tolist()}]
     )

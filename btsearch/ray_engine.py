@@ -1,0 +1,357 @@
+"""The Ray engine: the ingest pipeline's load/prepare and embed stages as Ray Data map stages on a
+cluster, and Lance fragments written there and committed here, wave by wave.
+
+The driver (this process) holds the collection's write lock for the whole run and does what
+needs one view of the collection: it finds the files and plans the sync exactly as the local
+engine does (`sync`), and applies the plan's updates and deletions. It then reserves ids for the
+files to embed and saves that plan (id, path) in the collection before submitting anything; the
+cluster runs `Prepare` (CPU actors: read, hash, EXIF, the processor's uint8 pixels, the same
+skip reasons as the local loader), `Embed` (the image tower; one actor per GPU, or a few CPU
+actors) and `WriteFragments` (Lance data files of each batch's good rows, plus its skips), one
+stream over the whole run so actors start once. The driver checks each batch's fragments against
+the rows it sent and commits them in waves of about WAVE_FILES rows, one Lance `Append` each. A
+commit is all or nothing, so the table itself says whether a wave landed (a commit whose answer
+is lost is judged so); what a failed stream left is sent again, never what landed; a run killed
+at any point resumes, its files planned again, without a row lost or written twice. Fragments of
+failed attempts are unreferenced files, reclaimed at the end (`cleanup_old_versions(
+delete_unverified=True)`); then FAISS catches up from LanceDB as after any crash.
+
+Traps avoided (see issue 15): no `Dataset.write_lance` (it passes an option current pylance lacks),
+no `LanceDatasink` (its retry re-reads a consumed reader), no Ray Data checkpointing with a Lance
+sink, `max_errored_blocks=0`, no `read_images`/`download()` (they raise on bombs or hide errors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from .defaults import DEFAULT_MAX_PIXELS
+from .errors import BtsearchError
+from .indexers.atomic import atomic_write
+from .indexers.layout import RAY_WAVES, lance_folder
+from .indexers.metadata_store import VERSION_GRACE
+from .indexers.skip_log import SkipLog
+from .ingest import IndexReport, apply_plan, log_skips
+from .loader import LoadedImage, SkippedImage, load_one
+from .sync import find_files, plan_sync
+
+if TYPE_CHECKING:
+    from .indexers import MetadataStore, TableIndexes
+
+WAVE_FILES = 4096  # rows per commit: each is a table version, and what a crash before it costs to redo
+WAVE_ATTEMPTS = 3  # streams per run: what a failed one left is sent again
+INSTALL_HINT = "--engine ray needs Ray and Lance: pip install 'btsearch[ray]'"
+
+
+def require_ray() -> Any:
+    """The `ray` module, or one clear error saying how to get it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")  # the driver forks nothing of Lance's
+            import lance  # noqa: F401
+            import lance_ray  # noqa: F401
+        import ray
+    except ImportError:
+        raise BtsearchError(INSTALL_HINT) from None
+    return ray
+
+
+def start_ray(address: str | None) -> Any:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray on this machine's cores."""
+    ray = require_ray()
+    for name in ("ray", "ray.data"):  # the summary line says what happened; errors still show
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        with warnings.catch_warnings():
+            # Starting Ray forks its daemons; they run none of LanceDB's code.
+            warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            if address:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.max_errored_blocks = 0  # a failed block fails the wave, never silently drops rows
+    context.enable_progress_bars = False
+    return ray
+
+
+# -- the map stages (they run on the cluster) ---------------------------------------------------
+
+FILE_FACTS = ("size", "mtime", "width", "height", "content_hash")
+
+
+class Prepare:
+    """Read, hash and prepare each file as the local loader does; a row per file, with its skip reason."""
+
+    def __init__(self, model_id: str, max_pixels: int) -> None:
+        from transformers import AutoProcessor
+
+        from .pixels import ImagePreparer
+
+        self.prepare = ImagePreparer(AutoProcessor.from_pretrained(model_id).image_processor)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", *FILE_FACTS, "pixels", "shape", "error")}
+        for item, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
+            done = load_one(path, self.prepare, self.max_pixels)
+            columns["id"].append(item)
+            columns["path"].append(path)
+            if isinstance(done, LoadedImage):
+                for name in FILE_FACTS:
+                    columns[name].append(getattr(done, name))
+                columns["pixels"].append(np.ascontiguousarray(done.pixels).tobytes())
+                columns["shape"].append(list(done.pixels.shape))
+                columns["error"].append(None)
+            else:
+                for name in (*FILE_FACTS, "pixels", "shape"):
+                    columns[name].append(None)
+                columns["error"].append(done.reason)
+        return pa.table(columns)
+
+
+class Embed:
+    """The image tower on the prepared pixels of the rows that loaded."""
+
+    def __init__(self, model_id: str, device: str, precision: str) -> None:
+        from .encoder import Encoder
+
+        self.encoder = Encoder.from_pretrained(model_id, device=device, precision=precision)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good = [i for i, error in enumerate(batch["error"].to_pylist()) if error is None]
+        dim = self.encoder.embed_dim
+        embeddings = np.zeros((batch.num_rows, dim), np.float32)
+        if good:
+            shapes, blobs = batch["shape"].to_pylist(), batch["pixels"].to_pylist()
+            pixels = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(shapes[i]) for i in good])
+            embeddings[good] = self.encoder.embed_pixels(pixels)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+        return batch.drop_columns(["pixels", "shape"]).append_column("embedding", embedding)
+
+
+class WriteFragments:
+    """Lance data files of a batch's good rows (not yet part of any version), and its skips: one
+    row per batch, so the driver can check each batch's fragments against the rows it sent."""
+
+    def __init__(self, uri: str, schema: pa.Schema) -> None:
+        self.uri, self.schema = uri, schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from lance_ray.fragment import write_fragment
+
+        errors = batch["error"].to_pylist()
+        rows = batch.filter(pa.array([error is None for error in errors])).select([field.name for field in self.schema]).cast(self.schema)
+        # retry_params=None: one attempt; Ray's task retry re-runs the whole call on failure.
+        fragments = write_fragment([rows], self.uri, schema=self.schema, retry_params=None) if rows.num_rows else []
+        paths = batch["path"].to_pylist()
+        return pa.table({
+            "fragments": [pickle.dumps([fragment for fragment, _ in fragments])],
+            "ids": [rows["id"].to_pylist()],
+            "skipped_ids": [[item for item, error in zip(batch["id"].to_pylist(), errors) if error is not None]],
+            "skipped_paths": [[path for path, error in zip(paths, errors) if error is not None]],
+            "skipped_reasons": [[error for error in errors if error is not None]],
+        })
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def index_images_on_ray(
+    model_id: str,
+    store: MetadataStore,
+    indexes: TableIndexes,
+    roots: Sequence[str | os.PathLike[str]],
+    batch_size: int = 16,
+    keep_missing: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    address: str | None = None,
+    progress: bool = False,
+) -> IndexReport:
+    """Sync the collection with the files under `roots` on a Ray cluster: the same plan, rows,
+    skip reasons and summary as the local engine (`ingest.index_images`)."""
+    ray = start_ray(address)
+    started = time.perf_counter()
+    plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
+    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
+    apply_plan(store, indexes, plan)
+    waves = store.folder / RAY_WAVES
+    waves.mkdir(exist_ok=True)
+    for stale in waves.glob("run-*.json"):  # a killed run's plan: its files were planned again above
+        stale.unlink()
+    if plan.todo:
+        ids = store.reserve_ids("images", len(plan.todo))
+        saved = waves / f"run-{int(ids[0]):012d}.json"
+        with atomic_write(saved) as f:  # the plan (id, path), saved before anything is submitted
+            f.write(json.dumps({"ids": ids.tolist(), "paths": plan.todo}).encode())
+        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers))
+        landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), plan.todo)), progress)
+        saved.unlink()
+        report.skipped += skipped
+        changed = sum(path in plan.replaced_paths for path in landed)
+        report.updated += changed
+        report.added += len(landed) - changed
+    report.updated += plan.moved
+    _reclaim_unreferenced(store, before=time.time() - (time.perf_counter() - started))
+    indexes.forget()  # FAISS catches up from LanceDB, as after any crash
+    indexes.save("images")
+    log_skips(SkipLog(store.folder), plan.found, report.skipped)
+    store.optimize()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _Stages:
+    """The pipeline Prepare -> Embed -> WriteFragments over Ray Data, sized for the cluster."""
+
+    def __init__(self, model_id: str, store: MetadataStore, batch_size: int, max_pixels: int, device: str, precision: str, embed_workers: int) -> None:
+        import ray
+
+        self.ray = ray
+        self.uri = str(store.folder / lance_folder("images"))
+        self.schema = store.table_schema("images")
+        self.model_id, self.batch_size, self.max_pixels = model_id, batch_size, max_pixels
+        self.device, self.precision, self.embed_workers = device, precision, embed_workers
+        self.gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.prepare_workers = max(1, min(4 * max(self.gpus, 1), cpus - 1))
+
+    def stream(self, items: dict[int, str]) -> Iterator[dict[str, Any]]:
+        """One output row per batch written on the cluster (fragments, their ids, the skips), as they come."""
+        from ray.data import ActorPoolStrategy
+
+        rows = [{"id": item, "path": path} for item, path in items.items()]
+        blocks = max(1, min(len(rows) // self.batch_size, 8 * self.prepare_workers))
+        # Fractional CPUs and capped pools: actors that reserve every core leave none for the
+        # write stage, and a small machine deadlocks (ray-project/ray#44687).
+        prepared = self.ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+            Prepare, fn_constructor_kwargs={"model_id": self.model_id, "max_pixels": self.max_pixels},
+            batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=self.prepare_workers), num_cpus=0.25,
+        )
+        embed_resources = {"num_gpus": 1} if self.gpus else {"num_cpus": 0.5}
+        embedded = prepared.map_batches(
+            Embed, fn_constructor_kwargs={"model_id": self.model_id, "device": self.device, "precision": self.precision},
+            batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=self.embed_workers), **embed_resources,
+        )
+        written = embedded.map_batches(
+            WriteFragments, fn_constructor_kwargs={"uri": self.uri, "schema": self.schema},
+            batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25,
+        )
+        yield from written.iter_rows()
+
+
+def _embed_and_commit(stages: _Stages, store: MetadataStore, items: dict[int, str], progress: bool) -> tuple[list[str], list[SkippedImage]]:
+    """Stream `items` (id -> path) through the cluster, committing fragments in waves of about
+    WAVE_FILES rows; what a failed stream left is sent again, up to WAVE_ATTEMPTS times. Returns
+    the paths that landed and the files skipped."""
+    landed: list[str] = []
+    skipped: list[SkippedImage] = []
+    remaining = dict(items)
+    for attempt in range(1, WAVE_ATTEMPTS + 1):
+        wave = _Wave()
+        try:
+            for row in stages.stream(remaining):
+                for item, path, reason in zip(row["skipped_ids"], row["skipped_paths"], row["skipped_reasons"]):
+                    skipped.append(SkippedImage(Path(path), reason))
+                    remaining.pop(item)
+                fragments = pickle.loads(row["fragments"])
+                if sum(fragment.physical_rows for fragment in fragments) != len(row["ids"]):
+                    continue  # never commit a batch that lost or doubled rows: its files go again
+                wave.add(fragments, row["ids"])
+                if wave.rows >= WAVE_FILES:
+                    landed += _commit(stages.uri, store, wave, remaining)
+                    wave = _Wave()
+                    if progress:
+                        print(f"indexing on Ray: {len(items) - len(remaining)}/{len(items)} files", flush=True)
+            landed += _commit(stages.uri, store, wave, remaining)
+        except BtsearchError:
+            raise
+        except Exception as error:  # a stage that failed past Ray's own retries: its fragments stay unreferenced
+            if attempt == WAVE_ATTEMPTS:
+                raise BtsearchError(f"indexing on Ray failed {WAVE_ATTEMPTS} times, {len(remaining)} files left: {_first_line(error)}") from error
+            continue
+        if not remaining:
+            break
+    if remaining:
+        raise BtsearchError(f"{len(remaining)} files did not write their rows whole in {WAVE_ATTEMPTS} attempts on Ray")
+    return landed, skipped
+
+
+class _Wave:
+    """Fragments waiting for one commit, and the ids they hold."""
+
+    def __init__(self) -> None:
+        self.fragments: list[Any] = []
+        self.ids: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def add(self, fragments: list[Any], ids: list[int]) -> None:
+        self.fragments += fragments
+        self.ids += ids
+
+
+def _commit(uri: str, store: MetadataStore, wave: _Wave, remaining: dict[int, str]) -> list[str]:
+    """Append the wave's fragments in one commit (all or nothing); returns the paths that landed.
+    A commit whose answer is lost is judged by the data: its ids are in the table, or not."""
+    import lance
+
+    if not wave.fragments:
+        return []
+    try:
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(wave.fragments), read_version=lance.dataset(uri).version)
+    except Exception:
+        store.refresh()
+        if not _landed(store, np.array(wave.ids[:1])):
+            raise
+    store.refresh()
+    return [remaining.pop(item) for item in wave.ids]
+
+
+def _embed_workers(ray: Any, workers: int | None) -> int:
+    """Embedding actors: as asked, else one per GPU, else a few CPU actors."""
+    if workers is not None:
+        if workers < 1:
+            raise BtsearchError("--workers must be at least 1")
+        return workers
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)) or max(1, min(2, int(resources.get("CPU", 1)) // 2))
+
+
+def _landed(store: MetadataStore, ids: np.ndarray) -> bool:
+    return len(store.get_embeddings("images", ids)[0]) > 0
+
+
+def _reclaim_unreferenced(store: MetadataStore, before: float) -> None:
+    """Delete data files no version references (failed or superseded attempts' fragments), and
+    the temporary files of writes cut short before `before` (a killed run's, by their time)."""
+    import lance
+
+    uri = store.folder / lance_folder("images")
+    lance.dataset(str(uri)).cleanup_old_versions(older_than=VERSION_GRACE, delete_unverified=True)
+    for partial in (uri / "data").glob(".tmp*"):
+        if partial.stat().st_mtime < before:
+            partial.unlink(missing_ok=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
