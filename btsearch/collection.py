@@ -172,17 +172,22 @@ class Collection:
         keep_missing: bool, max_pixels: int, ray_address: str | None, workers: int | None,
     ) -> IndexReport:
         from . import ray_engine
+        from .image_states import fill_bridge_cache
 
         ray_engine.require_ray()
-        if rerank_cache or self.rerank_cache is not None:
-            raise BtsearchError("--engine ray does not fill the re-rank cache yet: index this collection with --engine local")
         encoder = self._model()
         precision = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(encoder.dtype)]
         with self._writing():
-            return ray_engine.index_images_on_ray(
+            report = ray_engine.index_images_on_ray(
                 self.manifest.model, self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
                 max_pixels=max_pixels, precision=precision, workers=workers, address=ray_address, progress=progress,
             )
+            if rerank_cache and self.rerank_cache is None:
+                self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
+            if self.rerank_cache is not None:  # catches up from LanceDB here, on the driver's model
+                rows = [(row["id"], row["path"]) for row in self.store.image_files().values() if row["id"] not in self.rerank_cache]
+                fill_bridge_cache(encoder, self.rerank_cache, rows, progress)
+            return report
 
     def add_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed and store texts; returns their ids in order."""

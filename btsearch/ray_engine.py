@@ -29,7 +29,7 @@ import os
 import pickle
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from .errors import BtsearchError
 from .indexers.atomic import atomic_write
 from .indexers.layout import RAY_WAVES, lance_folder
 from .indexers.metadata_store import VERSION_GRACE
+from .indexers.sharded_index import fill_shard
 from .indexers.skip_log import SkipLog
 from .ingest import IndexReport, apply_plan, log_skips
 from .loader import LoadedImage, SkippedImage, load_one
@@ -183,9 +184,11 @@ def index_images_on_ray(
     workers: int | None = None,
     address: str | None = None,
     progress: bool = False,
+    prepare_workers: int | None = None,
 ) -> IndexReport:
     """Sync the collection with the files under `roots` on a Ray cluster: the same plan, rows,
-    skip reasons and summary as the local engine (`ingest.index_images`)."""
+    skip reasons and summary as the local engine (`ingest.index_images`). `prepare_workers`
+    caps the Prepare actors [default: 4 per GPU, within the cluster's cores]."""
     ray = start_ray(address)
     started = time.perf_counter()
     plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
@@ -200,7 +203,7 @@ def index_images_on_ray(
         saved = waves / f"run-{int(ids[0]):012d}.json"
         with atomic_write(saved) as f:  # the plan (id, path), saved before anything is submitted
             f.write(json.dumps({"ids": ids.tolist(), "paths": plan.todo}).encode())
-        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers))
+        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers), prepare_workers)
         landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), plan.todo)), progress)
         saved.unlink()
         report.skipped += skipped
@@ -210,6 +213,7 @@ def index_images_on_ray(
     report.updated += plan.moved
     _reclaim_unreferenced(store, before=time.time() - (time.perf_counter() - started))
     indexes.forget()  # FAISS catches up from LanceDB, as after any crash
+    indexes.fill_shards = fill_shards_on_ray(store)  # a sharded rebuild fills its shards on the cluster
     indexes.save("images")
     log_skips(SkipLog(store.folder), plan.found, report.skipped)
     store.optimize()
@@ -220,7 +224,10 @@ def index_images_on_ray(
 class _Stages:
     """The pipeline Prepare -> Embed -> WriteFragments over Ray Data, sized for the cluster."""
 
-    def __init__(self, model_id: str, store: MetadataStore, batch_size: int, max_pixels: int, device: str, precision: str, embed_workers: int) -> None:
+    def __init__(
+        self, model_id: str, store: MetadataStore, batch_size: int, max_pixels: int, device: str, precision: str, embed_workers: int,
+        prepare_workers: int | None = None,
+    ) -> None:
         import ray
 
         self.ray = ray
@@ -230,7 +237,7 @@ class _Stages:
         self.device, self.precision, self.embed_workers = device, precision, embed_workers
         self.gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.prepare_workers = max(1, min(4 * max(self.gpus, 1), cpus - 1))
+        self.prepare_workers = prepare_workers or max(1, min(4 * max(self.gpus, 1), cpus - 1))
 
     def stream(self, items: dict[int, str]) -> Iterator[dict[str, Any]]:
         """One output row per batch written on the cluster (fragments, their ids, the skips), as they come."""
@@ -324,6 +331,30 @@ def _commit(uri: str, store: MetadataStore, wave: _Wave, remaining: dict[int, st
             raise
     store.refresh()
     return [remaining.pop(item) for item in wave.ids]
+
+
+def fill_shards_on_ray(store: MetadataStore) -> Callable[[bytes, list[tuple[int, int]]], list[bytes]]:
+    """`TableIndexes.fill_shards` on the cluster: one task per shard reads its range of rows from
+    the table's current version and fills a copy of the trained index (`sharded_index.fill_shard`)."""
+    import lance
+    import ray
+
+    uri, dim = str(store.folder / lance_folder("images")), store.dim
+    version = lance.dataset(uri).version
+
+    @ray.remote(num_cpus=1)
+    def fill(trained: bytes, start: int, stop: int) -> bytes:
+        import lance
+
+        rows = lance.dataset(uri, version=version).to_table(columns=["id", "embedding"], offset=start, limit=stop - start)
+        vectors = rows["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        return fill_shard(trained, [(rows["id"].to_numpy(), vectors)], dim)
+
+    def fill_all(trained: bytes, ranges: list[tuple[int, int]]) -> list[bytes]:
+        shared = ray.put(trained)
+        return ray.get([fill.remote(shared, start, stop) for start, stop in ranges])
+
+    return fill_all
 
 
 def _embed_workers(ray: Any, workers: int | None) -> int:

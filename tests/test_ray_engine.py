@@ -5,6 +5,7 @@ fragments of failed attempts are reclaimed."""
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -47,7 +48,8 @@ def reference(tmp_path_factory, files, trained_checkpoint):
 
 def index(folder, db, checkpoint, *extra, ok=True):
     result = run("index", folder, "--db", db, "--model", checkpoint, "--precision", "fp32", "--batch-size", 4, "--max-pixels", 5_000_000, "--json", "-q", *extra, ok=ok)
-    return json.loads(result.stdout) if ok else result
+    # Ray may print a line of its own (a restarted worker) beside the summary: take the summary's.
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"added"'))) if ok else result
 
 
 def stored(db):
@@ -167,3 +169,84 @@ def test_without_ray_the_engine_is_one_clear_line(tmp_path, trained_checkpoint, 
     result = run("index", photos[0], "--db", tmp_path / "db", "--model", trained_checkpoint, "--engine", "ray", ok=False)
     assert result.exit_code == 1 and result.output.strip() == f"btsearch: error: {ray_engine.INSTALL_HINT}"
     assert not (tmp_path / "db").exists()  # nothing made for nothing
+
+
+def test_a_sharded_index_is_filled_on_the_cluster(tmp_path, files, trained_checkpoint, monkeypatch):
+    from btsearch.indexers import index_plan
+    from btsearch.indexers.sharded_index import ShardedIndex
+
+    monkeypatch.setattr(index_plan, "EXACT_MAX_FLOATS", 4)  # IVF from a handful of vectors
+    monkeypatch.setattr(index_plan, "SHARD_MAX_VECTORS", 8)  # ...in shards of 8
+    fills = []
+    real = ray_engine.fill_shards_on_ray
+
+    def counted(store):
+        fill = real(store)
+        return lambda trained, ranges: fills.append(ranges) or fill(trained, ranges)
+
+    monkeypatch.setattr(ray_engine, "fill_shards_on_ray", counted)
+    folder, _, total = files
+    index(folder, tmp_path / "db", trained_checkpoint, "--engine", "ray")
+    collection = Collection.open(tmp_path / "db", load_model=False, read_only=True)
+    shards = collection.index("images")
+    assert isinstance(shards, ShardedIndex) and shards.shards == 3 and fills == [[(0, 7), (7, 15), (15, 22)]]
+    ids, vectors = collection.store.get_embeddings("images", collection.store.ids("images"))
+    shards.nprobe = shards.plan.nlist  # every list: exact, so each stored vector finds itself
+    assert (shards.search(vectors, 1)[1][:, 0] == ids).all() and len(ids) == total
+
+
+def embed_actor_pids() -> list[int]:
+    """Processes of live Embed actors (Ray titles its workers `ray::MapWorker(MapBatches(Embed))`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"MapBatches(Embed)" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_an_embed_actor_killed_mid_run_costs_no_file(tmp_path, files, trained_checkpoint, reference):
+    import signal
+    import threading
+
+    folder, _, total = files
+    killed, stop = [], threading.Event()
+
+    def killer():  # SIGKILL the first Embed actor once it is up: Ray restarts it and retries its work
+        while not stop.is_set() and not killed:
+            for pid in embed_actor_pids():
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+                break
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        summary = index(folder, tmp_path / "db", trained_checkpoint, "--engine", "ray", "--workers", 1)
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no Embed actor was seen to kill"
+    assert summary["added"] == total
+    same_collections(tmp_path / "db", reference[0])
+
+
+def test_the_rerank_cache_catches_up_after_a_ray_run(tmp_path, files, trained_checkpoint, reference):
+    folder, _, total = files
+    db = tmp_path / "db"
+    index(folder, db, trained_checkpoint, "--engine", "ray", "--rerank-cache")
+    collection = Collection.open(db, load_model=False, read_only=True)
+    assert collection.rerank_cache is not None and len(collection.rerank_cache) == total
+    cached = json.loads(run("search", "a cat", "--db", db, "-k", 4, "--candidates", 4, "--precision", "fp32", "--json").stdout)["hits"]
+    plain = json.loads(run("search", "a cat", "--db", reference[0], "-k", 4, "--candidates", 4, "--precision", "fp32", "--json").stdout)["hits"]
+    assert [h["path"] for h in cached] == [h["path"] for h in plain]
+    np.testing.assert_allclose([h["itm_score"] for h in cached], [h["itm_score"] for h in plain], atol=2e-2)  # float16 states
