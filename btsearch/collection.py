@@ -254,17 +254,20 @@ class Collection:
         candidates: int | None = None,
         rerank: bool = True,
         target: str | None = None,
+        min_match: float | None = None,
     ) -> SearchResult:
         """Text finds images; an image (a path or a picture) finds texts. FAISS recalls the top
         `candidates` by ITC, the ITM head re-ranks them, and the rest follow in ITC order up to
         `k` hits. `candidates` defaults to `default_candidates()`. `target` ("images" or
-        "texts") overrides what is searched; across the same modality, ranking is by ITC alone."""
+        "texts") overrides what is searched; across the same modality, ranking is by ITC alone.
+        Each re-ranked hit has `match`, the ITM head's probability that text and image match;
+        `min_match` keeps only the hits whose probability reaches it."""
         from . import search
 
-        search.check_query(text, image, k, candidates, target)
+        search.check_query(text, image, k, candidates, target, min_match=min_match, rerank=rerank)
         return search.search(
             self._model(), self.store, self.indexes, self.rerank_cache, text, image, k,
-            candidates if candidates is not None else self.default_candidates(), rerank, target,  # type: ignore[arg-type]
+            candidates if candidates is not None else self.default_candidates(), rerank, target, min_match,  # type: ignore[arg-type]
         )
 
     def index(self, table: TableName) -> VectorIndex | ShardedIndex:

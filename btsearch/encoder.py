@@ -177,15 +177,16 @@ class Encoder:
 
     # -- ITM ------------------------------------------------------------------------------
 
-    def match(self, text: TowerOutput, image: TowerOutput) -> np.ndarray:
-        """ITM match logits of pairs; a batch of one on either side is paired with every item
-        of the other side (the query's states are computed once and broadcast)."""
+    def match(self, text: TowerOutput, image: TowerOutput, both: bool = False) -> np.ndarray:
+        """ITM match logits of pairs (n,); a batch of one on either side is paired with every
+        item of the other side (the query's states are computed once and broadcast). `both=True`:
+        both logits, (n, 2) (no match, match), from which `match_probability` follows."""
         assert text.bridge is not None and text.mask is not None and image.bridge is not None, "match needs bridge inputs"
         size = max(len(text.bridge), len(image.bridge))
         text_bridge = text.bridge.expand(size, *text.bridge.shape[1:])
         text_mask = text.mask.expand(size, *text.mask.shape[1:])
         image_bridge = image.bridge.expand(size, *image.bridge.shape[1:])
-        return to_numpy(self.model.match_logits(text_bridge, text_mask, image_bridge))
+        return to_numpy(self.model.match_logits(text_bridge, text_mask, image_bridge, both=both))
 
 
 def model_class_for(config) -> Any:

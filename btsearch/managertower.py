@@ -227,8 +227,9 @@ class ManagerTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
     # -- managers + cross-modal layers + ITM ----------------------------------------------------
 
     @torch.inference_mode()
-    def match_logits(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor) -> torch.Tensor:
-        """ITM match logit of pair b = (text b, image b), from (B, R, T, H) and (B, R, P, H)."""
+    def match_logits(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor, both: bool = False) -> torch.Tensor:
+        """ITM match logit of pair b = (text b, image b), from (B, R, T, H) and (B, R, P, H);
+        `both=True`: both logits, (B, 2)."""
         mask = self._text_mask(text_bridge[:, 0], text_mask)
         last = self.config.num_hidden_layers - 1
         text_out = image_out = None
@@ -243,4 +244,5 @@ class ManagerTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
                 text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
                 image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
         pooled = torch.cat([self.cross_modal_text_pooler(text_out), self.cross_modal_image_pooler(image_out)], dim=-1)
-        return _run_head(self.itm_score, pooled)[:, 1]
+        logits = _run_head(self.itm_score, pooled)
+        return logits if both else logits[:, 1]

@@ -179,8 +179,9 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
         return towers if self.config.share_link_tower_layers else towers[index]
 
     @torch.inference_mode()
-    def match_logits(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor) -> torch.Tensor:
-        """ITM match logit (`logits[:, 1]` of the reference) of pair b = (text b, image b).
+    def match_logits(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor, both: bool = False) -> torch.Tensor:
+        """ITM match logit (`logits[:, 1]` of the reference) of pair b = (text b, image b);
+        `both=True`: both logits, (B, 2), as the reference's `logits`.
 
         text_bridge: (B, N, T, H), text_mask: (B, T), image_bridge: (B, N, P, H).
         """
@@ -202,7 +203,8 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
                 text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
                 image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
         pooled = bt.get_cls_features(text_out, image_out)
-        return _run_head(self.itm_score, pooled)[:, 1]
+        logits = _run_head(self.itm_score, pooled)
+        return logits if both else logits[:, 1]
 
 
 def token_type_embedding(embeddings: nn.Embedding, index: int, like: torch.Tensor) -> torch.Tensor:

@@ -32,29 +32,29 @@ class Reranker:
     def score_images(
         self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = (), cache: BridgeCache | None = None
     ) -> np.ndarray:
-        """ITM logits of (query text, image) for each path; NaN where the file cannot be read.
+        """Both ITM logits (n, 2) of (query text, image) for each path; NaN where the file cannot be read.
 
         Images whose id is in the re-rank cache take their bridge inputs from it; the others
         are read and run through the image tower."""
-        scores = np.full(len(paths), np.nan, dtype=np.float32)
+        scores = np.full((len(paths), 2), np.nan, dtype=np.float32)
         cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
         for start in range(0, len(cached), self.batch_size):
             where = cached[start : start + self.batch_size]
             assert cache is not None
             states = self.encoder.states_from_cache(cache.get([ids[i] for i in where]))
-            scores[where] = self.encoder.match(query, states)
+            scores[where] = self.encoder.match(query, states, both=True)
         todo = sorted(set(range(len(paths))) - set(cached))
         position = {Path(paths[i]): i for i in todo}
         for batch in embed_image_files(self.encoder, [Path(paths[i]) for i in todo], self.batch_size, with_bridge=True):
             if batch.states is not None:
-                scores[[position[image.path] for image in batch.images]] = self.encoder.match(query, batch.states)
+                scores[[position[image.path] for image in batch.images]] = self.encoder.match(query, batch.states, both=True)
         return scores
 
     def score_texts(self, query: TowerOutput, texts: Sequence[str]) -> np.ndarray:
-        """ITM logits of (text, query image) for each text."""
-        scores = np.empty(len(texts), dtype=np.float32)
+        """Both ITM logits (n, 2) of (text, query image) for each text."""
+        scores = np.empty((len(texts), 2), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start : start + self.batch_size])
             states = self.encoder.text_states(chunk, with_bridge=True)
-            scores[start : start + len(chunk)] = self.encoder.match(states, query)
+            scores[start : start + len(chunk)] = self.encoder.match(states, query, both=True)
         return scores

@@ -37,6 +37,7 @@ class Hit:
     itm_score: float | None  # None when the hit was not re-ranked
     path: str | None = None  # image hits
     text: str | None = None  # text hits
+    match: float | None = None  # P(match): softmax of the ITM head's two logits; None when not re-ranked
 
 
 @dataclass
@@ -60,6 +61,7 @@ def result_json(result: SearchResult, image_links: bool = False) -> dict[str, An
     for hit in result.hits:
         item: dict[str, Any] = {
             "rank": hit.rank, "id": hit.id, result.field: getattr(hit, result.field), "itc_score": hit.itc_score, "itm_score": hit.itm_score,
+            "match": hit.match,
         }
         if image_links and result.target == "images":
             item["thumbnail"] = f"/api/images/{hit.id}/thumbnail"
@@ -77,15 +79,24 @@ class Spelling:
     k: str
     candidates: str
     no_rerank: str
+    min_match: str
 
 
-LIBRARY = Spelling(text="a text query", image="an image query", k="k", candidates="candidates", no_rerank="rerank=False")
-CLI = Spelling(text="a TEXT query", image="--image PATH", k="-k", candidates="--candidates", no_rerank="--no-rerank")
-API = Spelling(text="q (a text)", image="image_id", k="k", candidates="candidates", no_rerank="rerank=false")
+LIBRARY = Spelling(text="a text query", image="an image query", k="k", candidates="candidates", no_rerank="rerank=False", min_match="min_match")
+CLI = Spelling(text="a TEXT query", image="--image PATH", k="-k", candidates="--candidates", no_rerank="--no-rerank", min_match="--min-match")
+API = Spelling(text="q (a text)", image="image_id", k="k", candidates="candidates", no_rerank="rerank=false", min_match="min_match")
+
+
+def match_probability(logits: np.ndarray) -> np.ndarray:
+    """P(match) from the ITM head's two logits (n, 2): their softmax's second entry, computed as
+    a sigmoid of the difference (stable for any logits); NaN rows stay NaN."""
+    with np.errstate(over="ignore"):  # exp overflows to inf for a hopeless pair: P = 0, as it should
+        return (1.0 / (1.0 + np.exp(logits[:, 0].astype(np.float64) - logits[:, 1]))).astype(np.float32)
 
 
 def check_query(
-    text: str | None, image: object | None, k: int, candidates: int | None, target: str | None = None, spelling: Spelling = LIBRARY
+    text: str | None, image: object | None, k: int, candidates: int | None, target: str | None = None, spelling: Spelling = LIBRARY,
+    min_match: float | None = None, rerank: bool = True,
 ) -> None:
     """Refuse a query that cannot be answered, with one line in the caller's words: every caller
     (library, CLI, server) checks here, so they all accept and refuse the same queries."""
@@ -99,6 +110,11 @@ def check_query(
         raise BtsearchError(f"unknown target {target!r}: choose images or texts")
     if text is not None and not text.strip():
         raise BtsearchError("the text query is empty")
+    if min_match is not None:
+        if not 0.0 <= min_match <= 1.0:  # NaN fails this too
+            raise BtsearchError(f"{spelling.min_match} is a probability: give a number from 0 to 1, not {min_match}")
+        if not rerank:
+            raise BtsearchError(f"{spelling.min_match} keeps re-ranked hits by their match probability: drop {spelling.no_rerank}")
 
 
 def search(
@@ -112,10 +128,12 @@ def search(
     candidates: int,
     rerank: bool = True,
     target: TableName | None = None,
+    min_match: float | None = None,
 ) -> SearchResult:
     """Answer a query `check_query` has passed. `target` ("images" or "texts") overrides what is
     searched: an image finding images (or a text finding texts) ranks by ITC cosine alone,
-    since ITM scores text-image pairs."""
+    since ITM scores text-image pairs. `min_match`: keep only re-ranked hits whose match
+    probability reaches it (none at all, with a note, when none does)."""
     notes: list[str] = []
     cross_modal: TableName = "images" if text is not None else "texts"
     target = target or cross_modal
@@ -142,19 +160,27 @@ def search(
         notes.append(f"only {size} {target} in the collection")
     itc, ids = recall(store, indexes, target, to_numpy(query.embeds)[0], min(max(k, candidates if rerank else k), size))
     rows: list[Any] = list(store.get_images(ids)) if target == "images" else list(store.get_texts(ids))
-    itm = np.full(len(ids), np.nan, dtype=np.float32)
+    logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
     reranked = min(candidates, len(ids)) if rerank else 0
     if reranked:
         reranker = Reranker(encoder)
         if target == "images":
-            itm[:reranked] = reranker.score_images(query, [row["path"] for row in rows[:reranked]], ids[:reranked], rerank_cache)
+            logits[:reranked] = reranker.score_images(query, [row["path"] for row in rows[:reranked]], ids[:reranked], rerank_cache)
         else:
-            itm[:reranked] = reranker.score_texts(query, [row["text"] for row in rows[:reranked]])
+            logits[:reranked] = reranker.score_texts(query, [row["text"] for row in rows[:reranked]])
+    itm, match = logits[:, 1], match_probability(logits)
     order = rerank_order(itc[None], reranked, itm[None])[0]
+    if min_match is not None:
+        if not rerank:
+            notes.append("no hit was re-ranked, so none has a match probability to keep it")
+        order = order[match[order] >= min_match]  # NaN (not re-ranked) never passes
+        if not len(order):
+            best = f" (the best re-ranked hit: {np.nanmax(match):.3f})" if np.isfinite(match).any() else ""
+            notes.append(f"no hit reaches a match probability of {min_match:g}{best}")
     hits = [
         Hit(
             rank=rank, id=int(ids[i]), itc_score=float(itc[i]), itm_score=None if np.isnan(itm[i]) else float(itm[i]),
-            path=rows[i].get("path"), text=rows[i].get("text"),
+            path=rows[i].get("path"), text=rows[i].get("text"), match=None if np.isnan(match[i]) else float(match[i]),
         )
         for rank, i in enumerate(order[:k], start=1)
     ]

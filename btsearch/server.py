@@ -120,13 +120,15 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
         candidates: int | None = Query(None, ge=1, le=1024, description="FAISS candidates re-ranked by ITM [default: 128 on a GPU, 16 on a CPU]."),
         rerank: bool = True,
         target: str | None = Query(None, pattern="^(images|texts)$"),
+        min_match: float | None = Query(None, ge=0, le=1, description="Keep only re-ranked hits whose match probability reaches this."),
     ) -> dict:
         try:
-            check_query(q, image_id, k, candidates, target, spelling=API)
+            check_query(q, image_id, k, candidates, target, spelling=API, min_match=min_match, rerank=rerank)
         except BtsearchError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         image = None if image_id is None else image_row(image_id)["path"]
-        return result_json(service.search(text=q, image=image, k=k, candidates=candidates, rerank=rerank, target=target), image_links=True)
+        found = service.search(text=q, image=image, k=k, candidates=candidates, rerank=rerank, target=target, min_match=min_match)
+        return result_json(found, image_links=True)
 
     @app.post("/api/search/image")
     def search_by_upload(
@@ -135,6 +137,7 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
         candidates: int | None = Query(None, ge=1, le=1024),
         rerank: bool = True,
         target: str | None = Query(None, pattern="^(images|texts)$"),
+        min_match: float | None = Query(None, ge=0, le=1),
     ) -> dict:
         data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -143,7 +146,8 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
             picture = load_rgb(io.BytesIO(data), max_pixels=DEFAULT_MAX_PIXELS, name=file.filename or "upload")
         except (BtsearchError, UnidentifiedImageError, OSError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        return result_json(service.search(image=picture, k=k, candidates=candidates, rerank=rerank, target=target), image_links=True)
+        found = service.search(image=picture, k=k, candidates=candidates, rerank=rerank, target=target, min_match=min_match)
+        return result_json(found, image_links=True)
 
     @app.get("/api/images/{image_id}")
     def full_image(image_id: int) -> FileResponse:

@@ -162,6 +162,10 @@ def add_texts(file, db, model, as_json, device, precision):
 @click.option("--candidates", default=None, type=int,
               help="FAISS candidates re-ranked by ITM [default: 128 on a GPU as in the papers; 16 on a CPU, which keeps a query within seconds].")
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no cross-modal encoder).")
+@click.option(
+    "--min-match", type=float, default=None, metavar="P",
+    help="Keep only re-ranked hits whose match probability (the ITM head's softmax) is at least P, 0..1; none, with a note, when none is.",
+)
 @json_option("the query and its hits")
 @click.option("--paths", "bare", is_flag=True, help="Print only the hits' paths (or texts), one a line, for piping (| xargs).")
 @click.option(
@@ -171,16 +175,16 @@ def add_texts(file, db, model, as_json, device, precision):
 @model_option
 @device_option
 @quiet_option
-def search(text, image, db, k, candidates, no_rerank, as_json, bare, target, model, device, precision):
+def search(text, image, db, k, candidates, no_rerank, min_match, as_json, bare, target, model, device, precision):
     """Find images matching TEXT, or texts matching --image."""
     from btsearch.collection import Collection
     from btsearch.search import CLI, check_query
 
-    check_query(text, image, k, candidates, target, spelling=CLI)
+    check_query(text, image, k, candidates, target, spelling=CLI, min_match=min_match, rerank=not no_rerank)
     if as_json and bare:
         raise BtsearchError("--json and --paths are two output formats: choose one")
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
-    result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target)
+    result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target, min_match=min_match)
     print_search(result, as_json, bare)
 
 

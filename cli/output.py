@@ -29,10 +29,11 @@ def print_search(result: SearchResult, as_json: bool = False, bare: bool = False
     if as_json:
         click.echo(json.dumps(result_json(result), ensure_ascii=False))
         return
-    click.echo(f"{'rank':>4}  {'itm':>8}  {'itc':>7}  {result.field}")
+    click.echo(f"{'rank':>4}  {'match':>6}  {'itm':>8}  {'itc':>7}  {result.field}")
     for hit in result.hits:
         itm = "-" if hit.itm_score is None else f"{hit.itm_score:.3f}"
-        click.echo(f"{hit.rank:>4}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, result.field)}")
+        match = "-" if hit.match is None else f"{hit.match:.3f}"
+        click.echo(f"{hit.rank:>4}  {match:>6}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, result.field)}")
 
 
 def index_summary(report: IndexReport, collection: Collection) -> dict[str, Any]:

@@ -47,3 +47,10 @@ def pixel_values(checkpoint, images):
     processor, _, _ = _models(str(checkpoint))
     pictures = [image if isinstance(image, Image.Image) else load_rgb(image) for image in images]
     return processor(images=pictures, text=["x"] * len(images), return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def match_probability(checkpoint, text, image, device="cpu") -> float:
+    """softmax(logits)[:, 1] of BridgeTowerForImageAndTextRetrieval: the probability of a match."""
+    _, _, itm = _models(str(checkpoint), device)
+    return float(itm(**_inputs(checkpoint, [text], [image], device)).logits.softmax(dim=-1)[0, 1])

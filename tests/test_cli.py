@@ -69,7 +69,7 @@ def test_no_rerank_is_itc_order(collection):
 
 def test_readable_table_and_info(collection, photos):
     table = run("search", QUERY, "--db", collection, "-k", 2).output.splitlines()
-    assert table[0].split() == ["rank", "itm", "itc", "path"] and len(table) == 3
+    assert table[0].split() == ["rank", "match", "itm", "itc", "path"] and len(table) == 3
     info = run("info", "--db", collection).output
     assert f"images       {len(photos)}" in info and "texts" in info
 
@@ -160,3 +160,33 @@ def test_demo_offline_says_it_falls_back_and_finds_the_photos(tmp_path, trained_
         first_hit = block.splitlines()[2]
         assert first_hit.split()[0] == "1" and first_hit.endswith(f"{photo}.jpg"), block
     assert "--image" in blocks[4] and len(blocks[4].splitlines()) == 5  # the command, a header, 3 captions
+
+
+def test_match_probability_equals_the_reference_and_min_match_keeps_what_reaches_it(collection, trained_checkpoint, photos):
+    out = json.loads(run("search", QUERY, "--db", collection, "-k", 6, "--candidates", 4, "--precision", "fp32", "--json").output)
+    hits = out["hits"]
+    for hit in hits[:4]:
+        assert math.isclose(hit["match"], reference.match_probability(trained_checkpoint, QUERY, hit["path"]), abs_tol=1e-5)
+    assert all(h["match"] is None for h in hits[4:])  # not re-ranked: no probability
+    threshold = (hits[0]["match"] + hits[1]["match"]) / 2  # between the best two
+    kept = json.loads(run("search", QUERY, "--db", collection, "-k", 6, "--candidates", 4, "--precision", "fp32", "--json", "--min-match", threshold).output)
+    assert [h["path"] for h in kept["hits"]] == [h["path"] for h in hits if h["match"] is not None and h["match"] >= threshold]
+    none = run("search", QUERY, "--db", collection, "--candidates", 4, "--precision", "fp32", "--json", "--min-match", 1.0)
+    assert json.loads(none.stdout)["hits"] == [] and "no hit reaches a match probability of 1" in " ".join(json.loads(none.stdout)["notes"])
+    table = run("search", QUERY, "--db", collection, "-k", 2, "--candidates", 2, "--precision", "fp32").output
+    assert table.splitlines()[0].split() == ["rank", "match", "itm", "itc", "path"]
+    assert f"{hits[0]['match']:.3f}" in table.splitlines()[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--min-match", "1.5"], "--min-match is a probability: give a number from 0 to 1, not 1.5"),
+        (["--min-match", "-0.1"], "--min-match is a probability"),
+        (["--min-match", "nan"], "--min-match is a probability"),
+        (["--min-match", "0.5", "--no-rerank"], "--min-match keeps re-ranked hits by their match probability: drop --no-rerank"),
+    ],
+)
+def test_bad_min_match_is_one_line(collection, args, message):
+    result = run("search", QUERY, "--db", collection, *args, ok=False)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

@@ -104,3 +104,18 @@ def test_a_writer_committing_is_seen_by_the_server(served, tmp_path, photos):
     Image.open(photos[0]).rotate(90).save(extra)
     Collection.open(db, encoder=encoder).add_images([extra])
     assert client.get("/api/health").json()["images"] == count + 1
+
+
+def test_match_probability_and_min_match_through_the_api(served):
+    client, db, encoder = served
+    body = client.get("/api/search", params={"q": QUERY, "k": 3, "candidates": 3}).json()
+    expected = Collection.open(db, encoder=encoder, read_only=True).search(text=QUERY, k=3, candidates=3)
+    assert [h["match"] for h in body["hits"]] == pytest.approx([h.match for h in expected.hits], abs=1e-6)
+    best = body["hits"][0]["match"]
+    kept = client.get("/api/search", params={"q": QUERY, "k": 3, "candidates": 3, "min_match": best}).json()
+    assert [h["path"] for h in kept["hits"]] == [h["path"] for h in body["hits"] if h["match"] >= best]
+    empty = client.get("/api/search", params={"q": QUERY, "candidates": 3, "min_match": 1}).json()
+    assert empty["hits"] == [] and any("no hit reaches" in note for note in empty["notes"])
+    assert client.get("/api/search", params={"q": QUERY, "min_match": 1.5}).status_code == 422
+    refused = client.get("/api/search", params={"q": QUERY, "min_match": 0.5, "rerank": "false"})
+    assert refused.status_code == 400 and "drop rerank=false" in refused.json()["detail"]
