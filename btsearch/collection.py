@@ -175,8 +175,10 @@ class Collection:
         from .image_states import fill_bridge_cache
 
         ray_engine.require_ray()
+        from .device import PRECISIONS
+
         encoder = self._model()
-        precision = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(encoder.dtype)]
+        precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
         with self._writing():
             report = ray_engine.index_images_on_ray(
                 self.manifest.model, self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,13 @@ class IndexReport:
     unchanged: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
+
+    def count_embedded(self, paths: Iterable[str], replaced_paths: set[str]) -> None:
+        """Count files just stored: changed ones (their old rows were replaced) as updated, the rest as added."""
+        paths = list(paths)
+        changed = sum(path in replaced_paths for path in paths)
+        self.updated += changed
+        self.added += len(paths) - changed
 
 
 class ImageWriter:
@@ -113,9 +120,7 @@ def index_images(
 ) -> IndexReport:
     """The local runner: sync the collection with the image files under `roots`, stage by stage."""
     started = time.perf_counter()
-    plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
-    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
-    apply_plan(store, indexes, plan)
+    plan, report = start_sync(store, indexes, roots, keep_missing)
     writer = ImageWriter(store, indexes, rerank_cache)
     last_save = time.monotonic()
     with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
@@ -123,15 +128,30 @@ def index_images(
             report.skipped.extend(batch.skipped)
             if batch.states is not None:
                 writer.add(batch.images, batch.embeddings(), batch.bridges() if rerank_cache is not None else None)
-                changed = sum(str(image.path) in plan.replaced_paths for image in batch.images)
-                report.updated += changed
-                report.added += len(batch.images) - changed
+                report.count_embedded((str(image.path) for image in batch.images), plan.replaced_paths)
             writer.flush_if_due()
             bar.update(len(batch.images) + len(batch.skipped))
             if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
                 indexes.save("images")
                 last_save = time.monotonic()
     writer.flush()
+    return finish_sync(store, indexes, plan, report, started)
+
+
+def start_sync(
+    store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], keep_missing: bool
+) -> tuple[SyncPlan, IndexReport]:
+    """What every engine does first: find the files, plan the sync, apply its updates and
+    deletions; the report so far."""
+    plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
+    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
+    apply_plan(store, indexes, plan)
+    return plan, report
+
+
+def finish_sync(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan, report: IndexReport, started: float) -> IndexReport:
+    """What every engine does last, once the embedded rows are in LanceDB: count the moved files,
+    save FAISS (retrained if outgrown), update the skip log, compact; `started` from perf_counter."""
     report.updated += plan.moved
     indexes.save("images")
     log_skips(SkipLog(store.folder), plan.found, report.skipped)

@@ -42,10 +42,8 @@ from .indexers.atomic import atomic_write
 from .indexers.layout import RAY_WAVES, lance_folder
 from .indexers.metadata_store import VERSION_GRACE
 from .indexers.sharded_index import fill_shard
-from .indexers.skip_log import SkipLog
-from .ingest import IndexReport, apply_plan, log_skips
+from .ingest import IndexReport, finish_sync, start_sync
 from .loader import LoadedImage, SkippedImage, load_one
-from .sync import find_files, plan_sync
 
 if TYPE_CHECKING:
     from .indexers import MetadataStore, TableIndexes
@@ -190,10 +188,8 @@ def index_images_on_ray(
     skip reasons and summary as the local engine (`ingest.index_images`). `prepare_workers`
     caps the Prepare actors [default: 4 per GPU, within the cluster's cores]."""
     ray = start_ray(address)
-    started = time.perf_counter()
-    plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
-    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
-    apply_plan(store, indexes, plan)
+    started, started_at = time.perf_counter(), time.time()
+    plan, report = start_sync(store, indexes, roots, keep_missing)
     waves = store.folder / RAY_WAVES
     waves.mkdir(exist_ok=True)
     for stale in waves.glob("run-*.json"):  # a killed run's plan: its files were planned again above
@@ -207,18 +203,11 @@ def index_images_on_ray(
         landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), plan.todo)), progress)
         saved.unlink()
         report.skipped += skipped
-        changed = sum(path in plan.replaced_paths for path in landed)
-        report.updated += changed
-        report.added += len(landed) - changed
-    report.updated += plan.moved
-    _reclaim_unreferenced(store, before=time.time() - (time.perf_counter() - started))
+        report.count_embedded(landed, plan.replaced_paths)
+    _reclaim_unreferenced(store, before=started_at)
     indexes.forget()  # FAISS catches up from LanceDB, as after any crash
     indexes.fill_shards = fill_shards_on_ray(store)  # a sharded rebuild fills its shards on the cluster
-    indexes.save("images")
-    log_skips(SkipLog(store.folder), plan.found, report.skipped)
-    store.optimize()
-    report.seconds = time.perf_counter() - started
-    return report
+    return finish_sync(store, indexes, plan, report, started)
 
 
 class _Stages:
