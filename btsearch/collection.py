@@ -25,6 +25,7 @@ from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CAN
 from .errors import BtsearchError, CollectionError
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
 from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TableName
+from .indexers.metadata_store import SnapshotGone
 from .indexers.skip_log import SkipLog
 from .indexers.stored_files import resolve_path
 from .indexers.table_indexes import IndexBudgetError, default_index_memory
@@ -34,10 +35,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .encoder import Encoder
+    from .explain import Explanation
     from .indexers import ImageRow, TextRow, VectorIndex
     from .indexers.sharded_index import ShardedIndex
     from .ingest import IndexReport
-    from .search import SearchResult
+    from .search import SearchResult, Spelling
 
 FORMAT_VERSION = 1
 ENGINES = ("local", "ray")
@@ -91,10 +93,12 @@ class Collection:
         load_model: bool = True,
         precision: str = "auto",
         read_only: bool = False,
+        versions: Sequence[int] | None = None,
     ) -> Collection:
         """Open an existing collection; `model`, if given, must be the one it was built with.
         `load_model=False` opens storage only (enough for `info`). `read_only=True` opens a
-        snapshot: what was committed when it opened, whatever a writer does meanwhile."""
+        snapshot: what was committed when it opened (or at `versions`, an earlier snapshot's
+        `store.versions()`), whatever a writer does meanwhile."""
         path = Path(path)
         if not path.is_dir():
             raise CollectionError(f"no collection at {path}: create one with `btsearch index PATH --db {path}`")
@@ -112,7 +116,9 @@ class Collection:
                 "omit --model to use the collection's own, or index into a new --db"
             )
         try:
-            store = MetadataStore.open(path, manifest.embed_dim, read_only=read_only)
+            store = MetadataStore.open(path, manifest.embed_dim, read_only=read_only, versions=versions)
+        except SnapshotGone as error:
+            raise CollectionError(f"{path} no longer keeps that snapshot: {error}") from error
         except ValueError as error:
             raise CollectionError(f"{path} is damaged: {error}") from error
         if not load_model:
@@ -158,46 +164,35 @@ class Collection:
         if engine not in ENGINES:
             raise BtsearchError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
         if engine == "ray":
-            return self._add_images_on_ray(roots, batch_size, progress, rerank_cache, keep_missing, max_pixels, ray_address, workers)
+            from .ray_engine import require_ray
+
+            require_ray()  # before taking the lock for nothing
         with self._writing():
             if rerank_cache and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
+            if engine == "ray":
+                from .ray_engine import sync_on_ray
+
+                return sync_on_ray(
+                    self._model(), self.store, self.indexes, self.rerank_cache, roots, batch_size=batch_size, keep_missing=keep_missing,
+                    max_pixels=max_pixels, workers=workers, address=ray_address, progress=progress,
+                )
             return ingest.index_images(
                 self._model(), self.store, self.indexes, self.rerank_cache, roots,
                 batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
             )
 
-    def _add_images_on_ray(
-        self, roots: Sequence[str | os.PathLike[str]], batch_size: int, progress: bool, rerank_cache: bool,
-        keep_missing: bool, max_pixels: int, ray_address: str | None, workers: int | None,
-    ) -> IndexReport:
-        from . import ray_engine
-        from .image_states import fill_bridge_cache
-
-        ray_engine.require_ray()
-        from .device import PRECISIONS
-
-        encoder = self._model()
-        precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
-        with self._writing():
-            report = ray_engine.index_images_on_ray(
-                self.manifest.model, self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
-                max_pixels=max_pixels, precision=precision, workers=workers, address=ray_address, progress=progress,
-            )
-            if rerank_cache and self.rerank_cache is None:
-                self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
-            if self.rerank_cache is not None:  # catches up from LanceDB here, on the driver's model
-                rows = [(row["id"], row["path"]) for row in self.store.image_files().values() if row["id"] not in self.rerank_cache]
-                fill_bridge_cache(encoder, self.rerank_cache, rows, progress)
-            return report
-
-    def add_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """Embed and store texts; returns their ids in order."""
+    def add_texts(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool = False, image_paths: Sequence[str | os.PathLike[str] | None] | None = None,
+    ) -> np.ndarray:
+        """Embed and store texts; returns their ids in order. `image_paths`: the image file each
+        text is a caption of (None for one that is not), which `eval captions` measures against."""
         from . import ingest
 
         texts = _checked_texts(texts)
+        paths = None if image_paths is None else [None if path is None else os.fspath(path) for path in image_paths]
         with self._writing():
-            return ingest.add_texts(self._model(), self.store, self.indexes, texts, batch_size, progress)
+            return ingest.add_texts(self._model(), self.store, self.indexes, texts, batch_size, progress, paths)
 
     def replace_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Make `texts` the collection's only texts, in this order; returns their ids. Texts that
@@ -257,20 +252,37 @@ class Collection:
         rerank: bool = True,
         target: str | None = None,
         min_match: float | None = None,
+        offset: int = 0,
+        where: str | None = None,
+        negatives: Sequence[str] = (),
+        spelling: Spelling | None = None,
     ) -> SearchResult:
-        """Text finds images; an image (a path or a picture) finds texts. FAISS recalls the top
-        `candidates` by ITC, the ITM head re-ranks them, and the rest follow in ITC order up to
-        `k` hits. `candidates` defaults to `default_candidates()`. `target` ("images" or
-        "texts") overrides what is searched; across the same modality, ranking is by ITC alone.
-        Each re-ranked hit has `match`, the ITM head's probability that text and image match;
-        `min_match` keeps only the hits whose probability reaches it."""
+        """Text finds images; an image (a path or a picture) finds texts; both find images like
+        the image that match the text. FAISS recalls the top `candidates` by ITC, the ITM head
+        re-ranks them, and the rest follow in ITC order up to `k` hits. `candidates` defaults
+        to `default_candidates()`. `target` ("images" or "texts") overrides what is searched;
+        across the same modality, ranking is by ITC alone. Each re-ranked hit has `match`, the
+        ITM head's probability that text and image match; `min_match` keeps only the hits whose
+        probability reaches it. `offset` skips that many hits of the same ranking (a page);
+        `where` (SQL over the table's columns) restricts the search to the rows it selects;
+        `negatives` push away images that show them (their semantics: `search`'s docstring).
+        `spelling`: how errors name the options (the CLI's, the API's)."""
         from . import search
 
-        search.check_query(text, image, k, candidates, target, min_match=min_match, rerank=rerank)
+        spelling = spelling or search.LIBRARY
+        search.check_query(
+            text, image, k, candidates, target, spelling, min_match=min_match, rerank=rerank, offset=offset, where=where, negatives=negatives,
+        )
         return search.search(
             self._model(), self.store, self.indexes, self.rerank_cache, text, image, k,
             candidates if candidates is not None else self.default_candidates(), rerank, target, min_match,  # type: ignore[arg-type]
+            offset=offset, where=where, negatives=tuple(negatives), spelling=spelling,
         )
+
+    def explain(self, text: str, image_id: int) -> Explanation:
+        """Why image `image_id` is a hit for `text`: its words' attention over the image (`explain`)."""
+        from .explain import explain_stored_image
+        return explain_stored_image(self._model(), self.store, text, image_id)
 
     def index(self, table: TableName) -> VectorIndex | ShardedIndex:
         """The FAISS index of `table`, in step with LanceDB."""

@@ -188,6 +188,14 @@ class Encoder:
         image_bridge = image.bridge.expand(size, *image.bridge.shape[1:])
         return to_numpy(self.model.match_logits(text_bridge, text_mask, image_bridge, both=both))
 
+    def text_attentions(self, text: TowerOutput, image: TowerOutput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For one (text, image) pair, float32: the text side's self-attention (layers, heads,
+        T, T) and cross-attention over the image tokens (layers, heads, T, P) in the cross-modal
+        layers, and the ITM logits (2,) of the same pass."""
+        assert text.bridge is not None and text.mask is not None and image.bridge is not None, "attentions need bridge inputs"
+        found = self.model.text_attentions(text.bridge[:1], text.mask[:1], image.bridge[:1])
+        return to_numpy(found.text_self)[0], to_numpy(found.text_to_image)[0], to_numpy(found.logits)[0]
+
 
 def model_class_for(config) -> Any:
     """The retrieval model of the family a config names (`model_family`; BridgeTower by default)."""

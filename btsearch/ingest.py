@@ -24,6 +24,7 @@ from .defaults import DEFAULT_MAX_PIXELS
 from .image_states import embed_image_files
 from .indexers.skip_log import SkipLog
 from .loader import LoadedImage, SkippedImage
+from .photo_facts import read_photo_facts
 from .sync import SyncPlan, find_files, plan_sync
 
 if TYPE_CHECKING:
@@ -70,7 +71,10 @@ class ImageWriter:
 
     def add(self, images: Sequence[LoadedImage], embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
         self._rows += [
-            {"path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height, "content_hash": im.content_hash}
+            {
+                "path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height,
+                "content_hash": im.content_hash, "taken": im.taken, "camera": im.camera,
+            }
             for im in images
         ]
         self._embeddings.append(embeddings)
@@ -146,7 +150,23 @@ def start_sync(
     plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
     report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
     apply_plan(store, indexes, plan)
+    fill_photo_facts(store)
     return plan, report
+
+
+def fill_photo_facts(store: MetadataStore) -> int:
+    """Give rows stored before the photo-fact columns existed their folder, capture time and
+    camera (read from the file; from the stored mtime when it cannot be read); returns how many."""
+    changes = []
+    for row in store.images_lacking_facts():
+        try:
+            with open(row["path"], "rb") as f:
+                facts = read_photo_facts(f.read(), row["mtime"])
+        except OSError:
+            facts = read_photo_facts(b"", row["mtime"])
+        changes.append((row["id"], {"path": row["path"], "taken": facts.taken, "camera": facts.camera}))  # the path sets the folder
+    store.update_images(changes)
+    return len(changes)
 
 
 def finish_sync(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan, report: IndexReport, started: float) -> IndexReport:
@@ -169,15 +189,19 @@ def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> No
     log.save()
 
 
-def add_texts(encoder: Encoder, store: MetadataStore, indexes: TableIndexes, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """Embed and store texts (LanceDB, then FAISS), in batches; returns their ids in order."""
+def add_texts(
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, texts: list[str], batch_size: int = 256, progress: bool = False,
+    image_paths: Sequence[str | None] | None = None,
+) -> np.ndarray:
+    """Embed and store texts (LanceDB, then FAISS), in batches; returns their ids in order.
+    `image_paths`: the image each text is a caption of, if any."""
     index = indexes["texts"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
     all_ids = []
     with tqdm(total=len(texts), desc="embedding texts", unit="text", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             embeddings = encoder.embed_texts(chunk)
-            ids = store.add_texts(chunk, embeddings)
+            ids = store.add_texts(chunk, embeddings, None if image_paths is None else image_paths[start : start + batch_size])
             index.add(ids, embeddings)
             all_ids.append(ids)
             bar.update(len(chunk))

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .errors import ImageReadError
 from .images import DEFAULT_MAX_PIXELS, content_hash, load_rgb
+from .photo_facts import read_photo_facts
 
 
 @dataclass
@@ -31,6 +32,8 @@ class LoadedImage:
     width: int  # as displayed (after EXIF rotation)
     height: int
     content_hash: str
+    taken: str  # photo_facts: EXIF capture time, else mtime
+    camera: str | None
 
 
 @dataclass
@@ -57,7 +60,10 @@ def load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], 
         if not data:
             return SkippedImage(path, "empty file")
         image = load_rgb(io.BytesIO(data), max_pixels=max_pixels, name=str(path))
-        return LoadedImage(path, preprocess(image), stat.st_size, stat.st_mtime, image.width, image.height, content_hash(data))
+        facts = read_photo_facts(data, stat.st_mtime)
+        return LoadedImage(
+            path, preprocess(image), stat.st_size, stat.st_mtime, image.width, image.height, content_hash(data), facts.taken, facts.camera,
+        )
     except ImageReadError as error:
         return SkippedImage(path, str(error).removeprefix(f"cannot read image {path}: "))
     except OSError as error:

@@ -40,9 +40,10 @@ from .model import (
     DEFAULT_CONTRASTIVE_SIZE,
     IMAGE_TOKEN_TYPE,
     TEXT_TOKEN_TYPE,
+    PairAttentions,
     RetrievalHeads,
     TowerOutput,
-    _cross_layer_first_token,
+    _cross_layer_pair,
     _run_head,
     token_type_embedding,
 )
@@ -230,6 +231,26 @@ class ManagerTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
     def match_logits(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor, both: bool = False) -> torch.Tensor:
         """ITM match logit of pair b = (text b, image b), from (B, R, T, H) and (B, R, P, H);
         `both=True`: both logits, (B, 2)."""
+        logits = self._itm_logits(*self._cross_modal_encoder(text_bridge, text_mask, image_bridge))
+        return logits if both else logits[:, 1]
+
+    @torch.inference_mode()
+    def text_attentions(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor) -> PairAttentions:
+        """The text side's self- and cross-attention probabilities in every cross-modal layer
+        (every text position computed), with the ITM logits of the same pass."""
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        text_out, image_out = self._cross_modal_encoder(text_bridge, text_mask, image_bridge, recorded)
+        return PairAttentions.stacked(recorded, self._itm_logits(text_out, image_out))
+
+    def _itm_logits(self, text_out: torch.Tensor, image_out: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([self.cross_modal_text_pooler(text_out), self.cross_modal_image_pooler(image_out)], dim=-1)
+        return _run_head(self.itm_score, pooled)
+
+    def _cross_modal_encoder(
+        self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor, recorded: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Managers and cross-modal layers: the last layer's states ([CLS] alone unless the text
+        side's attentions are `recorded`, as in `model.BridgeTowerRetrievalModel`)."""
         mask = self._text_mask(text_bridge[:, 0], text_mask)
         last = self.config.num_hidden_layers - 1
         text_out = image_out = None
@@ -237,12 +258,6 @@ class ManagerTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
             text_in = self.cross_modal_text_manager_tower[layer](text_bridge, text_out, image_out)
             image_in = self.cross_modal_image_manager_tower[layer](image_bridge, image_out, text_out)
             text_layer, image_layer = self.cross_modal_text_layers[layer], self.cross_modal_image_layers[layer]
-            if layer < last:
-                text_out = text_layer(text_in, image_in, attention_mask=mask)[0]
-                image_out = image_layer(image_in, text_in, encoder_attention_mask=mask)[0]
-            else:  # the ITM head reads only the [CLS] states
-                text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
-                image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
-        pooled = torch.cat([self.cross_modal_text_pooler(text_out), self.cross_modal_image_pooler(image_out)], dim=-1)
-        logits = _run_head(self.itm_score, pooled)
-        return logits if both else logits[:, 1]
+            text_out, image_out = _cross_layer_pair(text_layer, image_layer, text_in, image_in, mask, layer == last, recorded)
+        assert text_out is not None and image_out is not None
+        return text_out, image_out

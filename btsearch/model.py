@@ -9,6 +9,8 @@ three cheaper pieces, computed from the same weights:
   layers after their cross-modal transform and token-type embedding. Each depends on one
   modality only, so it is computed once per item and reused for every pair it joins.
 - `match_logits`: the cross-modal layers and the ITM head on ready bridge inputs of pairs.
+- `text_attentions` (to explain a hit, not to rank): the same layers computed in full, with
+  the text side's self- and cross-attention probabilities (what `explain` draws).
 
 Read it beside `modeling_bridgetower.py` (`BridgeTowerModel.forward`): the same submodules are
 called in the same order with the same masks, so the numbers equal the reference's.
@@ -185,6 +187,29 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
 
         text_bridge: (B, N, T, H), text_mask: (B, T), image_bridge: (B, N, P, H).
         """
+        logits = self._itm_logits(*self._cross_modal_encoder(text_bridge, text_mask, image_bridge))
+        return logits if both else logits[:, 1]
+
+    @torch.inference_mode()
+    def text_attentions(self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor) -> PairAttentions:
+        """The text side's attention probabilities in every cross-modal layer, all heads, with
+        the pairs' ITM logits from the same pass. Every text position is computed (not just
+        [CLS]): what `BridgeTowerModel.forward` computes, and what its text
+        `BridgeTowerCrossAttention` modules return (transformers returns the self-attentions
+        as `attentions[layer][0]`, and drops the cross-attentions)."""
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        text_out, image_out = self._cross_modal_encoder(text_bridge, text_mask, image_bridge, recorded)
+        return PairAttentions.stacked(recorded, self._itm_logits(text_out, image_out))
+
+    def _itm_logits(self, text_out: torch.Tensor, image_out: torch.Tensor) -> torch.Tensor:
+        return _run_head(self.itm_score, self.bridgetower.get_cls_features(text_out, image_out))
+
+    def _cross_modal_encoder(
+        self, text_bridge: torch.Tensor, text_mask: torch.Tensor, image_bridge: torch.Tensor, recorded: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-modal layers on bridge inputs: the last layer's text and image states.
+        Those are [CLS] alone (all the ITM head reads), unless `recorded` is a list: then every
+        text position is computed and each layer's text (self, cross) attentions appended to it."""
         bt = self.bridgetower
         mask = self._text_mask(text_bridge[:, 0], text_mask)
         last = self.num_bridge_layers - 1
@@ -195,16 +220,21 @@ class BridgeTowerRetrievalModel(RetrievalHeads, BridgeTowerPreTrainedModel):
                 text_in = self._link_tower(bt.cross_modal_text_link_tower, layer - 1)(text_bridge[:, layer], text_out, mask)
                 image_in = self._link_tower(bt.cross_modal_image_link_tower, layer - 1)(image_bridge[:, layer], image_out, None)
             text_layer, image_layer = bt.cross_modal_text_layers[layer], bt.cross_modal_image_layers[layer]
-            if layer < last:
-                text_out = text_layer(text_in, image_in, attention_mask=mask)[0]
-                image_out = image_layer(image_in, text_in, encoder_attention_mask=mask)[0]
-            else:
-                # The ITM head reads only the two [CLS] states: the last layer computes just those.
-                text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
-                image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
-        pooled = bt.get_cls_features(text_out, image_out)
-        logits = _run_head(self.itm_score, pooled)
-        return logits if both else logits[:, 1]
+            text_out, image_out = _cross_layer_pair(text_layer, image_layer, text_in, image_in, mask, layer == last, recorded)
+        return text_out, image_out
+
+
+@dataclass
+class PairAttentions:
+    """The text side's attention probabilities in the cross-modal layers, for a batch of pairs."""
+
+    text_self: torch.Tensor  # (B, layers, heads, T, T): text tokens over text tokens
+    text_to_image: torch.Tensor  # (B, layers, heads, T, P): text tokens over image tokens ([CLS] first)
+    logits: torch.Tensor  # (B, 2) ITM logits (no match, match) of the same pass
+
+    @classmethod
+    def stacked(cls, recorded: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor) -> PairAttentions:
+        return cls(torch.stack([r[0] for r in recorded], dim=1), torch.stack([r[1] for r in recorded], dim=1), logits)
 
 
 def token_type_embedding(embeddings: nn.Embedding, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -253,3 +283,45 @@ def _cross_layer_first_token(layer, hidden: torch.Tensor, other: torch.Tensor, s
     attended = _self_attention_first_token(layer, hidden, self_mask)
     crossed, _ = layer.crossattention(attended, encoder_hidden_states=other, encoder_attention_mask=cross_mask)
     return layer.feed_forward_chunk(crossed)
+
+
+def _cross_layer_pair(text_layer, image_layer, text_in, image_in, mask, is_last: bool, recorded: list | None):
+    """One cross-modal layer on both sides, as `BridgeTowerModel.forward` calls it (the image side
+    reads the layer's text *input*). In the last layer only [CLS] is computed, unless the text
+    side's attentions are being `recorded`: then all of the text side is."""
+    if recorded is not None:
+        text_out, self_weights, cross_weights = _cross_layer_with_attentions(text_layer, text_in, image_in, mask)
+        recorded.append((self_weights, cross_weights))
+    elif is_last:
+        text_out = _cross_layer_first_token(text_layer, text_in, image_in, self_mask=mask, cross_mask=None)
+    else:
+        text_out = text_layer(text_in, image_in, attention_mask=mask)[0]
+    if is_last:  # nothing reads the image side's other positions after the last layer
+        image_out = _cross_layer_first_token(image_layer, image_in, text_in, self_mask=None, cross_mask=mask)
+    else:
+        image_out = image_layer(image_in, text_in, encoder_attention_mask=mask)[0]
+    return text_out, image_out
+
+
+def _attention_with_probabilities(attention, hidden: torch.Tensor, other: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """`BridgeTower{Self,Cross}Attention(hidden, other)` through the eager attention function,
+    which returns the probabilities (SDPA would not): (attended (B, T, H), (B, heads, T, S))."""
+    batch, length, _ = hidden.shape
+    query = attention.query(hidden).view(batch, length, -1, attention.attention_head_size).transpose(1, 2)
+    key = attention.key(other).view(batch, other.shape[1], -1, attention.attention_head_size).transpose(1, 2)
+    value = attention.value(other).view(batch, other.shape[1], -1, attention.attention_head_size).transpose(1, 2)
+    if mask is not None and mask.dtype == torch.bool:  # a mask made for SDPA: True = attend
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+    attended, probabilities = eager_attention_forward(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
+    return attended.reshape(batch, length, -1), probabilities
+
+
+def _cross_layer_with_attentions(layer, hidden: torch.Tensor, other: torch.Tensor, self_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`BridgeTowerBertCrossLayer(hidden, other, attention_mask=self_mask)` of the text side (its
+    cross-attention has no mask: images are never padded), with both attentions' probabilities:
+    (output, self-attention (B, heads, T, T), cross-attention (B, heads, T, P))."""
+    attended, self_weights = _attention_with_probabilities(layer.attention.self, hidden, hidden, self_mask)
+    attended = layer.attention.output(attended, hidden)
+    crossed, cross_weights = _attention_with_probabilities(layer.crossattention.self, attended, other, None)
+    crossed = layer.crossattention.output(crossed, attended)
+    return layer.feed_forward_chunk(crossed), self_weights, cross_weights

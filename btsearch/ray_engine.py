@@ -42,11 +42,13 @@ from .indexers.atomic import atomic_write
 from .indexers.layout import RAY_WAVES, lance_folder
 from .indexers.metadata_store import VERSION_GRACE
 from .indexers.sharded_index import fill_shard
+from .indexers.stored_files import folder_of
 from .ingest import IndexReport, finish_sync, start_sync
 from .loader import LoadedImage, SkippedImage, load_one
 
 if TYPE_CHECKING:
-    from .indexers import MetadataStore, TableIndexes
+    from .encoder import Encoder
+    from .indexers import BridgeCache, MetadataStore, TableIndexes
 
 WAVE_FILES = 4096  # rows per commit: each is a table version, and what a crash before it costs to redo
 WAVE_ATTEMPTS = 3  # streams per run: what a failed one left is sent again
@@ -89,7 +91,7 @@ def start_ray(address: str | None) -> Any:
 
 # -- the map stages (they run on the cluster) ---------------------------------------------------
 
-FILE_FACTS = ("size", "mtime", "width", "height", "content_hash")
+FILE_FACTS = ("size", "mtime", "width", "height", "content_hash", "taken", "camera")
 
 
 class Prepare:
@@ -104,11 +106,12 @@ class Prepare:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", *FILE_FACTS, "pixels", "shape", "error")}
+        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", "folder", *FILE_FACTS, "pixels", "shape", "error")}
         for item, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
             done = load_one(path, self.prepare, self.max_pixels)
             columns["id"].append(item)
             columns["path"].append(path)
+            columns["folder"].append(folder_of(path))
             if isinstance(done, LoadedImage):
                 for name in FILE_FACTS:
                     columns[name].append(getattr(done, name))
@@ -167,6 +170,24 @@ class WriteFragments:
 
 
 # -- the driver -------------------------------------------------------------------------------
+
+
+def sync_on_ray(
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None,
+    roots: Sequence[str | os.PathLike[str]], progress: bool = False, **options: Any,
+) -> IndexReport:
+    """What `Collection.add_images(engine="ray")` runs under the write lock: `index_images_on_ray`
+    with actors in the driver's precision, then the re-rank cache caught up from LanceDB here,
+    on the driver's model."""
+    from .device import PRECISIONS
+    from .image_states import fill_bridge_cache
+
+    precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
+    report = index_images_on_ray(encoder.model_id, store, indexes, roots, precision=precision, progress=progress, **options)
+    if rerank_cache is not None:
+        rows = [(row["id"], row["path"]) for row in store.image_files().values() if row["id"] not in rerank_cache]
+        fill_bridge_cache(encoder, rerank_cache, rows, progress)
+    return report
 
 
 def index_images_on_ray(

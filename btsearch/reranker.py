@@ -36,18 +36,28 @@ class Reranker:
 
         Images whose id is in the re-rank cache take their bridge inputs from it; the others
         are read and run through the image tower."""
-        scores = np.full((len(paths), 2), np.nan, dtype=np.float32)
+        return self.score_images_many([query], paths, ids, cache)[0]
+
+    def score_images_many(
+        self, queries: Sequence[TowerOutput], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = (), cache: BridgeCache | None = None
+    ) -> list[np.ndarray]:
+        """`score_images` for several text queries at once (a query and its negatives): each
+        image's bridge inputs are read or computed once, for all of them."""
+        scores = [np.full((len(paths), 2), np.nan, dtype=np.float32) for _ in queries]
         cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
         for start in range(0, len(cached), self.batch_size):
             where = cached[start : start + self.batch_size]
             assert cache is not None
             states = self.encoder.states_from_cache(cache.get([ids[i] for i in where]))
-            scores[where] = self.encoder.match(query, states, both=True)
+            for query, out in zip(queries, scores):
+                out[where] = self.encoder.match(query, states, both=True)
         todo = sorted(set(range(len(paths))) - set(cached))
         position = {Path(paths[i]): i for i in todo}
         for batch in embed_image_files(self.encoder, [Path(paths[i]) for i in todo], self.batch_size, with_bridge=True):
             if batch.states is not None:
-                scores[[position[image.path] for image in batch.images]] = self.encoder.match(query, batch.states, both=True)
+                rows = [position[image.path] for image in batch.images]
+                for query, out in zip(queries, scores):
+                    out[rows] = self.encoder.match(query, batch.states, both=True)
         return scores
 
     def score_texts(self, query: TowerOutput, texts: Sequence[str]) -> np.ndarray:

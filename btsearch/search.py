@@ -1,14 +1,27 @@
-"""Search: the query's checks, FAISS recall, ITM re-ranking, the merge, and the typed result
+"""Search: the query's checks, recall, ITM re-ranking, the merge, pages, and the typed result
 with its one JSON form (which the CLI and the server both print).
 
-Text finds images; an image finds texts. The query's tower runs once; FAISS recalls the top
-candidates by ITC cosine; the ITM head re-ranks the top `candidates` of them; `ranking` merges
-the two orders.
+Text finds images; an image finds texts; a text with an image finds images like the image that
+match the text. The query's towers run once; `recall` finds the top candidates by ITC (among
+the rows a `where` predicate selects); the ITM head re-ranks the top `candidates` of them;
+`ranking` merges the two orders, and a page is a slice of that one order.
+
+Composed and negative queries, exactly (`query_vector`, `rerank_scores`):
+- recall ranks by s(x) = mean of cos(p, x) over the positives p (the text, the image) minus
+  NEGATIVE_WEIGHT x the mean of cos(n, x) over the `--not` texts n: one FAISS search, since a
+  sum of cosines with unit x is the inner product with the sum of the query vectors;
+- re-ranking (a text is present) gives each candidate match = P(x matches the text) x the
+  product over the negatives of (1 - P(x matches n)), each P the ITM head's softmax: the
+  probability that x shows the text and none of the negatives, taken as independent. With
+  negatives, candidates rank by it; without, by the text's ITM match logit, as transformers'
+  retrieval model scores. The image of a composed query acts through recall (ITM scores
+  text-image pairs only).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +31,9 @@ from PIL import Image
 from .errors import BtsearchError, CollectionError
 from .images import load_rgb, to_rgb
 from .indexers.layout import TABLES, TableName
+from .indexers.sql import FilterError
 from .ranking import rerank_order
+from .recall import recall
 from .reranker import Reranker
 from .tensors import to_numpy
 
@@ -26,7 +41,8 @@ if TYPE_CHECKING:
     from .encoder import Encoder
     from .indexers import BridgeCache, MetadataStore, TableIndexes
 
-PQ_REFINE = 4  # PQ candidates fetched per wanted hit, then re-scored exactly
+NEGATIVE_WEIGHT = 0.5  # how hard a --not text pushes in recall, against the positives' mean cosine
+MAX_WHERE_CHARS = 2000
 
 
 @dataclass
@@ -47,6 +63,8 @@ class SearchResult:
     hits: list[Hit]
     reranked: int  # how many hits carry an ITM score
     notes: list[str] = field(default_factory=list)  # things the user should know (truncation, capping)
+    offset: int = 0  # hits skipped before these (ranks start at offset + 1)
+    more: bool = False  # whether the ranking goes on past these hits (a next page has some)
 
     @property
     def field(self) -> str:
@@ -80,11 +98,24 @@ class Spelling:
     candidates: str
     no_rerank: str
     min_match: str
+    offset: str
+    where: str
+    negatives: str
+    target: str
 
 
-LIBRARY = Spelling(text="a text query", image="an image query", k="k", candidates="candidates", no_rerank="rerank=False", min_match="min_match")
-CLI = Spelling(text="a TEXT query", image="--image PATH", k="-k", candidates="--candidates", no_rerank="--no-rerank", min_match="--min-match")
-API = Spelling(text="q (a text)", image="image_id", k="k", candidates="candidates", no_rerank="rerank=false", min_match="min_match")
+LIBRARY = Spelling(
+    text="a text query", image="an image query", k="k", candidates="candidates", no_rerank="rerank=False", min_match="min_match",
+    offset="offset", where="where", negatives="negatives", target="target",
+)
+CLI = Spelling(
+    text="a TEXT query", image="--image PATH", k="-k", candidates="--candidates", no_rerank="--no-rerank", min_match="--min-match",
+    offset="--offset", where="--where", negatives="--not", target="--target",
+)
+API = Spelling(
+    text="q (a text)", image="image_id", k="k", candidates="candidates", no_rerank="rerank=false", min_match="min_match",
+    offset="offset", where="where", negatives="not", target="target",
+)
 
 
 def match_probability(logits: np.ndarray) -> np.ndarray:
@@ -96,25 +127,58 @@ def match_probability(logits: np.ndarray) -> np.ndarray:
 
 def check_query(
     text: str | None, image: object | None, k: int, candidates: int | None, target: str | None = None, spelling: Spelling = LIBRARY,
-    min_match: float | None = None, rerank: bool = True,
+    min_match: float | None = None, rerank: bool = True, offset: int = 0, where: str | None = None, negatives: Sequence[str] = (),
 ) -> None:
     """Refuse a query that cannot be answered, with one line in the caller's words: every caller
     (library, CLI, server) checks here, so they all accept and refuse the same queries."""
-    if (text is None) == (image is None):
-        raise BtsearchError(f"give either {spelling.text} or {spelling.image}")
+    if text is None and image is None:
+        raise BtsearchError(f"give either {spelling.text} or {spelling.image} (or both: images like the image that match the text)")
     if k < 1:
         raise BtsearchError(f"{spelling.k} must be at least 1")
+    if offset < 0:
+        raise BtsearchError(f"{spelling.offset} must be 0 or more (the hits to skip)")
     if candidates is not None and candidates < 1:
         raise BtsearchError(f"{spelling.candidates} must be at least 1 ({spelling.no_rerank} ranks by ITC alone)")
     if target is not None and target not in TABLES:
         raise BtsearchError(f"unknown target {target!r}: choose images or texts")
     if text is not None and not text.strip():
         raise BtsearchError("the text query is empty")
+    if text is not None and image is not None and target == "texts":
+        raise BtsearchError(f"a text with an image finds images like the image: drop {spelling.target} texts")
+    searched = target or ("images" if text is not None else "texts")
+    if negatives:
+        if searched != "images":
+            raise BtsearchError(f"{spelling.negatives} pushes away images: it needs a search of images (a text, or {spelling.target} images)")
+        if any(not negative.strip() for negative in negatives):
+            raise BtsearchError(f"a {spelling.negatives} text is empty")
+    if where is not None and (not where.strip() or len(where) > MAX_WHERE_CHARS):
+        raise BtsearchError(f"{spelling.where} needs a SQL condition of 1 to {MAX_WHERE_CHARS} characters, e.g. \"width >= 1000\"")
     if min_match is not None:
         if not 0.0 <= min_match <= 1.0:  # NaN fails this too
             raise BtsearchError(f"{spelling.min_match} is a probability: give a number from 0 to 1, not {min_match}")
         if not rerank:
             raise BtsearchError(f"{spelling.min_match} keeps re-ranked hits by their match probability: drop {spelling.no_rerank}")
+
+
+def query_vector(positives: Sequence[np.ndarray], negatives: Sequence[np.ndarray]) -> np.ndarray:
+    """The ITC vector whose inner product with a unit x is the recall score s(x) (module docstring)."""
+    vector = np.mean(positives, axis=0)
+    if len(negatives):
+        vector = vector - NEGATIVE_WEIGHT * np.mean(negatives, axis=0)
+    return np.ascontiguousarray(vector, dtype=np.float32)
+
+
+def rerank_scores(text_logits: np.ndarray, negative_logits: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(rank score, match) of re-ranked candidates from the text's ITM logits (n, 2) and each
+    negative's (n, 2): without negatives the text's match logit ranks; with them, the log of
+    the combined match probability (module docstring)."""
+    match = match_probability(text_logits).astype(np.float64)
+    for logits in negative_logits:
+        match = match * (1.0 - match_probability(logits))
+    if not len(negative_logits):
+        return text_logits[:, 1].astype(np.float32), match.astype(np.float32)
+    with np.errstate(divide="ignore"):  # P = 0 ranks last among the scored, as -inf
+        return np.log(match).astype(np.float32), match.astype(np.float32)
 
 
 def search(
@@ -129,11 +193,16 @@ def search(
     rerank: bool = True,
     target: TableName | None = None,
     min_match: float | None = None,
+    offset: int = 0,
+    where: str | None = None,
+    negatives: Sequence[str] = (),
+    spelling: Spelling = LIBRARY,
 ) -> SearchResult:
     """Answer a query `check_query` has passed. `target` ("images" or "texts") overrides what is
     searched: an image finding images (or a text finding texts) ranks by ITC cosine alone,
     since ITM scores text-image pairs. `min_match`: keep only re-ranked hits whose match
-    probability reaches it (none at all, with a note, when none does)."""
+    probability reaches it (none at all, with a note, when none does). `offset`: the hits
+    from rank offset + 1 on, of the same ranking. `where`: only rows this SQL predicate selects."""
     notes: list[str] = []
     cross_modal: TableName = "images" if text is not None else "texts"
     target = target or cross_modal
@@ -147,29 +216,50 @@ def search(
     if rerank and not encoder.has_itm:
         notes.append("the checkpoint has no ITM head: hits are ranked by ITC alone")
     rerank = rerank and encoder.has_itm
+    text_query, image_query, labels, positives = None, None, [], []
     if text is not None:
         if encoder.is_truncated(text):
             notes.append(f"the query was truncated to the model's maximum of {encoder.max_text_length} tokens")
-        query = encoder.text_states([text], with_bridge=rerank)
-        label = text
-    else:
-        picture = image if isinstance(image, Image.Image) else load_rgb(image)  # type: ignore[arg-type]
-        query = encoder.image_states(encoder.preprocess_image(to_rgb(picture))[None], with_bridge=rerank)
-        label = "uploaded image" if isinstance(image, Image.Image) else str(image)
-    if k > size:
+        text_query = encoder.text_states([text], with_bridge=rerank)
+        positives.append(to_numpy(text_query.embeds)[0])
+        labels.append(text)
+    if image is not None:
+        picture = image if isinstance(image, Image.Image) else load_rgb(image)
+        # Its bridge inputs are needed only when it is ITM's image side (an image finding texts).
+        image_query = encoder.image_states(encoder.preprocess_image(to_rgb(picture))[None], with_bridge=rerank and text is None)
+        positives.append(to_numpy(image_query.embeds)[0])
+        labels.append("uploaded image" if isinstance(image, Image.Image) else str(image))
+    # One at a time, as each is its own query: no padding to the longest of them.
+    negative_states = [encoder.text_states([negative], with_bridge=rerank) for negative in negatives]
+    negative_vectors = [to_numpy(states.embeds)[0] for states in negative_states]
+    if k + offset > size:
         notes.append(f"only {size} {target} in the collection")
-    itc, ids = recall(store, indexes, target, to_numpy(query.embeds)[0], min(max(k, candidates if rerank else k), size))
+    wanted = min(max(k + offset, candidates if rerank else 0), size)
+    try:
+        itc, ids, pool = recall(store, indexes, target, query_vector(positives, negative_vectors), wanted, where)
+    except FilterError as error:
+        raise BtsearchError(f"{spelling.where} {where!r} cannot be applied: {error}") from None
+    if where is not None and not len(ids):
+        notes.append(f"no {target[:-1]} satisfies {spelling.where} {where}")
     rows: list[Any] = list(store.get_images(ids)) if target == "images" else list(store.get_texts(ids))
     logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
+    rank_score = np.full(len(ids), np.nan, dtype=np.float32)
+    match = np.full(len(ids), np.nan, dtype=np.float32)
     reranked = min(candidates, len(ids)) if rerank else 0
     if reranked:
         reranker = Reranker(encoder)
         if target == "images":
-            logits[:reranked] = reranker.score_images(query, [row["path"] for row in rows[:reranked]], ids[:reranked], rerank_cache)
+            assert text_query is not None
+            paths = [row["path"] for row in rows[:reranked]]
+            scored = reranker.score_images_many([text_query, *negative_states], paths, ids[:reranked], rerank_cache)
+            logits[:reranked] = scored[0]
+            rank_score[:reranked], match[:reranked] = rerank_scores(scored[0], scored[1:])
         else:
-            logits[:reranked] = reranker.score_texts(query, [row["text"] for row in rows[:reranked]])
-    itm, match = logits[:, 1], match_probability(logits)
-    order = rerank_order(itc[None], reranked, itm[None])[0]
+            assert image_query is not None
+            logits[:reranked] = reranker.score_texts(image_query, [row["text"] for row in rows[:reranked]])
+            rank_score[:reranked], match[:reranked] = rerank_scores(logits[:reranked], [])
+    itm = logits[:, 1]
+    order = rerank_order(itc[None], reranked, rank_score[None])[0]
     if min_match is not None:
         if not rerank:
             notes.append("no hit was re-ranked, so none has a match probability to keep it")
@@ -177,27 +267,18 @@ def search(
         if not len(order):
             best = f" (the best re-ranked hit: {np.nanmax(match):.3f})" if np.isfinite(match).any() else ""
             notes.append(f"no hit reaches a match probability of {min_match:g}{best}")
+    if offset and offset >= len(order) and len(order):
+        notes.append(f"{spelling.offset} {offset} is past the last of the {len(order)} hits")
+    # More hits follow if the order goes on, or (no min_match, which only re-ranked hits pass)
+    # if rows that could rank were not recalled.
+    more = len(order) > offset + k or (min_match is None and pool > len(ids))
     hits = [
         Hit(
             rank=rank, id=int(ids[i]), itc_score=float(itc[i]), itm_score=None if np.isnan(itm[i]) else float(itm[i]),
             path=rows[i].get("path"), text=rows[i].get("text"), match=None if np.isnan(match[i]) else float(match[i]),
         )
-        for rank, i in enumerate(order[:k], start=1)
+        for rank, i in enumerate(order[offset : offset + k], start=offset + 1)
     ]
-    return SearchResult(query=label, target=target, hits=hits, reranked=int(np.sum(~np.isnan(itm))), notes=notes)
+    reranked_hits = int(sum(hit.itm_score is not None for hit in hits))
+    return SearchResult(query=" + ".join(labels), target=target, hits=hits, reranked=reranked_hits, notes=notes, offset=offset, more=more)
 
-
-def recall(store: MetadataStore, indexes: TableIndexes, table: TableName, query: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS's best `wanted` (ITC cosines, ids) for one query vector, best first. PQ codes only
-    approximate the vectors: their top `PQ_REFINE` x wanted are re-scored with the stored
-    embeddings, so the reported cosines are exact and recall recovers."""
-    index = indexes[table]
-    if index.plan.kind != "ivfpq":
-        scores, ids = index.search(query[None], wanted)
-        found = ids[0] >= 0  # an approximate index may find fewer than asked for
-        return scores[0][found], ids[0][found]
-    ids = index.search(query[None], wanted * PQ_REFINE)[1][0]
-    ids, vectors = store.get_embeddings(table, ids[ids >= 0])
-    scores = vectors @ query
-    best = np.argsort(-scores, kind="stable")[:wanted]
-    return scores[best].astype(np.float32), ids[best]

@@ -13,19 +13,22 @@ import io
 import statistics
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from PIL import UnidentifiedImageError
 
 from .collection import Collection
+from .cursor import PageQuery, decode_cursor, encode_cursor
 from .defaults import DEFAULT_MAX_PIXELS
 from .encoder import Encoder
-from .errors import BtsearchError
+from .errors import BtsearchError, CollectionError
+from .explain import Explanation, explain_file, png_bytes, render
 from .images import load_rgb
 from .indexers import ImageRow
 from .indexers.layout import TABLES
@@ -33,6 +36,8 @@ from .search import API, SearchResult, check_query, result_json
 
 THUMBNAIL_SIZES = (128, 256, 512)
 MAX_UPLOAD_BYTES = 50 * 2**20
+PINNED_SNAPSHOTS = 4  # older snapshots kept open for cursors (each holds its FAISS indexes)
+MAX_OFFSET = 10_000
 
 
 class _Service:
@@ -46,19 +51,43 @@ class _Service:
         self.errors = 0
         self.latencies: deque[float] = deque(maxlen=1000)
         self._collection = collection
+        self._pinned: OrderedDict[tuple[int, ...], Collection] = OrderedDict()  # snapshots cursors page through
 
     def collection(self) -> Collection:
         """The latest committed snapshot, reopened only when a writer has committed since."""
         if not self._collection.is_latest():
+            self._pinned[self._collection.store.versions()] = self._collection  # a cursor may still page through it
             self._collection = Collection.open(self.path, encoder=self.encoder, read_only=True)
         return self._collection
 
-    def search(self, **query) -> SearchResult:
+    def snapshot(self, versions: tuple[int, ...] | None) -> Collection:
+        """The snapshot a cursor pinned (the latest when None), kept for the next pages."""
+        latest = self.collection()
+        if versions is None or versions == latest.store.versions():
+            return latest
+        if versions not in self._pinned:
+            self._pinned[versions] = Collection.open(self.path, encoder=self.encoder, read_only=True, versions=versions)
+        self._pinned.move_to_end(versions)
+        while len(self._pinned) > PINNED_SNAPSHOTS:
+            self._pinned.popitem(last=False)
+        return self._pinned[versions]
+
+    def search(self, versions: tuple[int, ...] | None = None, image_id: int | None = None, **query) -> tuple[SearchResult, tuple[int, ...]]:
+        """The answer, and the versions of the snapshot it was ranked on (`versions`: a cursor's)."""
         started = time.perf_counter()
         with self.lock:
             self.requests += 1
             try:
-                return self.collection().search(**query)
+                try:
+                    snapshot = self.snapshot(versions)
+                except CollectionError as error:  # a pinned snapshot that optimize has deleted
+                    raise HTTPException(status_code=410, detail=f"{error}: start the search again without the cursor") from None
+                if image_id is not None:
+                    try:
+                        query["image"] = snapshot.images([image_id])[0]["path"]
+                    except KeyError:
+                        raise HTTPException(status_code=404, detail=f"no image with id {image_id}") from None
+                return snapshot.search(spelling=API, **query), snapshot.store.versions()
             except BtsearchError as error:
                 self.errors += 1
                 raise HTTPException(status_code=400, detail=str(error)) from None
@@ -112,32 +141,54 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
             "index": {table: snapshot.index(table).describe() for table in TABLES},
         }
 
+    def answer(page: PageQuery) -> dict:
+        """Run a page's query, and answer it with the cursor of the next page (null at the end)."""
+        query = dict(
+            text=page.q, k=page.k, candidates=page.candidates, rerank=page.rerank, target=page.target, min_match=page.min_match,
+            offset=page.offset, where=page.where, negatives=page.negatives,
+        )
+        try:
+            check_query(image=page.image_id, spelling=API, **query)  # type: ignore[arg-type]
+        except BtsearchError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        found, versions = service.search(versions=page.versions or None, image_id=page.image_id, **query)
+        pinned = PageQuery(**{**page.__dict__, "versions": versions})
+        return {**result_json(found, image_links=True), "offset": found.offset, "next": encode_cursor(pinned.next_page()) if found.more else None}
+
     @app.get("/api/search")
     def search(
-        q: str | None = Query(None, description="Text query: finds images (or texts with target=texts)."),
+        q: str | None = Query(None, description="Text query: finds images (or texts with target=texts); with image_id, images like it that match q."),
         image_id: int | None = Query(None, description="A stored image as the query: finds texts (or images with target=images)."),
         k: int = Query(10, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Hits to skip: offset=3&k=3 is ranks 4..6 of the same ranking."),
         candidates: int | None = Query(None, ge=1, le=1024, description="FAISS candidates re-ranked by ITM [default: 128 on a GPU, 16 on a CPU]."),
         rerank: bool = True,
         target: str | None = Query(None, pattern="^(images|texts)$"),
         min_match: float | None = Query(None, ge=0, le=1, description="Keep only re-ranked hits whose match probability reaches this."),
+        where: str | None = Query(None, max_length=2000, description="SQL over the table's columns, e.g. width >= 1000 AND folder LIKE '%/2024%'."),
+        negatives: list[str] = Query([], alias="not", description="Texts whose images are pushed away (repeatable)."),
+        cursor: str | None = Query(None, description="The `next` of an earlier answer: its next page, on the same snapshot (the other parameters are ignored)."),
     ) -> dict:
-        try:
-            check_query(q, image_id, k, candidates, target, spelling=API, min_match=min_match, rerank=rerank)
-        except BtsearchError as error:
-            raise HTTPException(status_code=400, detail=str(error)) from None
-        image = None if image_id is None else image_row(image_id)["path"]
-        found = service.search(text=q, image=image, k=k, candidates=candidates, rerank=rerank, target=target, min_match=min_match)
-        return result_json(found, image_links=True)
+        if cursor is not None:
+            try:
+                return answer(decode_cursor(cursor))
+            except BtsearchError as error:
+                raise HTTPException(status_code=400, detail=str(error)) from None
+        return answer(PageQuery(
+            versions=(), offset=offset, k=k, q=q, image_id=image_id, candidates=candidates, rerank=rerank, target=target,
+            min_match=min_match, where=where, negatives=tuple(negatives),
+        ))
 
     @app.post("/api/search/image")
     def search_by_upload(
         file: UploadFile = File(..., description="The query image."),
         k: int = Query(10, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
         candidates: int | None = Query(None, ge=1, le=1024),
         rerank: bool = True,
         target: str | None = Query(None, pattern="^(images|texts)$"),
         min_match: float | None = Query(None, ge=0, le=1),
+        where: str | None = Query(None, max_length=2000),
     ) -> dict:
         data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -146,8 +197,10 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
             picture = load_rgb(io.BytesIO(data), max_pixels=DEFAULT_MAX_PIXELS, name=file.filename or "upload")
         except (BtsearchError, UnidentifiedImageError, OSError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        found = service.search(image=picture, k=k, candidates=candidates, rerank=rerank, target=target, min_match=min_match)
-        return result_json(found, image_links=True)
+        found, _ = service.search(
+            image=picture, k=k, candidates=candidates, rerank=rerank, target=target, min_match=min_match, offset=offset, where=where,
+        )
+        return {**result_json(found, image_links=True), "offset": found.offset, "next": None}  # an upload is not kept to page through
 
     @app.get("/api/images/{image_id}")
     def full_image(image_id: int) -> FileResponse:
@@ -165,5 +218,46 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
             return Response(thumbnail_bytes(row["path"], row["mtime"], size), media_type="image/jpeg")
         except BtsearchError as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
+
+    @lru_cache(maxsize=32)
+    def explanation_of(text: str, file: str, mtime: float) -> Explanation:
+        # The page asks for an explanation's JSON and its picture together: one pass serves both.
+        assert service.encoder is not None  # the server's collection is opened with its model
+        with service.lock:
+            return explain_file(service.encoder, text, file)
+
+    def explanation(q: str | None, image_id: int | None) -> Explanation:
+        if q is None or not q.strip():
+            raise HTTPException(status_code=400, detail="give q, the text to explain (it is missing or empty)")
+        if image_id is None:
+            raise HTTPException(status_code=400, detail="give image_id, the image to explain the text over")
+        row = image_row(image_id)
+        try:
+            return explanation_of(q, row["path"], row["mtime"])
+        except BtsearchError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+
+    @app.get("/api/explain")
+    def explain_hit(
+        q: str | None = Query(None, description="The text (a search's query)."),
+        image_id: int | None = Query(None, description="The image (a hit of that search)."),
+    ) -> dict:
+        """Why this hit: the words' weights, the heat map over the image's patches (grid_size x
+        grid_size, summing to 1) and the match probability; `png` draws it."""
+        found = explanation(q, image_id)
+        return {"image_id": image_id, **found.to_json(), "png": f"/api/explain.png?{urlencode({'q': q, 'image_id': image_id})}"}
+
+    @app.get("/api/explain.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def explain_picture(
+        q: str | None = Query(None, description="The text (a search's query)."),
+        image_id: int | None = Query(None, description="The image (a hit of that search)."),
+        word: int | None = Query(None, description="One word's map (its index in /api/explain's words) instead of the whole text's."),
+    ) -> Response:
+        """The image as the model saw it (the processor's crop) with the heat map over it."""
+        found = explanation(q, image_id)
+        try:
+            return Response(png_bytes(render(found, word)), media_type="image/png")
+        except BtsearchError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
 
     return app

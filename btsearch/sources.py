@@ -32,6 +32,7 @@ CAPTION_KEYS = ("caption", "text", "txt")
 class ExpandedInputs:
     roots: list[Path] = field(default_factory=list)  # what add_images syncs: folders and files
     captions: list[str] = field(default_factory=list)  # captions that came with the images
+    caption_images: list[Path | None] = field(default_factory=list)  # the image each caption came with (None: none)
     missing: list[tuple[Path, str]] = field(default_factory=list)  # listed files not on disk, and why
 
 
@@ -73,6 +74,7 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
     try:
         with tarfile.open(shard) as tar:
             captions: dict[str, str] = {}
+            images: dict[str, Path] = {}
             for member in tar:
                 if not member.isfile():
                     continue
@@ -85,12 +87,14 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
                     continue
                 data = extracted.read()
                 if suffix in IMAGE_SUFFIXES:
-                    _write_once(folder / (_safe(key.replace(os.sep, "__")) + suffix), data)
+                    images[key] = folder / (_safe(key.replace(os.sep, "__")) + suffix)
+                    _write_once(images[key], data)
                 elif suffix in (".txt", ".json"):
                     caption = _caption_from(data, suffix)
                     if caption:
                         captions[key] = caption
             out.captions.extend(captions.values())
+            out.caption_images.extend(images.get(key) for key in captions)
     except (tarfile.TarError, OSError, EOFError) as error:
         raise BtsearchError(f"cannot read the shard {shard}: {error}") from error
     out.roots.append(folder)
@@ -127,23 +131,29 @@ def _expand_parquet(table_path: Path, folder: Path, out: ExpandedInputs) -> None
             f"{table_path} has no image column: name one {', '.join(PATH_COLUMNS)} (file paths) or {', '.join(BYTES_COLUMNS)} (image bytes)"
         )
     captions = table.column(caption_column).to_pylist() if caption_column else [None] * table.num_rows
+    row_images: list[Path | None] = [None] * table.num_rows
     if bytes_column is not None:
         for row, value in enumerate(table.column(bytes_column).to_pylist()):
             data = value.get("bytes") if isinstance(value, dict) else value
             if not data:
                 continue
-            _write_once(folder / f"row{row:08d}{_image_suffix(data)}", bytes(data))
+            row_images[row] = folder / f"row{row:08d}{_image_suffix(data)}"
+            _write_once(row_images[row], bytes(data))  # type: ignore[arg-type]
         out.roots.append(folder)
     else:
-        for value in table.column(path_column).to_pylist():
+        for row, value in enumerate(table.column(path_column).to_pylist()):
             if value:
                 path = Path(value)
                 path = path if path.is_absolute() else table_path.parent / path
                 if path.exists():
                     out.roots.append(path)
+                    row_images[row] = path
                 else:
                     out.missing.append((path, f"listed in {table_path.name} but not on disk"))
-    out.captions.extend(str(c).strip() for c in captions if c is not None and str(c).strip())
+    for caption, image in zip(captions, row_images):
+        if caption is not None and str(caption).strip():
+            out.captions.append(str(caption).strip())
+            out.caption_images.append(image)
 
 
 def _image_suffix(data: bytes) -> str:

@@ -117,10 +117,15 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     if not as_json:
         echo_index_line(report, summary)
     if with_captions:
-        known = {row["text"] for row in collection.texts()}
-        new_captions = list(dict.fromkeys(c for c in inputs.captions if c not in known))
-        if new_captions:
-            collection.add_texts(new_captions, progress=show_progress())
+        from btsearch.indexers.stored_files import resolve_path
+
+        # A caption is its text and the image it came with: the same words under two photos are two captions.
+        known = {(row["text"], row.get("image_path")) for row in collection.texts()}
+        pairs = [(text, None if image is None else resolve_path(image)) for text, image in zip(inputs.captions, inputs.caption_images)]
+        new = list(dict.fromkeys(pair for pair in pairs if pair not in known))
+        new_captions = [text for text, _ in new]
+        if new:
+            collection.add_texts(new_captions, progress=show_progress(), image_paths=[image for _, image in new])
         summary["captions"] = {"added": len(new_captions), "already_there": len(inputs.captions) - len(new_captions)}
         if not as_json:
             click.echo(f"added {len(new_captions)} captions as texts ({len(inputs.captions) - len(new_captions)} already there)")
@@ -156,9 +161,12 @@ def add_texts(file, db, model, as_json, device, precision):
 
 @main.command()
 @click.argument("text", required=False)
-@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), help="Search the collection's texts with this image instead.")
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path),
+              help="Search the collection's texts with this image; with TEXT, find images like it that match TEXT.")
 @db_option
 @click.option("-k", "k", default=10, show_default=True, type=int, help="Number of hits to show.")
+@click.option("--offset", default=0, show_default=True, type=int, metavar="N",
+              help="Skip the first N hits: -k 3 --offset 3 shows ranks 4..6 of the same ranking.")
 @click.option("--candidates", default=None, type=int,
               help="FAISS candidates re-ranked by ITM [default: 128 on a GPU as in the papers; 16 on a CPU, which keeps a query within seconds].")
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no cross-modal encoder).")
@@ -166,26 +174,46 @@ def add_texts(file, db, model, as_json, device, precision):
     "--min-match", type=float, default=None, metavar="P",
     help="Keep only re-ranked hits whose match probability (the ITM head's softmax) is at least P, 0..1; none, with a note, when none is.",
 )
+@click.option(
+    "--where", "where", default=None, metavar="SQL",
+    help="Search only the rows this SQL predicate selects, e.g. \"width >= 1000 AND taken >= '2024-01-01'\" "
+    "(image columns: path, folder, taken, camera, width, height, size, mtime; text columns: text).",
+)
+@click.option("--not", "negatives", multiple=True, metavar="TEXT", help="Push away images that show TEXT (repeatable).")
 @json_option("the query and its hits")
 @click.option("--paths", "bare", is_flag=True, help="Print only the hits' paths (or texts), one a line, for piping (| xargs).")
 @click.option(
     "--target", type=click.Choice(["images", "texts"]), default=None,
     help="What to search [default: images for TEXT, texts for --image]; --image Q --target images finds similar images (by ITC).",
 )
+@click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Write, for each (text, image) hit, a heat map of where the text's words look in the image, and the words that weigh most.")
 @model_option
 @device_option
 @quiet_option
-def search(text, image, db, k, candidates, no_rerank, min_match, as_json, bare, target, model, device, precision):
-    """Find images matching TEXT, or texts matching --image."""
+def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, negatives, as_json, bare, target, explain_dir, model, device, precision):
+    """Find images matching TEXT, or texts matching --image; TEXT with --image finds images like
+    the image that match TEXT."""
     from btsearch.collection import Collection
     from btsearch.search import CLI, check_query
 
-    check_query(text, image, k, candidates, target, spelling=CLI, min_match=min_match, rerank=not no_rerank)
+    check_query(
+        text, image, k, candidates, target, spelling=CLI, min_match=min_match, rerank=not no_rerank,
+        offset=offset, where=where, negatives=negatives,
+    )
     if as_json and bare:
         raise BtsearchError("--json and --paths are two output formats: choose one")
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
-    result = collection.search(text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target, min_match=min_match)
+    result = collection.search(
+        text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target, min_match=min_match,
+        offset=offset, where=where, negatives=negatives, spelling=CLI,
+    )
     print_search(result, as_json, bare)
+    if explain_dir is not None:
+        from btsearch.explain import write_explanations
+
+        for line in write_explanations(collection, result, text, explain_dir):
+            say(line)
 
 
 @main.group("eval")

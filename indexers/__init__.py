@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "BridgeCache": "bridge_cache",
-    "ImageInfo": "metadata_store",
-    "ImageRow": "metadata_store",
+    "ImageInfo": "schemas",
+    "ImageRow": "schemas",
     "Manifest": "manifest",
     "ManifestError": "manifest",
     "MetadataStore": "metadata_store",
     "TableIndexes": "table_indexes",
-    "TextRow": "metadata_store",
+    "TextRow": "schemas",
     "VectorIndex": "vector_index",
     "gpu_available": "vector_index",
 }
@@ -37,7 +37,8 @@ __all__ = [
 if TYPE_CHECKING:
     from .bridge_cache import BridgeCache
     from .manifest import Manifest, ManifestError
-    from .metadata_store import ImageInfo, ImageRow, MetadataStore, TextRow
+    from .metadata_store import MetadataStore
+    from .schemas import ImageInfo, ImageRow, TextRow
     from .table_indexes import TableIndexes
     from .vector_index import VectorIndex, gpu_available
 

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import lancedb
 import numpy as np
@@ -29,7 +29,9 @@ from lancedb.index import BTree
 from .atomic import atomic_write
 from .layout import ID_RESERVATION, TableName
 from .schemas import SCHEMAS as _SCHEMAS
-from .stored_files import StoredFiles, is_utf8, resolve_path
+from .schemas import ImageInfo, ImageRow, TextRow
+from .sql import FilterError, sql_ints, sql_problem, sql_string
+from .stored_files import StoredFiles, folder_of, is_utf8, resolve_path
 
 # Below this many rows a scan is as fast as a BTREE lookup, so indices would only cost writes.
 SCALAR_INDEX_MIN_ROWS = 10_000
@@ -40,24 +42,8 @@ _INDEXED_COLUMNS = {"images": ("id", "path"), "texts": ("id",)}
 VERSION_GRACE = timedelta(minutes=5)
 
 
-class ImageInfo(TypedDict):
-    """What `add_images` needs to know about an image file, besides its embedding."""
-
-    path: str
-    size: int
-    mtime: float
-    width: int
-    height: int
-    content_hash: str | None
-
-
-class ImageRow(ImageInfo):
-    id: int
-
-
-class TextRow(TypedDict):
-    id: int
-    text: str
+class SnapshotGone(ValueError):
+    """A pinned snapshot's table version has been deleted (by `optimize`, after VERSION_GRACE)."""
 
 
 class MetadataStore:
@@ -77,22 +63,27 @@ class MetadataStore:
         }
 
     @classmethod
-    def open(cls, folder: str | os.PathLike[str], dim: int, read_only: bool = False) -> MetadataStore:
+    def open(cls, folder: str | os.PathLike[str], dim: int, read_only: bool = False, versions: Sequence[int] | None = None) -> MetadataStore:
         """Open the database in `folder`, creating it and its tables if missing.
 
-        `read_only=True` opens a snapshot instead: the tables as of now, unchanged by writers
-        that commit later, so a reader's ids, rows and embeddings always agree."""
+        `read_only=True` opens a snapshot instead: the tables as of now (or as of `versions`,
+        what `versions()` gave), unchanged by writers that commit later, so a reader's ids,
+        rows and embeddings always agree. A version `optimize` has deleted is a SnapshotGone."""
         folder = Path(folder)
         db = lancedb.connect(folder)
         tables = {}
-        for name, make_schema in _SCHEMAS.items():
+        for position, (name, make_schema) in enumerate(_SCHEMAS.items()):
             schema = make_schema(dim)
             if read_only:
                 try:
                     table = db.open_table(name)
                 except (ValueError, FileNotFoundError) as e:
                     raise ValueError(f"{folder} has no {name!r} table") from e
-                table.checkout(table.version)
+                version = table.version if versions is None else int(versions[position])
+                try:
+                    table.checkout(version)
+                except (ValueError, OSError, RuntimeError) as e:
+                    raise SnapshotGone(f"version {version} of the {name} table is no longer kept") from e
                 tables[name] = table
                 continue
             if name in db.list_tables().tables:
@@ -137,17 +128,24 @@ class MetadataStore:
             "width": [image["width"] for image in images],
             "height": [image["height"] for image in images],
             "content_hash": [image.get("content_hash") for image in images],
+            "folder": [folder_of(path) for path in paths],
+            "taken": [image.get("taken") for image in images],
+            "camera": [image.get("camera") for image in images],
         }
         self._append("images", columns, embeddings)
         return ids
 
-    def add_texts(self, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
-        """Store texts and their float32 embeddings (n, dim); returns their ids (int64)."""
+    def add_texts(self, texts: Sequence[str], embeddings: np.ndarray, image_paths: Sequence[str | None] | None = None) -> np.ndarray:
+        """Store texts and their float32 embeddings (n, dim); returns their ids (int64).
+        `image_paths`: the image file each text is a caption of (None: none)."""
         embeddings = self._check_embeddings(embeddings, len(texts))
         if not texts:
             return np.empty(0, np.int64)
+        paths = [None if path is None else resolve_path(path) for path in (image_paths or [None] * len(texts))]
+        if len(paths) != len(texts):
+            raise ValueError(f"{len(paths)} image paths for {len(texts)} texts")
         ids = self._allocate_ids("texts", len(texts))
-        self._append("texts", {"id": ids, "text": list(texts)}, embeddings)
+        self._append("texts", {"id": ids, "text": list(texts), "image_path": paths}, embeddings)
         return ids
 
     def optimize(self) -> None:
@@ -165,22 +163,24 @@ class MetadataStore:
                     table.create_index(column, config=BTree())
 
     def update_images(self, changes: Sequence[tuple[int, dict]]) -> None:
-        """Change image rows' file facts (`path`, `size`, `mtime`, `content_hash`) in place, as
-        `(id, {column: value})` pairs: a touched or moved file keeps its id and embedding.
-        One merge per 4096 rows, not one table version per row."""
+        """Change image rows' file facts (`path`, `size`, `mtime`, `content_hash`, `taken`,
+        `camera`) in place, as `(id, {column: value})` pairs: a touched or moved file keeps its
+        id and embedding (`folder` follows `path`). One merge per 4096 rows, not one table
+        version per row."""
         for start in range(0, len(changes), 4096):
             chunk = dict(changes[start : start + 4096])
             for values in chunk.values():
-                unknown = set(values) - {"path", "size", "mtime", "content_hash"}
+                unknown = set(values) - {"path", "size", "mtime", "content_hash", "taken", "camera"}
                 if unknown:
                     raise ValueError(f"cannot update {sorted(unknown)}")
             table = self._tables["images"]
-            current = table.search().where(f"id IN ({_sql_ints(chunk)})").to_arrow().to_pylist()
+            current = table.search().where(f"id IN ({sql_ints(chunk)})").to_arrow().to_pylist()
             if len(current) != len(chunk):
                 raise KeyError(f"no images with ids {sorted(set(chunk) - {row['id'] for row in current})[:10]}")
             for row in current:
                 row.update(chunk[row["id"]])
                 row["path"] = resolve_path(row["path"])
+                row["folder"] = folder_of(row["path"])
             table.merge_insert("id").when_matched_update_all().execute(pa.Table.from_pylist(current, schema=self._schemas["images"]))
 
     def delete_images(self, ids: Iterable[int]) -> int:
@@ -206,7 +206,7 @@ class MetadataStore:
         path = resolve_path(path)
         if not is_utf8(path):  # could not have been stored
             return None
-        rows = self._select("images", self._row_columns["images"], f"path = {_sql_string(path)}")
+        rows = self._select("images", self._row_columns["images"], f"path = {sql_string(path)}")
         return rows[0] if rows else None
 
     def stored_files(self) -> StoredFiles:
@@ -282,12 +282,37 @@ class MetadataStore:
         found_ids, found = [], []
         for start in range(0, len(ids), 4096):  # keeps each SQL IN list short
             chunk = ids[start : start + 4096]
-            batch = self._tables[table].search().where(f"id IN ({_sql_ints(chunk)})").select(["id", "embedding"]).to_arrow()
+            batch = self._tables[table].search().where(f"id IN ({sql_ints(chunk)})").select(["id", "embedding"]).to_arrow()
             found_ids.append(batch.column("id").to_numpy())
             found.append(batch.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, self.dim))
         if not found:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         return np.concatenate(found_ids), np.ascontiguousarray(np.concatenate(found), dtype=np.float32)
+
+    def columns(self, table: TableName) -> list[str]:
+        """The columns a row of `table` has, embedding aside: what a `where` predicate may name."""
+        return list(self._row_columns[table])
+
+    def filter_ids(self, table: TableName, where: str) -> np.ndarray:
+        """The ids of the rows the SQL predicate `where` selects, sorted; FilterError (one line)
+        when it does not parse, names an unknown column, or is not a condition."""
+        return np.sort(self._filtered(table, where, ["id"])["id"].to_numpy())
+
+    def filter_embeddings(self, table: TableName, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids, embeddings)` of the rows `where` selects: an exact search of a small subset."""
+        found = self._filtered(table, where, ["id", "embedding"])
+        vectors = found["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, self.dim)
+        return found["id"].to_numpy(), np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def images_lacking_facts(self) -> list[ImageRow]:
+        """Image rows stored before the photo-fact columns existed (their `folder` is null)."""
+        return self._select("images", self._row_columns["images"], "folder IS NULL")
+
+    def _filtered(self, table: TableName, where: str, columns: list[str]) -> pa.Table:
+        try:
+            return self._tables[table].search().where(where).select(columns).to_arrow()
+        except (ValueError, RuntimeError, OSError) as error:  # LanceDB reports every SQL fault as one of these
+            raise FilterError(sql_problem(str(error), self.columns(table))) from None
 
     def iter_batches(self, table: TableName, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
         """Every row of `table`, embedding included, as Arrow record batches (for export)."""
@@ -352,7 +377,7 @@ class MetadataStore:
         ids = [int(i) for i in ids]
         if not ids:
             return []
-        rows = self._select(table, self._row_columns[table], f"id IN ({_sql_ints(ids)})")
+        rows = self._select(table, self._row_columns[table], f"id IN ({sql_ints(ids)})")
         found = {row["id"]: row for row in rows}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -363,13 +388,4 @@ class MetadataStore:
         ids = [int(i) for i in ids]
         if not ids:  # "id IN ()" is a syntax error
             return 0
-        return self._tables[table].delete(f"id IN ({_sql_ints(ids)})").num_deleted_rows
-
-
-def _sql_string(value: str) -> str:
-    """A SQL string literal: LanceDB's SQL (DataFusion) escapes a quote by doubling it, nothing else."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _sql_ints(values: Iterable[int]) -> str:
-    return ", ".join(str(int(value)) for value in values)
+        return self._tables[table].delete(f"id IN ({sql_ints(ids)})").num_deleted_rows

@@ -201,17 +201,27 @@ class ShardedIndex:
         self._joined = None
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """As `VectorIndex.search`, over every shard at once."""
+    def search(self, queries: np.ndarray, k: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As `VectorIndex.search`, over every shard at once (within a subset: shard by shard,
+        then merged)."""
         queries = self._delta._as_matrix(queries, "queries")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         k = min(k, len(self))
         if k == 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        if within is not None:
+            found = [part.search(queries, k, within) for part in self._parts() if len(part)]
+            scores, ids = np.concatenate([s for s, _ in found], axis=1), np.concatenate([i for _, i in found], axis=1)
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
         scores, ids = self._joined_index().search(queries, k)
         scores[ids < 0] = -np.inf
         return scores, ids
+
+    @property
+    def can_select(self) -> bool:
+        return all(part.can_select for part in self._parts())
 
     def tune(self, queries: np.ndarray, query_ids: np.ndarray, neighbours: np.ndarray, target: float = TUNE_RECALL) -> float:
         """The smallest nprobe reaching `target` recall over the whole sharded index (`tune_nprobe`)."""

@@ -22,6 +22,11 @@ def resolve_path(path: str | os.PathLike[str]) -> str:
         return os.path.abspath(path)
 
 
+def folder_of(path: str) -> str:
+    """The folder a stored (resolved) path lies in: the `folder` column, for `--where`."""
+    return os.path.dirname(path)
+
+
 def is_utf8(text: str) -> bool:
     """Whether a path can be stored: Linux names are bytes, Python decodes undecodable ones to
     lone surrogates, and Arrow strings must be UTF-8."""

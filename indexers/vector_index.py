@@ -258,12 +258,13 @@ class VectorIndex:
             self._ids = self._ids[~np.isin(self._ids, ids)]
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k best ids for each float32 query (q, dim), best first.
+    def search(self, queries: np.ndarray, k: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k best ids for each float32 query (q, dim), best first; with `within` (ids), only
+        among those (a FAISS id selector: on the CPU only, see `can_select`).
 
         Returns `(scores, ids)`, float32 and int64 arrays of shape (q, min(k, len(self))): k is
-        capped at the index size. An IVF search can find fewer than k in the lists it scans;
-        those places hold id -1 and score -inf.
+        capped at the index size. An IVF search can find fewer than k in the lists it scans
+        (fewer still within a subset); those places hold id -1 and score -inf.
         """
         queries = self._as_matrix(queries, "queries")
         if k < 1:
@@ -271,9 +272,29 @@ class VectorIndex:
         k = min(k, len(self))
         if k == 0:  # faiss asserts k > 0
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-        scores, ids = self._index.search(queries, k)
+        if within is None:
+            scores, ids = self._index.search(queries, k)
+        else:
+            if not self.can_select:
+                raise ValueError("a GPU index cannot search within a subset: search the subset exactly")
+            scores, ids = self._index.search(queries, k, params=self._selecting(_as_ids(within)))
         scores[ids < 0] = -np.inf
         return scores, ids
+
+    @property
+    def can_select(self) -> bool:
+        """Whether `search(within=...)` works here (faiss's id selectors are CPU-only)."""
+        return not self._on_gpu
+
+    def _selecting(self, ids: np.ndarray) -> Any:
+        selector = faiss.IDSelectorBatch(ids)
+        params: Any  # faiss's stub lacks the parameters' keyword arguments
+        if self._plan.kind == "flat":
+            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+        else:
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe)  # type: ignore[call-arg]  # params replace the index's own nprobe
+        params._selector = selector  # SWIG does not keep it alive through params.sel
+        return params
 
     def tune(self, queries: np.ndarray, query_ids: np.ndarray, neighbours: np.ndarray, target: float = TUNE_RECALL) -> float:
         """Set the smallest nprobe reaching `target` recall; see `tune_nprobe`."""

@@ -7,6 +7,7 @@ from datetime import timedelta
 import faiss
 import lancedb
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from btsearch.indexers import (
@@ -207,7 +208,10 @@ def test_images_round_trip_in_the_order_asked(store, tmp_path):
     assert ids.dtype == np.int64 and ids.tolist() == [0, 1, 2, 3, 4]
     rows = store.get_images(np.array([3, 0, 4, 3]))
     assert [row["id"] for row in rows] == [3, 0, 4, 3]
-    assert rows[0] == {"id": 3, "path": str(tmp_path / "3.jpg"), "size": 3, "mtime": 3.25, "width": 2, "height": 3, "content_hash": None}
+    assert rows[0] == {
+        "id": 3, "path": str(tmp_path / "3.jpg"), "size": 3, "mtime": 3.25, "width": 2, "height": 3, "content_hash": None,
+        "folder": str(tmp_path), "taken": None, "camera": None,  # the folder follows the path; the photo facts were not given
+    }
     assert store.get_images([]) == []
     with pytest.raises(KeyError):
         store.get_images([1, 77])
@@ -498,8 +502,8 @@ def test_read_only_store_is_a_snapshot(tmp_path):
 
 
 def test_an_older_images_table_gains_the_content_hash_column(tmp_path):
-    old_schema = schemas.images_schema(DIM)
-    old_schema = old_schema.remove(old_schema.get_field_index("content_hash"))
+    new_schema = schemas.images_schema(DIM)  # an older table: the columns before content_hash (later ones came later)
+    old_schema = pa.schema(list(new_schema)[: new_schema.get_field_index("content_hash")])
     db = lancedb.connect(tmp_path / "db")
     db.create_table("texts", schema=schemas.texts_schema(DIM))
     db.create_table("images", schema=old_schema).add(

@@ -58,7 +58,13 @@ def test_union_order_puts_every_scored_pair_first():
     "query, spelling, message",
     [
         (dict(text=None, image=None, k=5, candidates=None), CLI, "give either a TEXT query or --image PATH"),
-        (dict(text="x", image="q.jpg", k=5, candidates=None), LIBRARY, "give either a text query or an image query"),
+        (dict(text=None, image=None, k=5, candidates=None), LIBRARY, "give either a text query or an image query"),
+        (dict(text="x", image="q.jpg", k=5, candidates=None, target="texts"), CLI, "a text with an image finds images like the image: drop --target texts"),
+        (dict(text="x", image=None, k=3, candidates=None, offset=-1), CLI, "--offset must be 0 or more"),
+        (dict(text=None, image="q.jpg", k=3, candidates=None, negatives=["a dog"]), API, "not pushes away images: it needs a search of images"),
+        (dict(text="x", image=None, k=3, candidates=None, negatives=["  "]), CLI, "a --not text is empty"),
+        (dict(text="x", image=None, k=3, candidates=None, where=" "), CLI, "--where needs a SQL condition"),
+        (dict(text="x", image=None, k=3, candidates=None, where="a" * 5000), API, "where needs a SQL condition of 1 to 2000 characters"),
         (dict(text=None, image=None, k=5, candidates=None), API, "give either q (a text) or image_id"),
         (dict(text="x", image=None, k=0, candidates=None), CLI, "-k must be at least 1"),
         (dict(text="x", image=None, k=0, candidates=None), LIBRARY, "k must be at least 1"),
@@ -76,6 +82,8 @@ def test_every_caller_refuses_the_same_queries_in_its_own_words(query, spelling,
 def test_good_queries_pass():
     check_query("a dog", None, 1, 1)
     check_query(None, "q.jpg", 10, None, "images")
+    check_query("at night", "q.jpg", 10, None, negatives=["people"], where="width > 10", offset=20)
+    check_query(None, "q.jpg", 10, None, "images", negatives=["people"])
 
 
 def test_result_json_is_one_shape_for_the_cli_and_the_server():

@@ -160,3 +160,18 @@ def test_a_file_that_is_not_an_image_gets_the_servers_reason(page, tmp_path):
     assert page.locator("#texts li").count() == 0 and page.locator("#grid figure").count() == 0
     assert page.get_attribute("#status", "class") == "error"
 
+
+
+def test_explain_shows_where_the_words_look_and_the_words_that_weigh_most(page):
+    page.fill("#q", "a close up of a tabby cat")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#grid figure.hit button.explain")
+    page.locator("#grid figure.hit button.explain").first.click()
+    page.wait_for_selector("#explainer[open]")
+    page.wait_for_function("() => document.getElementById('heat').complete && document.getElementById('heat').naturalWidth > 0")
+    assert page.inner_text("#why").startswith("match 0.") and page.inner_text("#why").endswith("chelsea.jpg")
+    words = page.locator("#words li.word").all_inner_texts()
+    assert words and all(text.split()[0] in "a close up of a tabby cat".split() for text in words)
+    page.locator("#words li.word").first.click()
+    page.wait_for_function("() => document.getElementById('heat').src.includes('&word=')")
+    page.wait_for_function("() => document.getElementById('heat').complete && document.getElementById('heat').naturalWidth > 0")
