@@ -6,14 +6,18 @@ Image-to-text: the best rank of an image's captions. R@K is the percentage of qu
 rank is below K.
 
 Everything a second run can reuse is kept in the collection folder: the embeddings (in
-LanceDB), the images' bridge inputs (memory-mapped), and every ITM score computed, so another
-`candidates` costs only the pairs not scored yet, and an interrupted run resumes. It works on
-any collection through its public methods (`EvaluatedCollection`).
+LanceDB), the images' bridge inputs (memory-mapped), and both ITM logits of every pair scored, so
+another `candidates` costs only the pairs not scored yet, and an interrupted run resumes. The
+scored pairs, labelled by the annotations, also measure how well the match probability is
+calibrated (`calibration`). It works on any collection through its public methods
+(`EvaluatedCollection`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,11 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import calibration
 from .image_states import fill_bridge_cache
 from .indexers import BridgeCache
 from .indexers.atomic import atomic_write
 from .indexers.layout import TableName, eval_bridges_folder, eval_scores_file
 from .ranking import ranks_of, rerank_order, rerank_order_union, top_candidates
+from .search import match_probability
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -35,6 +41,8 @@ RECALL_AT = (1, 5, 10)
 PAIR_BATCH = 32
 TEXT_CHUNK = 64
 SCORE_SAVE_INTERVAL_S = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class EvaluatedCollection(Protocol):
@@ -118,14 +126,17 @@ def evaluate_collection(
     itc = text_embeds @ image_embeds.T  # (captions, images) cosine
     result: dict[str, Any] = {"itc": recall_table(itc, caption_image, 0, None)}
     if candidates > 0 and encoder.has_itm:
-        itm = PairScores(_scores_file(collection), text_ids, image_ids).fill(
-            collection, _needed_pairs(itc, candidates), progress
-        )
+        pairs = _needed_pairs(itc, candidates)
+        logits = PairScores(_scores_file(collection), text_ids, image_ids).fill(collection, pairs, progress)
+        itm = np.full(itc.shape, np.nan, dtype=np.float32)  # ranking reads the match logit, as before
+        itm[pairs[:, 0], pairs[:, 1]] = logits[:, 1]
         result["rerank"] = recall_table(itc, caption_image, candidates, itm)
         result["rerank_union"] = recall_table(itc, caption_image, candidates, itm, union=True)
+        # Every scored pair is a labelled example: the caption shows the image or it does not.
+        result["calibration"] = calibration(match_probability(logits), np.asarray(caption_image)[pairs[:, 0]] == pairs[:, 1])
     else:
         itm = None
-        result["rerank"] = result["rerank_union"] = None
+        result["rerank"] = result["rerank_union"] = result["calibration"] = None
     if details:
         result["details"] = ranking_details(itc, caption_image, candidates, itm)
     result.update(
@@ -162,32 +173,73 @@ def _needed_pairs(itc: np.ndarray, candidates: int) -> np.ndarray:
 
 
 class PairScores:
-    """ITM scores of (caption, image) pairs, kept on disk between runs (keyed by collection ids)."""
+    """Both ITM logits of (caption, image) pairs, kept on disk between runs (keyed by collection ids).
+
+    The file holds `text_id`, `image_id` and `logits` (n, 2): the match probability needs both.
+    A file from before (one `score` per pair) or one that cannot be read is set aside with a
+    warning and its pairs are scored again: a cache is never worth a wrong number.
+    """
 
     def __init__(self, path: Path, text_ids: np.ndarray, image_ids: np.ndarray):
         self.path = path
         self.text_ids = np.asarray(text_ids, dtype=np.int64)
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
-        self.scores: dict[tuple[int, int], float] = {}
+        self.keys = np.empty(0, dtype=np.int64)  # sorted, unique `pair_keys`
+        self.logits = np.empty((0, 2), dtype=np.float32)  # row n: the pair keys[n]
+        self._new: list[tuple[np.ndarray, np.ndarray]] = []  # scored since the last merge
         if path.exists():
-            saved = np.load(path)
-            self.scores = dict(zip(zip(saved["text_id"].tolist(), saved["image_id"].tolist()), saved["score"].tolist()))
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            with np.load(self.path) as saved:
+                if "logits" not in saved.files:
+                    log.warning("%s holds one ITM logit per pair (an older btsearch); scoring the pairs again", self.path)
+                    return
+                text_id, image_id, logits = saved["text_id"], saved["image_id"], saved["logits"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            log.warning("cannot read the ITM score cache %s (%s); scoring the pairs again", self.path, error)
+            return
+        if logits.ndim != 2 or logits.shape[1] != 2 or not len(text_id) == len(image_id) == len(logits):
+            log.warning("%s does not hold two ITM logits per pair; scoring the pairs again", self.path)
+            return
+        self.keys, first = np.unique(pair_keys(text_id, image_id), return_index=True)
+        self.logits = logits[first].astype(np.float32)
+
+    def _merge(self) -> None:
+        if not self._new:
+            return
+        keys = np.concatenate([self.keys, *(keys for keys, _ in self._new)])
+        logits = np.concatenate([self.logits, *(logits for _, logits in self._new)])
+        self.keys, first = np.unique(keys, return_index=True)
+        self.logits = logits[first]
+        self._new = []
 
     def save(self) -> None:
-        keys = np.array(list(self.scores), dtype=np.int64).reshape(-1, 2)
+        self._merge()
         with atomic_write(self.path) as file:
-            np.savez(file, text_id=keys[:, 0], image_id=keys[:, 1], score=np.array(list(self.scores.values()), dtype=np.float32))
+            np.savez(file, text_id=self.keys >> 32, image_id=self.keys & 0xFFFFFFFF, logits=self.logits)
+
+    def _found(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each key is in `self.keys`, and whether it is there."""
+        at = np.searchsorted(self.keys, keys)
+        found = at < len(self.keys)
+        found[found] = self.keys[at[found]] == keys[found]
+        return at, found
 
     def fill(self, collection: EvaluatedCollection, pairs: np.ndarray, progress: bool) -> np.ndarray:
-        """Score the pairs not scored yet; return the (captions, images) matrix, NaN elsewhere."""
-        key = lambda t, i: (int(self.text_ids[t]), int(self.image_ids[i]))  # noqa: E731
-        todo = np.array([(t, i) for t, i in pairs if key(t, i) not in self.scores], dtype=np.int64).reshape(-1, 2)
+        """Score the (caption, image) index pairs not scored yet; return the pairs' two logits,
+        (len(pairs), 2), in the order of `pairs`."""
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        keys = pair_keys(self.text_ids[pairs[:, 0]], self.image_ids[pairs[:, 1]])
+        self._merge()
+        todo = pairs[~self._found(keys)[1]]
         if len(todo):
             self._score(collection, todo, progress)
-        matrix = np.full((len(self.text_ids), len(self.image_ids)), np.nan, dtype=np.float32)
-        for t, i in pairs:
-            matrix[t, i] = self.scores[key(t, i)]
-        return matrix
+            self._merge()
+        at, found = self._found(keys)
+        assert found.all(), "every pair was scored"
+        return self.logits[at]
 
     def _score(self, collection: EvaluatedCollection, todo: np.ndarray, progress: bool) -> None:
         encoder = _model_of(collection)
@@ -207,14 +259,23 @@ class PairScores:
                     batch = pairs[start : start + PAIR_BATCH]
                     rows = torch.as_tensor([slot[int(t)] for t in batch[:, 0]], device=states.bridge.device)
                     images = encoder.to_model(image_bridges.get(self.image_ids[batch[:, 1]]))
-                    logits = encoder.model.match_logits(states.bridge[rows], states.mask[rows], images)
-                    for (t, i), score in zip(batch, logits.float().cpu().tolist()):
-                        self.scores[(int(self.text_ids[t]), int(self.image_ids[i]))] = score
+                    logits = encoder.model.match_logits(states.bridge[rows], states.mask[rows], images, both=True)
+                    keys = pair_keys(self.text_ids[batch[:, 0]], self.image_ids[batch[:, 1]])
+                    self._new.append((keys, logits.float().cpu().numpy().reshape(-1, 2)))
                     bar.update(len(batch))
                     if time.monotonic() - last_save > SCORE_SAVE_INTERVAL_S:
                         self.save()
                         last_save = time.monotonic()
         self.save()
+
+
+def pair_keys(text_ids: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """One int64 per (text id, image id) pair, so lookups are a searchsorted over sorted keys
+    rather than a dict of millions of tuples (COCO: 25K captions x 256 candidates)."""
+    text_ids, image_ids = np.asarray(text_ids, dtype=np.int64), np.asarray(image_ids, dtype=np.int64)
+    if len(text_ids) and (text_ids.min() < 0 or text_ids.max() >= 2**31 or image_ids.min() < 0 or image_ids.max() >= 2**32):
+        raise ValueError("collection ids beyond 2**31 cannot key the ITM score cache")
+    return (text_ids << 32) | image_ids
 
 
 def _image_bridges(collection: EvaluatedCollection, image_ids: np.ndarray, progress: bool) -> BridgeCache:

@@ -2,8 +2,9 @@
 
 It holds the recall table beside the published figures, recall@K curves (ITC alone and
 re-ranked, both directions; also written as `recall_curves.png`), what re-ranking fixed and
-what it broke, and the worst text-to-image failures: the caption, its image, and the top 5
-retrieved with their scores. Pictures are embedded as data URIs, so the page needs no folder.
+what it broke, the match probability's reliability diagram (inline SVG) with the thresholds
+that keep a precision, and the worst text-to-image failures: the caption, its image, and the
+top 5 retrieved with their scores. Pictures are embedded as data URIs, so the page needs no folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import shown_threshold
 from .images import load_rgb
 
 PUBLISHED = {  # Flickr30K / MSCOCO 5K test, fine-tuned, R@1/5/10 (see README)
@@ -53,6 +55,7 @@ def write_report(out_dir: str | Path, details: dict, result: dict, benchmark) ->
             "<h2>Recall@K</h2>",
             f"<img alt='recall curves' src='data:image/png;base64,{base64.b64encode(curves).decode()}'>",
             _fixed_and_broken(details),
+            _calibration(result.get("calibration")),
             f"<h2>Worst text-to-image failures after re-ranking (top {FAILURES})</h2>",
             _failures(details, benchmark),
             "</body></html>",
@@ -110,6 +113,71 @@ def _fixed_and_broken(details: dict) -> str:
         f"<p>Fixed: {fixed} captions whose image was not first by ITC and is first after re-ranking. "
         f"Broken: {broken} captions whose image was first by ITC and is not after re-ranking.</p>"
     )
+
+
+def _calibration(calibration: dict | None) -> str:
+    """The reliability diagram, ECE and threshold table of `result["calibration"]`."""
+    if not calibration or not calibration["pairs"]:
+        return "<h2>Calibration of the match probability</h2><p>No pairs were re-ranked, so there is nothing to calibrate.</p>"
+    rows = ["<table><tr><th>target precision</th><th>--min-match</th><th>precision</th><th>recall</th><th>pairs kept</th></tr>"]
+    for found in calibration["thresholds"]:
+        if found["threshold"] is None:
+            rows.append(f"<tr><td>{found['target']:g}</td><td colspan='4'>no threshold reaches it</td></tr>")
+        else:
+            rows.append(
+                f"<tr><td>{found['target']:g}</td><td>{shown_threshold(found['threshold'])}</td><td>{found['precision']:.3f}</td>"
+                f"<td>{found['recall']:.3f}</td><td>{found['kept']}</td></tr>"
+            )
+    return (
+        "<h2>Calibration of the match probability</h2>"
+        f"<p>Every (caption, image) pair scored by ITM, {calibration['pairs']} of them ({calibration['positives']} matching), "
+        "in 10 bins of its match probability. Bars: the fraction of the bin's pairs that match; red dots: the bin's mean "
+        "predicted probability, at the bar's height. For a calibrated head the dots lie on the diagonal. Expected "
+        f"calibration error (ECE, the bins' gaps weighted by their pairs): {calibration['ece']:.4f}.</p>"
+        + _reliability_svg(calibration["bins"])
+        + "\n".join(rows) + "</table>"
+        "<p>To choose <code>search --min-match P</code>: take the row of the precision you want and pass its threshold; "
+        "on pairs like these, the re-ranked hits kept then match with that precision, and the recall column says what "
+        "share of true matches survives. The pairs are each query's ITC top candidates on this benchmark, so the figures "
+        "carry over to a collection as far as its queries and pictures resemble these.</p>"
+    )
+
+
+def _reliability_svg(bins: list[dict], size: int = 320, margin: int = 40) -> str:
+    """Bars of the observed fraction of matches per bin, a dot at each bin's mean predicted
+    probability, and the diagonal of perfect calibration."""
+    side = size - 2 * margin
+
+    def x(value: float) -> float:
+        return margin + value * side
+
+    def y(value: float) -> float:
+        return size - margin - value * side
+
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' class='reliability' width='{size}' height='{size}' viewBox='0 0 {size} {size}' role='img'>",
+        "<title>reliability diagram</title>",
+        f"<rect x='{margin}' y='{margin}' width='{side}' height='{side}' fill='none' stroke='#888'/>",
+    ]
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f"<text x='{x(tick):.1f}' y='{size - margin + 14}' font-size='10' text-anchor='middle'>{tick:g}</text>")
+        parts.append(f"<text x='{margin - 4}' y='{y(tick) + 3:.1f}' font-size='10' text-anchor='end'>{tick:g}</text>")
+    for b in bins:
+        if not b["count"]:
+            continue
+        parts.append(
+            f"<rect x='{x(b['lower']) + 1:.1f}' y='{y(b['observed']):.1f}' width='{x(b['upper']) - x(b['lower']) - 2:.1f}' "
+            f"height='{b['observed'] * side:.1f}' fill='#4a7fc1' opacity='0.75'><title>{b['lower']:g}-{b['upper']:g}: "
+            f"n = {b['count']} pairs, observed {b['observed']:.3f}, predicted {b['mean_probability']:.3f}</title></rect>"
+        )
+        parts.append(f"<circle cx='{x(b['mean_probability']):.1f}' cy='{y(b['observed']):.1f}' r='3' fill='#c14a4a'/>")
+    parts += [
+        f"<line x1='{x(0)}' y1='{y(0)}' x2='{x(1)}' y2='{y(1)}' stroke='#222' stroke-dasharray='4 3'/>",
+        f"<text x='{size / 2}' y='{size - 6}' font-size='11' text-anchor='middle'>predicted match probability</text>",
+        f"<text x='12' y='{size / 2}' font-size='11' text-anchor='middle' transform='rotate(-90 12 {size / 2})'>observed fraction of matches</text>",
+        "</svg>",
+    ]
+    return "".join(parts)
 
 
 def _thumbnail(path: Path) -> str:

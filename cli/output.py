@@ -58,7 +58,8 @@ def echo_index_line(report: IndexReport, summary: dict[str, Any]) -> None:
 
 
 def print_recall(result: dict[str, Any], title: str, split: str, candidates: int) -> None:
-    """The eval table: R@1/5/10 both ways and RSUM, ITC alone and re-ranked."""
+    """The eval table: R@1/5/10 both ways and RSUM, ITC alone and re-ranked; then how well the
+    match probability is calibrated on the scored pairs."""
     click.echo(f"{title} {split}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
     click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}")
     rows = [("ITC", result["itc"])]
@@ -68,3 +69,18 @@ def print_recall(result: dict[str, Any], title: str, split: str, candidates: int
         t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
         i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
         click.echo(f"{row_name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+    if result.get("calibration"):
+        click.echo(calibration_line(result["calibration"]))
+
+
+def calibration_line(calibration: dict[str, Any], precision: float = 0.9) -> str:
+    """ECE and the --min-match that keeps `precision` on the scored pairs, in one line."""
+    if calibration["ece"] is None:
+        return "match probability: no scored pairs to calibrate on"
+    line = f"match probability on {calibration['pairs']} scored pairs ({calibration['positives']} matching): ECE {calibration['ece']:.3f}; "
+    found = next((t for t in calibration["thresholds"] if t["target"] == precision), None)
+    if found is None or found["threshold"] is None:
+        return line + f"no threshold reaches precision {precision:g}"
+    from btsearch.calibration import shown_threshold  # rounded down; the JSON has it exactly
+
+    return line + f"precision >= {precision:g} at --min-match {shown_threshold(found['threshold'])} (recall {found['recall']:.2f})"

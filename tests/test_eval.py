@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from btsearch.calibration import calibration
 from btsearch.cli.main import main
 
 from . import reference
@@ -92,9 +93,9 @@ def test_second_eval_with_other_k_scores_only_new_pairs(flickr, trained_checkpoi
     scored = []
     original = BridgeTowerRetrievalModel.match_logits
 
-    def counting(self, text_bridge, text_mask, image_bridge):
+    def counting(self, text_bridge, text_mask, image_bridge, both=False):
         scored.append(len(text_bridge))
-        return original(self, text_bridge, text_mask, image_bridge)
+        return original(self, text_bridge, text_mask, image_bridge, both=both)
 
     monkeypatch.setattr(BridgeTowerRetrievalModel, "match_logits", counting)
     image_towers = []
@@ -195,5 +196,79 @@ def test_report_is_self_contained_html_with_curves_and_failures(flickr, trained_
     t2i = " / ".join(f"{v:.1f}" for v in out["rerank"]["text_to_image"].values())
     assert t2i in page  # the table shows this run's numbers
     assert "Fixed:" in page and "Broken:" in page
+    # The reliability diagram (inline SVG: bars per non-empty bin against the diagonal) and the thresholds.
+    assert "<svg" in page and "<title>reliability diagram</title>" in page and "stroke-dasharray" in page
+    non_empty = sum(1 for b in out["calibration"]["bins"] if b["count"])
+    assert page.count("pairs, observed") == non_empty
+    assert "target precision" in page and "search --min-match P" in page
+    assert f"{out['calibration']['ece']:.4f}" in page
     if out["rerank"]["text_to_image"]["R@1"] < 100:  # some caption missed: it is shown with its image and the top 5
         assert page.count("<figure") >= 6 and "its image, rank" in page
+
+
+def _eval_args(root, image_dir, checkpoint, cache, *extra):
+    return [str(a) for a in ["eval", "flickr30k", "--annotations", root / "dataset_flickr30k.json", "--images", image_dir,
+                             "--model", checkpoint, "--candidates", CANDIDATES, "--cache-dir", cache, "--precision", "fp32", *extra]]
+
+
+def test_calibration_is_over_every_scored_pair_with_transformers_probabilities(flickr, trained_checkpoint, tmp_path):
+    root, image_dir, test = flickr
+    captions = [s["raw"] for image in test for s in image["sentences"]]
+    caption_image = np.array([n for n, image in enumerate(test) for _ in image["sentences"]])
+    paths = [image_dir / image["filename"] for image in test]
+    text_emb, _ = reference.itc_embeddings(trained_checkpoint, captions, [paths[0]] * len(captions))
+    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(paths), paths)
+    itc = text_emb @ image_emb.T
+    # The pairs either direction re-ranks (each caption's top k images, each image's top k captions), once each.
+    scored = {(t, int(i)) for t, row in enumerate(itc) for i in np.argsort(-row, kind="stable")[:CANDIDATES]}
+    scored |= {(int(t), i) for i, column in enumerate(itc.T) for t in np.argsort(-column, kind="stable")[:CANDIDATES]}
+    scored_pairs = sorted(scored)
+    probabilities = np.array([reference.match_probability(trained_checkpoint, captions[t], paths[i]) for t, i in scored_pairs])
+    labels = np.array([caption_image[t] == i for t, i in scored_pairs])
+    expected = calibration(probabilities, labels)
+
+    result = CliRunner().invoke(main, _eval_args(root, image_dir, trained_checkpoint, tmp_path / "cache", "--json"))
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)["calibration"]
+    assert got["pairs"] == len(scored_pairs) == sum(b["count"] for b in got["bins"])
+    assert got["positives"] == int(labels.sum())
+    assert [b["count"] for b in got["bins"]] == [b["count"] for b in expected["bins"]]
+    for ours, theirs in zip(got["bins"], expected["bins"]):
+        assert ours["mean_probability"] == pytest.approx(theirs["mean_probability"], abs=1e-4)
+        assert ours["observed"] == theirs["observed"]
+    assert got["ece"] == pytest.approx(expected["ece"], abs=1e-4)
+    for ours, theirs in zip(got["thresholds"], expected["thresholds"]):
+        # A threshold is one pair's probability: transformers' softmax for that pair.
+        assert ours == pytest.approx(theirs, abs=1e-4)
+    assert any(t["threshold"] is not None for t in got["thresholds"])
+
+    table = CliRunner().invoke(main, _eval_args(root, image_dir, trained_checkpoint, tmp_path / "cache"))
+    assert table.exit_code == 0, table.output
+    line = table.stdout.strip().splitlines()[-1]
+    assert f"match probability on {got['pairs']} scored pairs ({got['positives']} matching): ECE {got['ece']:.3f}" in line
+    at_90 = next(t for t in got["thresholds"] if t["target"] == 0.9)
+    assert ("no threshold reaches precision 0.9" in line) if at_90["threshold"] is None else ("--min-match" in line)
+
+
+def test_a_cache_of_one_logit_per_pair_is_scored_again_not_misread(flickr, trained_checkpoint, tmp_path, caplog):
+    root, image_dir, _ = flickr
+    args = _eval_args(root, image_dir, trained_checkpoint, tmp_path / "cache", "--json")
+    fresh = CliRunner().invoke(main, args)
+    assert fresh.exit_code == 0, fresh.output
+    (scores_file,) = (tmp_path / "cache").glob("*/eval-itm-scores-*.npz")
+    with np.load(scores_file) as saved:
+        text_id, image_id, logits = saved["text_id"], saved["image_id"], saved["logits"]
+    assert logits.shape == (len(text_id), 2)
+    # The layout of an older btsearch: the match logit alone, here negated, so reading it would change recall.
+    np.savez(scores_file, text_id=text_id, image_id=image_id, score=-logits[:, 1])
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    first, second = json.loads(fresh.stdout), json.loads(again.stdout)
+    for key in ("rerank", "rerank_union", "calibration"):  # the same pairs scored in the same batches: equal
+        assert second[key] == first[key]
+    assert "one ITM logit per pair" in caplog.text
+    with np.load(scores_file) as saved:  # rewritten in the current layout
+        assert saved["logits"].shape == logits.shape
+    scores_file.write_bytes(b"not a zip")  # and an unreadable file is scored again too
+    assert json.loads(CliRunner().invoke(main, args).stdout)["calibration"] == first["calibration"]
+    assert "cannot read the ITM score cache" in caplog.text
