@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import BtsearchError
@@ -34,7 +34,7 @@ class PageQuery:
     negatives: tuple[str, ...] = field(default_factory=tuple)
 
     def next_page(self) -> PageQuery:
-        return PageQuery(**{**asdict(self), "offset": self.offset + self.k})
+        return replace(self, offset=self.offset + self.k)
 
 
 def encode_cursor(query: PageQuery) -> str:

@@ -111,14 +111,16 @@ def explain(encoder: Encoder, text: str, picture: Image.Image, image_states: Tow
     side = _grid_side(encoder)
     pixels = encoder.prepare_image(picture)
     image = image_states or encoder.image_states(pixels[None], with_bridge=True)
-    self_attention, cross_attention, logits = encoder.text_attentions(encoder.text_states([text], with_bridge=True), image)
+    text_states = encoder.text_states([text], with_bridge=True)
+    self_attention, cross_attention, logits = encoder.text_attentions(text_states, image)
     if cross_attention.shape[-1] != side * side + 1:
         raise BtsearchError(f"the image has {cross_attention.shape[-1] - 1} patches, not the config's {side} x {side}: it cannot be drawn as a grid")
 
     tokenizer = encoder.processor.tokenizer
     tokens = tokenizer(text, truncation=True, max_length=encoder.max_text_length, return_offsets_mapping=True, return_special_tokens_mask=True)
     # Where the tokens sit in the model's (padded) sequence: its unmasked positions, in order.
-    mask = encoder.tokenize([text])[1][0].cpu().numpy()
+    assert text_states.mask is not None
+    mask = text_states.mask[0].cpu().numpy()
     positions = np.flatnonzero(mask)
     assert len(positions) == len(tokens["input_ids"]), "the model's tokens and the offsets' differ"
     merged = merge_words(text, tokens["offset_mapping"], [bool(s) for s in tokens["special_tokens_mask"]])

@@ -9,6 +9,7 @@ The web page is a static file shipped with the package (`web/index.html`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import statistics
 import threading
@@ -152,7 +153,7 @@ def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "
         except BtsearchError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         found, versions = service.search(versions=page.versions or None, image_id=page.image_id, **query)
-        pinned = PageQuery(**{**page.__dict__, "versions": versions})
+        pinned = dataclasses.replace(page, versions=versions)
         return {**result_json(found, image_links=True), "offset": found.offset, "next": encode_cursor(pinned.next_page()) if found.more else None}
 
     @app.get("/api/search")

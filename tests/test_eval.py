@@ -57,15 +57,20 @@ def brute_force_recall(itc, itm, caption_image, k):
     return pct(t2i_ranks), pct(i2t_ranks)
 
 
-def test_eval_matches_brute_force_on_both_annotation_formats(flickr, trained_checkpoint, tmp_path):
-    root, image_dir, test = flickr
+def reference_itc(test, image_dir, checkpoint):
+    """The test split's captions, each caption's image, the image paths, and the full ITC matrix
+    (captions x images) from BridgeTowerForContrastiveLearning."""
     captions = [s["raw"] for image in test for s in image["sentences"]]
     caption_image = np.array([n for n, image in enumerate(test) for _ in image["sentences"]])
     paths = [image_dir / image["filename"] for image in test]
-    # Full matrices from transformers' own classes.
-    text_emb, _ = reference.itc_embeddings(trained_checkpoint, captions, [paths[0]] * len(captions))
-    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(paths), paths)
-    itc = text_emb @ image_emb.T
+    text_emb, _ = reference.itc_embeddings(checkpoint, captions, [paths[0]] * len(captions))
+    _, image_emb = reference.itc_embeddings(checkpoint, ["x"] * len(paths), paths)
+    return captions, caption_image, paths, text_emb @ image_emb.T
+
+
+def test_eval_matches_brute_force_on_both_annotation_formats(flickr, trained_checkpoint, tmp_path):
+    root, image_dir, test = flickr
+    captions, caption_image, paths, itc = reference_itc(test, image_dir, trained_checkpoint)  # transformers' own classes
     itm = np.array([[reference.itm_logit(trained_checkpoint, c, p) for p in paths] for c in captions])
     expected = {
         "itc": brute_force_recall(itc, None, caption_image, CANDIDATES),
@@ -213,12 +218,7 @@ def _eval_args(root, image_dir, checkpoint, cache, *extra):
 
 def test_calibration_is_over_every_scored_pair_with_transformers_probabilities(flickr, trained_checkpoint, tmp_path):
     root, image_dir, test = flickr
-    captions = [s["raw"] for image in test for s in image["sentences"]]
-    caption_image = np.array([n for n, image in enumerate(test) for _ in image["sentences"]])
-    paths = [image_dir / image["filename"] for image in test]
-    text_emb, _ = reference.itc_embeddings(trained_checkpoint, captions, [paths[0]] * len(captions))
-    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(paths), paths)
-    itc = text_emb @ image_emb.T
+    captions, caption_image, paths, itc = reference_itc(test, image_dir, trained_checkpoint)
     # The pairs either direction re-ranks (each caption's top k images, each image's top k captions), once each.
     scored = {(t, int(i)) for t, row in enumerate(itc) for i in np.argsort(-row, kind="stable")[:CANDIDATES]}
     scored |= {(int(t), i) for i, column in enumerate(itc.T) for t in np.argsort(-column, kind="stable")[:CANDIDATES]}
