@@ -7,15 +7,16 @@ command imports what it needs when it runs, so `--help` answers without loading 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from btsearch.defaults import CHECKPOINT_FAMILIES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+from btsearch.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from btsearch.errors import BtsearchError
 
+from .admin import convert, export, info
+from .eval_commands import eval_group
 from .options import (
     ByteSize,
     db_option,
@@ -28,7 +29,8 @@ from .options import (
     show_progress,
     start_invocation,
 )
-from .output import echo_index_line, index_summary, print_recall, print_search, say_skipped
+from .output import echo_index_line, index_summary, print_search, say_skipped
+from .serve_command import serve
 
 __all__ = ["main", "parse_size"]
 
@@ -216,146 +218,6 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
             say(line)
 
 
-@main.group("eval")
-def eval_group():
-    """Measure retrieval recall on a benchmark."""
-
-
-def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
-    """`eval NAME`: the same options and output for each Karpathy-split benchmark."""
-
-    @eval_group.command(name)
-    @click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help=annotations_help)
-    @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help=f"Folder holding the {title} images.")
-    @click.option("--split", default="test", show_default=True, help="Karpathy split to evaluate.")
-    @model_option
-    @click.option("--candidates", default=default_k, show_default=True, type=click.IntRange(min=0), help=f"ITC top-k re-ranked by ITM per query (the papers: {default_k}).")
-    @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where embeddings and ITM scores are kept between runs [default: ~/.cache/btsearch/eval].")
-    @json_option("the recall tables, counts and seconds")
-    @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help="Also write a self-contained HTML report into this folder: the table beside published figures, recall@K curves, worst failures.")
-    @device_option
-    @quiet_option
-    def command(annotations, images, split, model, candidates, cache_dir, as_json, report_dir, device, precision):
-        from btsearch.flickr30k import evaluate_flickr30k
-
-        result = evaluate_flickr30k(
-            annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
-            cache_dir=cache_dir, device=device, precision=precision, progress=show_progress(), dataset=name, report_dir=report_dir,
-        )
-        if report_dir is not None:
-            say(f"report: {result['report']}")
-        if as_json:
-            click.echo(json.dumps(result))
-        else:
-            print_recall(result, title, split, candidates)
-
-    command.__doc__ = f"""R@1/5/10 both ways on {title} (ALBEF/BridgeTower protocol), ITC alone and re-ranked.
-
-    Embeddings and ITM scores are cached: a second run with another --candidates computes only
-    the pairs not scored yet, and an interrupted run resumes.
-    """
-    command.help = command.__doc__
-    return command
-
-
-eval_flickr30k = _eval_command("flickr30k", "Flickr30K", 128, "Karpathy's dataset_flickr30k.json, or the flickr30k hub CSV.")
-eval_coco = _eval_command("coco", "MSCOCO", 256, "Karpathy's dataset_coco.json (images under --images/val2014/ as its filepath says, or directly).")
-
-
-@main.command()
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--family", type=click.Choice(CHECKPOINT_FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
-@click.option("--tokenizer", default=None, metavar="ID|DIR", help="Tokenizer to ship with it [default: the checkpoint config's, e.g. roberta-base].")
-@quiet_option
-def convert(source, out_dir, family, tokenizer):
-    """Convert an original checkpoint (a Lightning .ckpt of microsoft/BridgeTower or
-    LooperXX/ManagerTower) into a folder that --model loads: config, safetensors weights,
-    processor and tokenizer.
-
-    The architecture (sizes, layers, image size such as 384 px after fine-tuning) is read from
-    the tensor shapes; a key with no place in the layout, or a missing one, is an error that
-    names it.
-    """
-    from btsearch.convert import convert as convert_checkpoint
-
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise BtsearchError(f"{out_dir} is not empty: convert into a new folder")
-    done = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
-    config = done.config
-    if done.dropped:
-        say(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}")
-    family_name = "ManagerTower" if done.family == "managertower" else "BridgeTower"
-    click.echo(
-        f"wrote {done.folder}: {family_name}, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"
-        f"{config.vision_config.num_hidden_layers} uni-modal and {config.num_hidden_layers} cross-modal layers, "
-        f"{config.vision_config.image_size} px images; search with --model {done.folder}"
-    )
-
-
-@main.command()
-@db_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@model_option
-@device_option
-def serve(db, host, port, model, device, precision):
-    """Serve the collection: a web page at / and an HTTP API under /api (OpenAPI schema at
-    /openapi.json, interactive docs at /docs): search by text, uploaded image or image id,
-    thumbnails, health and metrics. The model is loaded once; searches queue.
-    """
-    import uvicorn
-
-    from btsearch.collection import Collection
-    from btsearch.server import create_app
-
-    app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision)
-    click.echo(f"btsearch serving {db} at http://{host}:{port}/", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-@main.command()
-@db_option
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into (created).")
-@json_option("the rows written per table")
-@quiet_option
-def export(db, out_dir, as_json):
-    """Write the collection's embeddings as .npy and metadata as parquet, in clip-retrieval's
-    layout (img_emb/, metadata/, text_emb/, text_metadata/), which autofaiss reads.
-
-    The LanceDB tables are readable as they are, too: pyarrow, pandas and DuckDB open
-    DIR/images.lance and DIR/texts.lance (e.g. `lancedb.connect(DIR).open_table("images").to_pandas()`).
-    """
-    from btsearch.collection import Collection
-
-    written = Collection.open(db, load_model=False, read_only=True).export(out_dir, progress=show_progress())
-    if as_json:
-        click.echo(json.dumps({**written, "out": str(out_dir)}))
-    else:
-        click.echo(f"exported {written['images']} images and {written['texts']} texts to {out_dir}")
-
-
-@main.command()
-@db_option
-@model_option
-@click.option("--skipped", is_flag=True, help="List the files indexing skipped, with the reason, instead.")
-def info(db, model, skipped):
-    """Show what a collection holds and which model built it."""
-    from btsearch.collection import Collection
-
-    collection = Collection.open(db, model=model, load_model=False, read_only=True)
-    if skipped:
-        entries = collection.skipped()
-        for path, reason, when in entries:
-            # A name that is not UTF-8 goes out as its own bytes, as ls and find print it.
-            click.echo(os.fsencode(f"{path}\t{reason}\t{when}"))
-        click.echo(f"{len(entries)} skipped files", err=True)
-        return
-    for key, value in collection.info().items():
-        click.echo(f"{key:<12} {value}")
-
-
 @main.command()
 @click.option("--db", default=Path("demo-collection"), show_default=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the demo's photos and collection.")
 @model_option
@@ -384,6 +246,14 @@ def demo(db, model, device, precision):
     photo = sorted((db / "photos").iterdir())[0]
     click.echo(f"\n$ btsearch search --image {photo} --db {collection.path} -k 3")
     print_search(collection.search(image=photo, k=3, candidates=8), as_json=False)
+
+
+# Commands kept in modules of their own; registered here so `btsearch --help` lists them all.
+main.add_command(eval_group)
+main.add_command(convert)
+main.add_command(serve)
+main.add_command(export)
+main.add_command(info)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Commands that look after a collection or a checkpoint: `info`, `export`, `convert`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from btsearch.defaults import CHECKPOINT_FAMILIES
+from btsearch.errors import BtsearchError
+
+from .options import db_option, json_option, model_option, quiet_option, say, show_progress
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--family", type=click.Choice(CHECKPOINT_FAMILIES), default="auto", show_default=True, help="Which model the checkpoint holds (auto: read from its keys).")
+@click.option("--tokenizer", default=None, metavar="ID|DIR", help="Tokenizer to ship with it [default: the checkpoint config's, e.g. roberta-base].")
+@quiet_option
+def convert(source, out_dir, family, tokenizer):
+    """Convert an original checkpoint (a Lightning .ckpt of microsoft/BridgeTower or
+    LooperXX/ManagerTower) into a folder that --model loads: config, safetensors weights,
+    processor and tokenizer.
+
+    The architecture (sizes, layers, image size such as 384 px after fine-tuning) is read from
+    the tensor shapes; a key with no place in the layout, or a missing one, is an error that
+    names it.
+    """
+    from btsearch.convert import convert as convert_checkpoint
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise BtsearchError(f"{out_dir} is not empty: convert into a new folder")
+    done = convert_checkpoint(source, out_dir, family=family, tokenizer=tokenizer)
+    config = done.config
+    if done.dropped:
+        say(f"note: dropped {len(done.dropped)} weights of heads retrieval does not use: {', '.join(done.dropped[:6])}")
+    family_name = "ManagerTower" if done.family == "managertower" else "BridgeTower"
+    click.echo(
+        f"wrote {done.folder}: {family_name}, hidden {config.hidden_size}, {config.text_config.num_hidden_layers}+"
+        f"{config.vision_config.num_hidden_layers} uni-modal and {config.num_hidden_layers} cross-modal layers, "
+        f"{config.vision_config.image_size} px images; search with --model {done.folder}"
+    )
+
+
+@click.command()
+@db_option
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into (created).")
+@json_option("the rows written per table")
+@quiet_option
+def export(db, out_dir, as_json):
+    """Write the collection's embeddings as .npy and metadata as parquet, in clip-retrieval's
+    layout (img_emb/, metadata/, text_emb/, text_metadata/), which autofaiss reads.
+
+    The LanceDB tables are readable as they are, too: pyarrow, pandas and DuckDB open
+    DIR/images.lance and DIR/texts.lance (e.g. `lancedb.connect(DIR).open_table("images").to_pandas()`).
+    """
+    from btsearch.collection import Collection
+
+    written = Collection.open(db, load_model=False, read_only=True).export(out_dir, progress=show_progress())
+    if as_json:
+        click.echo(json.dumps({**written, "out": str(out_dir)}))
+    else:
+        click.echo(f"exported {written['images']} images and {written['texts']} texts to {out_dir}")
+
+
+@click.command()
+@db_option
+@model_option
+@click.option("--skipped", is_flag=True, help="List the files indexing skipped, with the reason, instead.")
+def info(db, model, skipped):
+    """Show what a collection holds and which model built it."""
+    from btsearch.collection import Collection
+
+    collection = Collection.open(db, model=model, load_model=False, read_only=True)
+    if skipped:
+        entries = collection.skipped()
+        for path, reason, when in entries:
+            # A name that is not UTF-8 goes out as its own bytes, as ls and find print it.
+            click.echo(os.fsencode(f"{path}\t{reason}\t{when}"))
+        click.echo(f"{len(entries)} skipped files", err=True)
+        return
+    for key, value in collection.info().items():
+        click.echo(f"{key:<12} {value}")
