@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from .defaults import DEFAULT_MAX_PIXELS
 from .errors import BtsearchError
@@ -42,9 +41,9 @@ from .indexers.atomic import atomic_write
 from .indexers.layout import RAY_WAVES, lance_folder
 from .indexers.metadata_store import VERSION_GRACE
 from .indexers.sharded_index import fill_shard
-from .indexers.stored_files import folder_of
 from .ingest import IndexReport, finish_sync, start_sync
-from .loader import LoadedImage, SkippedImage, load_one
+from .loader import SkippedImage
+from .ray_stages import Embed, Prepare, WriteFragments
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -87,86 +86,6 @@ def start_ray(address: str | None) -> Any:
     context.max_errored_blocks = 0  # a failed block fails the wave, never silently drops rows
     context.enable_progress_bars = False
     return ray
-
-
-# -- the map stages (they run on the cluster) ---------------------------------------------------
-
-FILE_FACTS = ("size", "mtime", "width", "height", "content_hash", "taken", "camera")
-
-
-class Prepare:
-    """Read, hash and prepare each file as the local loader does; a row per file, with its skip reason."""
-
-    def __init__(self, model_id: str, max_pixels: int) -> None:
-        from transformers import AutoProcessor
-
-        from .pixels import ImagePreparer
-
-        self.prepare = ImagePreparer(AutoProcessor.from_pretrained(model_id).image_processor)
-        self.max_pixels = max_pixels
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", "folder", *FILE_FACTS, "pixels", "shape", "error")}
-        for item, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
-            done = load_one(path, self.prepare, self.max_pixels)
-            columns["id"].append(item)
-            columns["path"].append(path)
-            columns["folder"].append(folder_of(path))
-            if isinstance(done, LoadedImage):
-                for name in FILE_FACTS:
-                    columns[name].append(getattr(done, name))
-                columns["pixels"].append(np.ascontiguousarray(done.pixels).tobytes())
-                columns["shape"].append(list(done.pixels.shape))
-                columns["error"].append(None)
-            else:
-                for name in (*FILE_FACTS, "pixels", "shape"):
-                    columns[name].append(None)
-                columns["error"].append(done.reason)
-        return pa.table(columns)
-
-
-class Embed:
-    """The image tower on the prepared pixels of the rows that loaded."""
-
-    def __init__(self, model_id: str, device: str, precision: str) -> None:
-        from .encoder import Encoder
-
-        self.encoder = Encoder.from_pretrained(model_id, device=device, precision=precision)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        good = [i for i, error in enumerate(batch["error"].to_pylist()) if error is None]
-        dim = self.encoder.embed_dim
-        embeddings = np.zeros((batch.num_rows, dim), np.float32)
-        if good:
-            shapes, blobs = batch["shape"].to_pylist(), batch["pixels"].to_pylist()
-            pixels = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(shapes[i]) for i in good])
-            embeddings[good] = self.encoder.embed_pixels(pixels)
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
-        return batch.drop_columns(["pixels", "shape"]).append_column("embedding", embedding)
-
-
-class WriteFragments:
-    """Lance data files of a batch's good rows (not yet part of any version), and its skips: one
-    row per batch, so the driver can check each batch's fragments against the rows it sent."""
-
-    def __init__(self, uri: str, schema: pa.Schema) -> None:
-        self.uri, self.schema = uri, schema
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from lance_ray.fragment import write_fragment
-
-        errors = batch["error"].to_pylist()
-        rows = batch.filter(pa.array([error is None for error in errors])).select([field.name for field in self.schema]).cast(self.schema)
-        # retry_params=None: one attempt; Ray's task retry re-runs the whole call on failure.
-        fragments = write_fragment([rows], self.uri, schema=self.schema, retry_params=None) if rows.num_rows else []
-        paths = batch["path"].to_pylist()
-        return pa.table({
-            "fragments": [pickle.dumps([fragment for fragment, _ in fragments])],
-            "ids": [rows["id"].to_pylist()],
-            "skipped_ids": [[item for item, error in zip(batch["id"].to_pylist(), errors) if error is not None]],
-            "skipped_paths": [[path for path, error in zip(paths, errors) if error is not None]],
-            "skipped_reasons": [[error for error in errors if error is not None]],
-        })
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -213,7 +132,7 @@ def index_images_on_ray(
     plan, report = start_sync(store, indexes, roots, keep_missing)
     waves = store.folder / RAY_WAVES
     waves.mkdir(exist_ok=True)
-    for stale in waves.glob("run-*.json"):  # a killed run's plan: its files were planned again above
+    for stale in [*waves.glob("run-*.json"), *waves.glob("fence-*")]:  # a killed run's plan (its files were planned again above), old fences
         stale.unlink()
     if plan.todo:
         ids = store.reserve_ids("images", len(plan.todo))
@@ -249,8 +168,9 @@ class _Stages:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.prepare_workers = prepare_workers or max(1, min(4 * max(self.gpus, 1), cpus - 1))
 
-    def stream(self, items: dict[int, str]) -> Iterator[dict[str, Any]]:
-        """One output row per batch written on the cluster (fragments, their ids, the skips), as they come."""
+    def stream(self, items: dict[int, str], fence: Path) -> Iterator[dict[str, Any]]:
+        """One output row per batch written on the cluster (fragments, their ids, the skips), as they
+        come. Once `fence` exists, a write still running for this stream deletes what it wrote."""
         from ray.data import ActorPoolStrategy
 
         rows = [{"id": item, "path": path} for item, path in items.items()]
@@ -267,7 +187,7 @@ class _Stages:
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=self.embed_workers), **embed_resources,
         )
         written = embedded.map_batches(
-            WriteFragments, fn_constructor_kwargs={"uri": self.uri, "schema": self.schema},
+            WriteFragments, fn_constructor_kwargs={"uri": self.uri, "schema": self.schema, "fence": str(fence)},
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25,
         )
         yield from written.iter_rows()
@@ -282,8 +202,11 @@ def _embed_and_commit(stages: _Stages, store: MetadataStore, items: dict[int, st
     remaining = dict(items)
     for attempt in range(1, WAVE_ATTEMPTS + 1):
         wave = _Wave()
+        # A failed stream's tasks can still be writing after the driver moves on (Ray lets running
+        # tasks finish): the fence tells them to delete their files, since the reclaim may come first.
+        fence = store.folder / RAY_WAVES / f"fence-{time.time_ns()}"
         try:
-            for row in stages.stream(remaining):
+            for row in stages.stream(remaining, fence):
                 for item, path, reason in zip(row["skipped_ids"], row["skipped_paths"], row["skipped_reasons"]):
                     skipped.append(SkippedImage(Path(path), reason))
                     remaining.pop(item)
@@ -300,6 +223,7 @@ def _embed_and_commit(stages: _Stages, store: MetadataStore, items: dict[int, st
         except BtsearchError:
             raise
         except Exception as error:  # a stage that failed past Ray's own retries: its fragments stay unreferenced
+            fence.touch()
             if attempt == WAVE_ATTEMPTS:
                 raise BtsearchError(f"indexing on Ray failed {WAVE_ATTEMPTS} times, {len(remaining)} files left: {_first_line(error)}") from error
             continue

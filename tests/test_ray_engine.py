@@ -5,9 +5,12 @@ fragments of failed attempts are reclaimed."""
 
 import json
 import os
+import pickle
+import shutil
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 if os.environ.get("BTSEARCH_REQUIRE_RAY"):  # CI installs the extra: there the tests must run
@@ -109,9 +112,9 @@ def test_a_failed_stream_and_a_lost_commit_answer_lose_no_row_and_write_none_twi
     real_stream, real_commit = ray_engine._Stages.stream, lance.LanceDataset.commit
     calls = {"stream": 0, "commit": 0}
 
-    def stream_failing_once(self, items):  # a node lost mid-run: some batches written, not all committed
+    def stream_failing_once(self, items, fence):  # a node lost mid-run: some batches written, not all committed
         calls["stream"] += 1
-        for n, row in enumerate(real_stream(self, items)):
+        for n, row in enumerate(real_stream(self, items, fence)):
             if calls["stream"] == 1 and n == 3:
                 raise RuntimeError("a worker node went away")
             yield row
@@ -129,6 +132,29 @@ def test_a_failed_stream_and_a_lost_commit_answer_lose_no_row_and_write_none_twi
     assert summary["added"] == total and calls["stream"] == 2
     assert data_files(db) == referenced_files(db)  # the failed stream's uncommitted fragments, referenced by none, were reclaimed
     same_collections(db, reference[0])
+
+
+def test_a_write_that_ends_after_its_stream_was_given_up_leaves_no_file(tmp_path, reference):
+    """Ray lets a running task finish after the driver abandons its stream, and the driver's reclaim
+    may come first: such a write, seeing the stream's fence, deletes the data files it made."""
+    from btsearch.ray_stages import WriteFragments
+
+    db = tmp_path / "db"
+    shutil.copytree(reference[0], db)
+    store = Collection.open(db, load_model=False, read_only=True).store
+    schema = store.table_schema("images")
+    row = {field.name: None for field in schema}
+    row.update(id=10_000, path=str(tmp_path / "x.jpg"), folder=str(tmp_path), size=1, mtime=1.0, width=1, height=1, content_hash="0" * 32,
+               embedding=np.zeros(schema.field("embedding").type.list_size, np.float32).tolist())
+    batch = pa.Table.from_pylist([{**row, "error": None}])
+    before = data_files(db)
+    fence = tmp_path / "fence"
+    written = WriteFragments(str(db / "images.lance"), schema, str(fence))(batch)  # the stream is alive: files kept for the commit
+    assert len(data_files(db) - before) == 1 and written["ids"].to_pylist() == [[10_000]]
+    fence.touch()
+    given_up = WriteFragments(str(db / "images.lance"), schema, str(fence))(batch)
+    assert len(data_files(db) - before) == 1  # the second write removed its own file
+    assert given_up["ids"].to_pylist() == [[10_000]] and not pickle.loads(given_up["fragments"][0].as_py())
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

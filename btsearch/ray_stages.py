@@ -1,0 +1,103 @@
+"""The Ray engine's map stages, the code that runs on the cluster's actors: `Prepare` (read, hash,
+EXIF, the processor's uint8 pixels, with the local loader's skip reasons), `Embed` (the image
+tower) and `WriteFragments` (Lance data files of a batch's good rows). The driver that plans,
+streams and commits is `ray_engine`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .indexers.stored_files import folder_of
+from .loader import LoadedImage, load_one
+
+FILE_FACTS = ("size", "mtime", "width", "height", "content_hash", "taken", "camera")
+
+
+class Prepare:
+    """Read, hash and prepare each file as the local loader does; a row per file, with its skip reason."""
+
+    def __init__(self, model_id: str, max_pixels: int) -> None:
+        from transformers import AutoProcessor
+
+        from .pixels import ImagePreparer
+
+        self.prepare = ImagePreparer(AutoProcessor.from_pretrained(model_id).image_processor)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", "folder", *FILE_FACTS, "pixels", "shape", "error")}
+        for item, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
+            done = load_one(path, self.prepare, self.max_pixels)
+            columns["id"].append(item)
+            columns["path"].append(path)
+            columns["folder"].append(folder_of(path))
+            if isinstance(done, LoadedImage):
+                for name in FILE_FACTS:
+                    columns[name].append(getattr(done, name))
+                columns["pixels"].append(np.ascontiguousarray(done.pixels).tobytes())
+                columns["shape"].append(list(done.pixels.shape))
+                columns["error"].append(None)
+            else:
+                for name in (*FILE_FACTS, "pixels", "shape"):
+                    columns[name].append(None)
+                columns["error"].append(done.reason)
+        return pa.table(columns)
+
+
+class Embed:
+    """The image tower on the prepared pixels of the rows that loaded."""
+
+    def __init__(self, model_id: str, device: str, precision: str) -> None:
+        from .encoder import Encoder
+
+        self.encoder = Encoder.from_pretrained(model_id, device=device, precision=precision)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good = [i for i, error in enumerate(batch["error"].to_pylist()) if error is None]
+        dim = self.encoder.embed_dim
+        embeddings = np.zeros((batch.num_rows, dim), np.float32)
+        if good:
+            shapes, blobs = batch["shape"].to_pylist(), batch["pixels"].to_pylist()
+            pixels = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(shapes[i]) for i in good])
+            embeddings[good] = self.encoder.embed_pixels(pixels)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+        return batch.drop_columns(["pixels", "shape"]).append_column("embedding", embedding)
+
+
+class WriteFragments:
+    """Lance data files of a batch's good rows (not yet part of any version), and its skips: one
+    row per batch, so the driver can check each batch's fragments against the rows it sent."""
+
+    def __init__(self, uri: str, schema: pa.Schema, fence: str) -> None:
+        self.uri, self.schema, self.fence = uri, schema, Path(fence)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from lance_ray.fragment import write_fragment
+
+        errors = batch["error"].to_pylist()
+        rows = batch.filter(pa.array([error is None for error in errors])).select([field.name for field in self.schema]).cast(self.schema)
+        # retry_params=None: one attempt; Ray's task retry re-runs the whole call on failure.
+        fragments = write_fragment([rows], self.uri, schema=self.schema, retry_params=None) if rows.num_rows else []
+        if self.fence.exists():  # the driver gave up on this stream: nobody will commit these files
+            self._remove(fragment for fragment, _ in fragments)
+            fragments = []
+        paths = batch["path"].to_pylist()
+        return pa.table({
+            "fragments": [pickle.dumps([fragment for fragment, _ in fragments])],
+            "ids": [rows["id"].to_pylist()],
+            "skipped_ids": [[item for item, error in zip(batch["id"].to_pylist(), errors) if error is not None]],
+            "skipped_paths": [[path for path, error in zip(paths, errors) if error is not None]],
+            "skipped_reasons": [[error for error in errors if error is not None]],
+        })
+
+    def _remove(self, fragments: Iterable[Any]) -> None:
+        for fragment in fragments:
+            for data_file in fragment.data_files():
+                (Path(self.uri) / "data" / data_file.path).unlink(missing_ok=True)
