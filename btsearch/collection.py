@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,7 @@ import pyarrow as pa
 from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, resolve_model_id
 from .errors import BtsearchError, CollectionError, storage_errors
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
-from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TableName
+from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TABLES, TableName, lance_folder
 from .indexers.metadata_store import SnapshotGone
 from .indexers.skip_log import SkipLog
 from .indexers.stored_files import resolve_path
@@ -75,6 +76,8 @@ class Collection:
             if Manifest.exists(path):  # another process created it meanwhile
                 return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
             _check_creatable(path)
+            for table in TABLES:  # a creation cut short (killed, disk full) left tables without rows, maybe half made
+                shutil.rmtree(path / lance_folder(table), ignore_errors=True)
             manifest = Manifest(
                 format_version=FORMAT_VERSION, model=encoder.model_id, config_hash=encoder.config_hash,
                 embed_dim=encoder.embed_dim, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
