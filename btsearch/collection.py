@@ -350,9 +350,9 @@ class Collection:
 
     def info(self, as_data: bool = False) -> dict[str, Any]:
         """What the collection holds, as `info` prints it, or (`as_data`) as `info --json` gives it."""
-        from .health import describe
+        from .indexers.summary import describe
 
-        return describe(self, as_data)
+        return describe(self.path, self.manifest, self.indexes, self.rerank_cache, self.index_memory, as_data)
 
     def evaluate(
         self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False, details: bool = False

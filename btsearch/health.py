@@ -1,5 +1,5 @@
-"""What a collection holds and whether its parts agree: `info` (as lines or as data), and `check`
-with `--repair` over the storage checks of `indexers.check`. A repair runs under the write lock:
+"""Whether a collection's parts agree: `check` with `--repair`, over the storage checks of
+`indexers.check`. A repair runs under the write lock:
 the manifest's lost fields are written back (from LanceDB, the model), FAISS is rebuilt from
 LanceDB, the re-rank cache loses its unreadable and half-written files, is filled (this alone
 loads the model) and compacted. Nothing here loads torch unless a repair needs the model.
@@ -7,7 +7,6 @@ loads the model) and compacted. Nothing here loads torch unless a repair needs t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,41 +25,10 @@ from .indexers.check import (
     table_dim,
 )
 from .indexers.layout import TABLES
-from .indexers.skip_log import SkipLog
 from .indexers.write_lock import CollectionLockedError, WriteLock
 
 if TYPE_CHECKING:
-    from .collection import Collection
     from .indexers import MetadataStore
-
-
-def describe(collection: Collection, as_data: bool = False) -> dict[str, Any]:
-    """`info`: what the collection holds, as the lines it prints, or as data (`info --json`)."""
-    manifest, cache = collection.manifest, collection.rerank_cache
-    image_ids = collection.store.ids("images")
-    covered = cache.covered(image_ids.tolist()) if cache is not None else 0
-    head = {
-        "path": str(collection.path), "model": manifest.model, "config_hash": manifest.config_hash,
-        "embed_dim": manifest.embed_dim, "created": manifest.created,
-        "images": len(image_ids), "texts": collection.count("texts"),
-    }
-    if as_data:
-        indexes = {}
-        for table in TABLES:
-            index = collection.index(table)
-            indexes[table] = {**dataclasses.asdict(index.plan), "vectors": len(index), "bytes": index.nbytes(), "description": index.describe()}
-        return {
-            **head, "skipped": len(SkipLog(collection.path)), "index": indexes,
-            "index_memory": collection.index_memory, "index_memory_set": manifest.index_memory is not None,
-            "rerank_cache": None if cache is None else {"images": covered, "bytes": cache.nbytes()},
-        }
-    return {
-        **head,
-        "skipped": f"{len(SkipLog(collection.path))} files (listed by `btsearch info --skipped`)",
-        "index": "; ".join(f"{table} {description}" for table, description in collection.indexes.describe().items()),
-        "index_memory": f"{collection.index_memory / 2**30:.2f} GiB" + ("" if manifest.index_memory else " (a quarter of RAM)"),
-        "rerank_cache": "off" if cache is None else f"{covered} images, {cache.nbytes() / 2**20:.1f} MiB (float16)",
-    }
 
 
 @dataclass
@@ -168,20 +136,20 @@ def _repair_manifest(path: Path, model: str | None, report: CheckReport) -> bool
 
     kept = readable_manifest_fields(path)
     dim = table_dim(path)
+    if dim is None:  # no images table: not a collection this could be the manifest of
+        report.repaired.append(f"cannot write the manifest back: {path} holds no readable images table")
+        return False
     values: dict[str, Any] = {"format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **kept}
-    if dim is not None:
-        values["embed_dim"] = dim
+    values["embed_dim"] = dim
     if "model" not in values and model is not None:
         values["model"] = resolve_model_id(model)
     if "model" not in values:
         report.repaired.append("cannot write the manifest back: it lost the model; run check --repair --model ID")
         return False
-    if "config_hash" not in values or "embed_dim" not in values:
+    if "config_hash" not in values:
         from .encoder import Encoder
 
-        encoder = Encoder.from_pretrained(str(values["model"]), device="cpu")
-        values.setdefault("config_hash", encoder.config_hash)
-        values.setdefault("embed_dim", encoder.embed_dim)
+        values["config_hash"] = Encoder.from_pretrained(str(values["model"]), device="cpu").config_hash
     Manifest(**values).save(path)
     lost = sorted(set(values) - set(kept))
     report.repaired.append(f"wrote the manifest back ({', '.join(lost) if lost else 'embed_dim'} restored)")
