@@ -20,8 +20,10 @@ import pytest
 
 from btsearch.collection import Collection
 from btsearch.encoder import Encoder
+from btsearch.errors import StorageError, storage_errors
 from btsearch.images import load_rgb
-from btsearch.indexers import BridgeCache, MetadataStore, VectorIndex, bridge_cache
+from btsearch.indexers import BridgeCache, MetadataStore, VectorIndex, bridge_cache, manifest, skip_log
+from btsearch.indexers.write_errors import writing
 
 from .helpers import run
 from .test_reliability import index_command, many_photos
@@ -132,6 +134,8 @@ DISK_FULL = [
     pytest.param(MetadataStore, "_append", 2, LANCE_FULL, "cannot write the images table in ", id="lancedb"),
     pytest.param(VectorIndex, "save", 2, OSError(errno.ENOSPC, "No space left on device"), "cannot write the FAISS index of the images table in ", id="faiss"),
     pytest.param(MetadataStore, "optimize", 1, LANCE_FULL, "cannot write the collection in ", id="lancedb-optimize"),
+    pytest.param(skip_log, "atomic_write", 1, OSError(errno.ENOSPC, "No space left on device"), "cannot write the skip log in ", id="skip-log"),
+    pytest.param(manifest, "atomic_write", 1, OSError(errno.ENOSPC, "No space left on device"), "cannot write the manifest in ", id="manifest"),
 ]
 
 
@@ -153,10 +157,25 @@ def test_a_full_disk_is_one_line_and_the_next_run_completes_the_work(tmp_path, r
     cache_files = list((db / "rerank-cache").glob("*"))
     assert not [path for path in cache_files if path.name.endswith(".tmp")], "a temporary file was left"
     assert all(path.with_name(path.name.replace(".ids", "")).exists() for path in cache_files if path.name.endswith(".ids.npy")), "an ids file without states"
-    run("index", folder, "--db", db, *cached_run())
+    run("index", folder, "--db", db, "--model", random_checkpoint, *cached_run())  # --model: a creation cut short is created again
     assert len(Collection.open(db, load_model=False).store.image_files()) == 6
     assert_cache_whole(db, encoder)
     assert_check_passes(db)
+
+
+@pytest.mark.parametrize("error, reason, step", [
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is used up (needs 2.0 MiB, ", "free some space"),
+    (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only;", "make it writable"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied;", "make it writable"),
+    (RuntimeError("lance error: LanceError(IO): Read-only file system (os error 30)"), "the file system is read-only;", "make it writable"),
+])
+def test_each_kind_of_failed_write_reads_as_what_to_do(tmp_path, error, reason, step):
+    with pytest.raises(StorageError) as raised, storage_errors(tmp_path), writing("the re-rank cache", tmp_path / "rerank-cache", 2 * 2**20):
+        raise error
+    assert str(raised.value).startswith(f"cannot write the re-rank cache in {tmp_path / 'rerank-cache'}: {reason}")
+    assert str(raised.value).endswith(f"{step} and run the command again to complete the work")
+    with pytest.raises(RuntimeError, match="not a write"), storage_errors(tmp_path):  # other failures pass unchanged
+        raise RuntimeError("not a write")
 
 
 def test_a_full_disk_while_adding_texts_is_one_line(tmp_path, random_checkpoint, photos, monkeypatch):
