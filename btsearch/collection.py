@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, resolve_model_id
-from .errors import BtsearchError, CollectionError
+from .errors import BtsearchError, CollectionError, storage_errors
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
-from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TableName
+from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TABLES, TableName, lance_folder
 from .indexers.metadata_store import SnapshotGone
 from .indexers.skip_log import SkipLog
 from .indexers.stored_files import resolve_path
@@ -71,10 +72,12 @@ class Collection:
         _check_creatable(path)  # before loading a model for nothing
         encoder = encoder or _load_encoder(model or DEFAULT_MODEL, device, precision)
         path.mkdir(parents=True, exist_ok=True)
-        with _locked(path):
+        with _locked(path), storage_errors(path):
             if Manifest.exists(path):  # another process created it meanwhile
                 return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
             _check_creatable(path)
+            for table in TABLES:  # a creation cut short (killed, disk full) left tables without rows, maybe half made
+                shutil.rmtree(path / lance_folder(table), ignore_errors=True)
             manifest = Manifest(
                 format_version=FORMAT_VERSION, model=encoder.model_id, config_hash=encoder.config_hash,
                 embed_dim=encoder.embed_dim, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -173,14 +176,18 @@ class Collection:
             if engine == "ray":
                 from .ray_engine import sync_on_ray
 
-                return sync_on_ray(
-                    self._model(), self.store, self.indexes, self.rerank_cache, roots, batch_size=batch_size, keep_missing=keep_missing,
+                report = sync_on_ray(
+                    self._model(), self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
                     max_pixels=max_pixels, workers=workers, address=ray_address, progress=progress,
                 )
-            return ingest.index_images(
-                self._model(), self.store, self.indexes, self.rerank_cache, roots,
-                batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
-            )
+            else:
+                report = ingest.index_images(
+                    self._model(), self.store, self.indexes, self.rerank_cache, roots,
+                    batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
+                )
+            if self.rerank_cache is not None:  # whole after every run: images stored earlier, or by Ray, get theirs
+                ingest.complete_rerank_cache(self._model(), self.store, self.rerank_cache, progress)
+            return report
 
     def add_texts(
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = False, image_paths: Sequence[str | os.PathLike[str] | None] | None = None,
@@ -225,7 +232,7 @@ class Collection:
         if self.store.read_only:
             raise CollectionError(f"{self.path} was opened read-only")
         outermost = not self._lock.held
-        with _locked(self.path, self._lock):
+        with _locked(self.path, self._lock), storage_errors(self.path):
             if outermost and self.store.refresh():
                 # Another writer committed between our open and our lock: plan from its work,
                 # with the FAISS index and re-rank cache it saved.
@@ -341,21 +348,11 @@ class Collection:
         """Bytes all FAISS indexes may take: the collection's setting, else a quarter of RAM."""
         return self.manifest.index_memory if self.manifest.index_memory is not None else default_index_memory()
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "model": self.manifest.model,
-            "config_hash": self.manifest.config_hash,
-            "embed_dim": self.manifest.embed_dim,
-            "created": self.manifest.created,
-            "images": self.count("images"),
-            "texts": self.count("texts"),
-            "skipped": f"{len(SkipLog(self.path))} files (listed by `btsearch info --skipped`)",
-            "index": "; ".join(f"{table} {description}" for table, description in self.indexes.describe().items()),
-            "index_memory": f"{self.index_memory / 2**30:.2f} GiB" + ("" if self.manifest.index_memory else " (a quarter of RAM)"),
-            "rerank_cache": "off" if self.rerank_cache is None
-            else f"{len(self.rerank_cache)} images, {self.rerank_cache.nbytes() / 2**20:.1f} MiB (float16)",
-        }
+    def info(self, as_data: bool = False) -> dict[str, Any]:
+        """What the collection holds, as `info` prints it, or (`as_data`) as `info --json` gives it."""
+        from .indexers.summary import describe
+
+        return describe(self.path, self.manifest, self.indexes, self.rerank_cache, self.index_memory, as_data)
 
     def evaluate(
         self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False, details: bool = False

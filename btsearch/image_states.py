@@ -57,24 +57,31 @@ def embed_image_files(
         yield EmbeddedBatch(batch.images, batch.skipped, states)
 
 
-def fill_bridge_cache(encoder: Encoder, cache: BridgeCache, rows: Sequence[tuple[int, str]], progress: bool = False) -> None:
-    """Give every (id, path) in `rows` that `cache` lacks its bridge inputs; a file that cannot
-    be read is an error (the caller needs every one)."""
+def fill_bridge_cache(
+    encoder: Encoder, cache: BridgeCache, rows: Sequence[tuple[int, str]], progress: bool = False, skip_unreadable: bool = False,
+) -> list[SkippedImage]:
+    """Give every (id, path) in `rows` that `cache` lacks its bridge inputs. A file that cannot
+    be read is an error (the caller needs every one), unless `skip_unreadable`: then it is
+    left out, and returned."""
     missing = [(int(item), path) for item, path in rows if int(item) not in cache]
     if not missing:
-        return
+        return []
     id_of = {Path(path): item for item, path in missing}
     done_ids: list[int] = []
     done_states: list[np.ndarray] = []
+    skipped: list[SkippedImage] = []
     with tqdm(total=len(missing), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch in embed_image_files(encoder, [Path(path) for _, path in missing], with_bridge=True):
-            if batch.skipped:
+            if batch.skipped and not skip_unreadable:
                 raise BtsearchError(f"cannot read {batch.skipped[0].path}: {batch.skipped[0].reason}")
-            done_ids += [id_of[image.path] for image in batch.images]
-            done_states.append(batch.bridges(cache.dtype))
+            skipped += batch.skipped
+            if batch.images:
+                done_ids += [id_of[image.path] for image in batch.images]
+                done_states.append(batch.bridges(cache.dtype))
             if len(done_ids) >= CACHE_WRITE_ROWS:
                 cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states))
                 done_ids, done_states = [], []
-            bar.update(len(batch.images))
+            bar.update(len(batch.images) + len(batch.skipped))
     if done_ids:
         cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states))
+    return skipped

@@ -1,12 +1,13 @@
 """Indexing as a pipeline of named stages, and the local runner that chains them:
 
     find_files -> plan_sync -> load and prepare -> embed -> write
-    (sync.py)     (sync.py)    (loader.py)        (image_states.py)   (ImageWriter: LanceDB, then
-                                                                       the re-rank cache, then FAISS)
+    (sync.py)     (sync.py)    (loader.py)        (image_states.py)   (ImageWriter: the re-rank
+                                                                       cache, LanceDB, then FAISS)
 
 Each stage takes and gives plain values (path lists, a plan, arrays), not a collection, so the
 same stages can run in this process or as map stages of a distributed engine. `index_images` is
-the in-process runner; the caller holds the collection's write lock around it.
+the in-process runner; the caller holds the collection's write lock around it, and after any
+engine runs `complete_rerank_cache`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .defaults import DEFAULT_MAX_PIXELS
-from .image_states import embed_image_files
+from .image_states import embed_image_files, fill_bridge_cache
+from .indexers.bridge_cache import COMPACT_DEAD_FRACTION
+from .indexers.layout import lance_folder
 from .indexers.skip_log import SkipLog
+from .indexers.write_errors import writing
 from .loader import LoadedImage, SkippedImage
 from .photo_facts import read_photo_facts
 from .sync import SyncPlan, find_files, plan_sync
@@ -58,8 +62,10 @@ class IndexReport:
 
 class ImageWriter:
     """Stage 5: embedded images into the collection, in large appends and at least every
-    COMMIT_INTERVAL_S. LanceDB first (the truth), then the re-rank cache, then FAISS: a crash
-    in between leaves FAISS behind, which the next open catches up from LanceDB."""
+    COMMIT_INTERVAL_S. Ids are reserved first; then the re-rank cache gets their states, then
+    LanceDB (the truth) the rows, whose commit makes them searchable, then FAISS. A crash in
+    between leaves cache rows no image uses (compacted later), never an image without its
+    states; and FAISS behind, which the next open catches up from LanceDB."""
 
     def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None) -> None:
         self.store, self.indexes, self.rerank_cache = store, indexes, rerank_cache
@@ -94,9 +100,11 @@ class ImageWriter:
         rows, embeddings = self._rows, np.concatenate(self._embeddings)
         bridges = np.concatenate(self._bridges) if self._bridges else None
         self._rows, self._embeddings, self._bridges = [], [], []
-        ids = self.store.add_images(rows, embeddings)  # type: ignore[arg-type]
-        if bridges is not None and self.rerank_cache is not None:  # before FAISS: a searchable image finds its cached states
+        ids = self.store.reserve_ids("images", len(rows))
+        if bridges is not None and self.rerank_cache is not None:
             self.rerank_cache.append(ids, bridges)
+        with writing("the images table", self.store.folder / lance_folder("images"), embeddings.nbytes + 512 * len(rows)):
+            self.store.add_images(rows, embeddings, ids)  # type: ignore[arg-type]
         self.indexes["images"].add(ids, embeddings)
 
 
@@ -189,6 +197,21 @@ def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> No
     log.save()
 
 
+def complete_rerank_cache(encoder: Encoder, store: MetadataStore, cache: BridgeCache, progress: bool = False) -> list[SkippedImage]:
+    """What every `index` run with the re-rank cache on does last, whatever the engine: give each
+    stored image the cache lacks (stored before the cache was on, or by the Ray engine) its
+    states, drop what killed writes left, and compact once dead rows pass COMPACT_DEAD_FRACTION.
+    Returns the stored images whose files could not be read (they stay uncovered)."""
+    cache.remove_leftovers()
+    stored = store.stored_files()
+    ids = stored.ids.tolist()
+    rows = [(item, path) for item, path in zip(ids, stored.paths.to_pylist()) if item not in cache]
+    unreadable = fill_bridge_cache(encoder, cache, rows, progress, skip_unreadable=True)
+    if cache.dead_rows(ids) > COMPACT_DEAD_FRACTION * cache.rows():
+        cache.compact(ids)
+    return unreadable
+
+
 def add_texts(
     encoder: Encoder, store: MetadataStore, indexes: TableIndexes, texts: list[str], batch_size: int = 256, progress: bool = False,
     image_paths: Sequence[str | None] | None = None,
@@ -201,7 +224,8 @@ def add_texts(
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             embeddings = encoder.embed_texts(chunk)
-            ids = store.add_texts(chunk, embeddings, None if image_paths is None else image_paths[start : start + batch_size])
+            with writing("the texts table", store.folder / lance_folder("texts"), embeddings.nbytes + sum(map(len, chunk))):
+                ids = store.add_texts(chunk, embeddings, None if image_paths is None else image_paths[start : start + batch_size])
             index.add(ids, embeddings)
             all_ids.append(ids)
             bar.update(len(chunk))

@@ -47,7 +47,7 @@ from .ray_stages import Embed, Prepare, WriteFragments
 
 if TYPE_CHECKING:
     from .encoder import Encoder
-    from .indexers import BridgeCache, MetadataStore, TableIndexes
+    from .indexers import MetadataStore, TableIndexes
 
 WAVE_FILES = 4096  # rows per commit: each is a table version, and what a crash before it costs to redo
 WAVE_ATTEMPTS = 3  # streams per run: what a failed one left is sent again
@@ -92,21 +92,15 @@ def start_ray(address: str | None) -> Any:
 
 
 def sync_on_ray(
-    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None,
-    roots: Sequence[str | os.PathLike[str]], progress: bool = False, **options: Any,
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], progress: bool = False, **options: Any,
 ) -> IndexReport:
     """What `Collection.add_images(engine="ray")` runs under the write lock: `index_images_on_ray`
-    with actors in the driver's precision, then the re-rank cache caught up from LanceDB here,
-    on the driver's model."""
+    with actors in the driver's precision. (The re-rank cache, if on, is then completed on the
+    driver's model by `ingest.complete_rerank_cache`, as after the local engine.)"""
     from .device import PRECISIONS
-    from .image_states import fill_bridge_cache
 
     precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
-    report = index_images_on_ray(encoder.model_id, store, indexes, roots, precision=precision, progress=progress, **options)
-    if rerank_cache is not None:
-        rows = [(row["id"], row["path"]) for row in store.image_files().values() if row["id"] not in rerank_cache]
-        fill_bridge_cache(encoder, rerank_cache, rows, progress)
-    return report
+    return index_images_on_ray(encoder.model_id, store, indexes, roots, precision=precision, progress=progress, **options)
 
 
 def index_images_on_ray(

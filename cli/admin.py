@@ -1,4 +1,4 @@
-"""Commands that look after a collection or a checkpoint: `info`, `export`, `convert`."""
+"""Commands that look after a collection or a checkpoint: `info`, `check`, `export`, `convert`."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def export(db, out_dir, as_json):
 @db_option
 @model_option
 @click.option("--skipped", is_flag=True, help="List the files indexing skipped, with the reason, instead.")
-def info(db, model, skipped):
+@json_option("what the collection holds (counts, index plans, the re-rank cache)")
+def info(db, model, skipped, as_json):
     """Show what a collection holds and which model built it."""
     from btsearch.collection import Collection
 
@@ -82,5 +83,38 @@ def info(db, model, skipped):
             click.echo(os.fsencode(f"{path}\t{reason}\t{when}"))
         click.echo(f"{len(entries)} skipped files", err=True)
         return
+    if as_json:
+        click.echo(json.dumps(collection.info(as_data=True)))
+        return
     for key, value in collection.info().items():
         click.echo(f"{key:<12} {value}")
+
+
+@click.command()
+@db_option
+@click.option("--repair", is_flag=True, help="Mend what can be mended (rebuild FAISS, fill and compact the re-rank cache, rewrite the manifest), and say what was done.")
+@click.option("--model", default=None, metavar="M", help="With --repair: the checkpoint to write into a manifest that lost its model.")
+@json_option("the problems found, what was repaired and what remains")
+@quiet_option
+def check(db, repair, model, as_json):
+    """Verify that the collection's parts agree: the manifest, LanceDB's tables, each table's
+    FAISS index (its ids against LanceDB's rows) and the re-rank cache (every image covered,
+    every chunk readable, no half-written files). Names each thing that is off, one line each;
+    exits 1 if anything is (after --repair: if anything is still), else 0."""
+    from btsearch.health import check as check_collection
+
+    report = check_collection(db, repair=repair, model=model, progress=show_progress())
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        for problem in report.problems:
+            click.echo(f"{problem.part}: {problem.message}")
+        for done in report.repaired:
+            click.echo(f"repaired: {done}")
+        if repair:
+            for problem in report.remaining:
+                click.echo(f"still {problem.part}: {problem.message}")
+        if report.ok:
+            click.echo(f"ok: {db} is consistent" + (" now" if report.problems else ""))
+    if not report.ok:
+        raise click.exceptions.Exit(1)

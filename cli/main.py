@@ -15,7 +15,7 @@ import click
 from btsearch.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from btsearch.errors import BtsearchError
 
-from .admin import convert, export, info
+from .admin import check, convert, export, info
 from .eval_commands import eval_group
 from .options import (
     ByteSize,
@@ -43,6 +43,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (BtsearchError, FileNotFoundError) as error:
+            click.echo(f"btsearch: error: {error}", err=True)
+            ctx.exit(1)
+        except OSError as error:  # a write outside the collection's own (a full disk, a read-only folder): one line too
+            from btsearch.indexers.write_errors import error_code
+
+            if error_code(error) is None:
+                raise
             click.echo(f"btsearch: error: {error}", err=True)
             ctx.exit(1)
 
@@ -254,6 +261,7 @@ main.add_command(convert)
 main.add_command(serve)
 main.add_command(export)
 main.add_command(info)
+main.add_command(check)
 
 
 if __name__ == "__main__":

@@ -7,21 +7,27 @@ Layout: one chunk per write, `chunk-<time>.ids.npy` (int64 ids) written before
 `chunk-<time>.npy` ((n, layers, tokens, hidden), float16 unless asked otherwise); a chunk counts only once its
 states file exists, and both are written through a temporary name, so a crash leaves no half
 chunk. Chunks load in time order, so an id written again (a changed file) takes its newest
-states. Rows of deleted images stay on disk unused.
+states. A chunk that cannot be read (damaged, or its ids file lost) is left out and listed in
+`damaged`. Rows of deleted images, and rows written again, are dead until `compact` rewrites
+the chunks that hold them: it writes their live rows as a new chunk before removing the old one,
+so a crash in between leaves a row twice (dead again), never missing.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from .atomic import atomic_write
+from .write_errors import writing
 
 CACHE_DTYPE = np.float16
+COMPACT_DEAD_FRACTION = 0.25  # compact once this share of the cache's rows is dead
 
 
 class BridgeCache:
@@ -32,8 +38,18 @@ class BridgeCache:
         self.dtype = np.dtype(dtype)
         self._where: dict[int, tuple[Path, int]] = {}
         self._chunks: dict[Path, np.ndarray] = {}
+        self._ids: dict[Path, np.ndarray] = {}  # every readable chunk's ids, in time order
+        self.damaged: list[tuple[Path, str]] = []  # chunks left out, with why
         for states in sorted(self.folder.glob("chunk-*[0-9].npy")):
-            ids = np.load(states.with_suffix(".ids.npy"))
+            try:
+                ids = np.load(states.with_suffix(".ids.npy"))
+                rows = np.load(states, mmap_mode="r")
+                if ids.ndim != 1 or rows.ndim < 1 or len(rows) != len(ids):
+                    raise ValueError(f"{len(ids)} ids for {len(rows)} rows")
+            except (OSError, ValueError, EOFError) as error:
+                self.damaged.append((states, str(error).splitlines()[0] if str(error) else type(error).__name__))
+                continue
+            self._ids[states], self._chunks[states] = ids, rows
             for row, item in enumerate(ids.tolist()):
                 self._where[item] = (states, row)
 
@@ -43,7 +59,8 @@ class BridgeCache:
 
     @classmethod
     def create(cls, folder: str | os.PathLike[str], dtype: DTypeLike = CACHE_DTYPE) -> BridgeCache:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        with writing("the re-rank cache", Path(folder).parent):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         return cls(folder, dtype)
 
     def __contains__(self, item: int) -> bool:
@@ -55,17 +72,37 @@ class BridgeCache:
     def nbytes(self) -> int:
         return sum(path.stat().st_size for path in self.folder.glob("chunk-*.npy"))
 
+    def rows(self) -> int:
+        """Rows on disk in readable chunks, dead ones included."""
+        return sum(len(ids) for ids in self._ids.values())
+
+    def covered(self, ids: Iterable[int]) -> int:
+        """How many of `ids` have their states here."""
+        return sum(int(item) in self._where for item in ids)
+
+    def dead_rows(self, live_ids: Iterable[int]) -> int:
+        """Rows no search will read: of ids not in `live_ids` (deleted or never committed
+        images), or superseded by a newer row of the same id."""
+        return self.rows() - self.covered(live_ids)
+
     def append(self, ids: np.ndarray, states: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) != len(states):
             raise ValueError(f"{len(ids)} ids for {len(states)} states")
         if not len(ids):
             return
+        states = np.asarray(states, dtype=self.dtype)
         path = self.folder / f"chunk-{time.time_ns():020d}.npy"
-        with atomic_write(path.with_suffix(".ids.npy")) as file:
-            np.save(file, ids)
-        with atomic_write(path) as file:
-            np.save(file, np.asarray(states, dtype=self.dtype))
+        with writing("the re-rank cache", self.folder, ids.nbytes + states.nbytes):
+            with atomic_write(path.with_suffix(".ids.npy")) as file:
+                np.save(file, ids)
+            try:
+                with atomic_write(path) as file:
+                    np.save(file, states)
+            except BaseException:
+                path.with_suffix(".ids.npy").unlink(missing_ok=True)  # no ids file without its states
+                raise
+        self._ids[path] = ids
         for row, item in enumerate(ids.tolist()):
             self._where[item] = (path, row)
 
@@ -73,6 +110,46 @@ class BridgeCache:
         """The states of these ids, stacked in the order given; KeyError if any is missing."""
         rows = [self._where[int(item)] for item in ids]
         return np.stack([self._chunk(path)[row] for path, row in rows])
+
+    def compact(self, live_ids: Iterable[int]) -> int:
+        """Rewrite every chunk holding dead rows (see `dead_rows`) as its live rows alone; returns
+        the rows dropped. One chunk at a time: it needs the space of one chunk's live rows."""
+        live = {int(item) for item in live_ids}
+        dropped = 0
+        for path, ids in list(self._ids.items()):
+            keep = [row for row, item in enumerate(ids.tolist()) if item in live and self._where.get(item) == (path, row)]
+            if len(keep) == len(ids):
+                continue
+            if keep:
+                self.append(ids[keep], np.asarray(self._chunk(path)[keep]))  # a newer chunk: it wins on load
+            for item in ids.tolist():
+                if self._where.get(item, (None, 0))[0] == path:
+                    del self._where[item]
+            self._remove_chunk(path)
+            dropped += len(ids) - len(keep)
+        return dropped
+
+    def leftovers(self) -> list[Path]:
+        """Files no chunk counts: ids files without their states (a write cut short), damaged
+        chunks, and temporary files of killed writes."""
+        orphans = [ids for ids in self.folder.glob("chunk-*.ids.npy") if not ids.with_name(ids.name.replace(".ids.npy", ".npy")).exists()]
+        damaged = [path for states, _ in self.damaged for path in (states, states.with_suffix(".ids.npy")) if path.exists()]
+        return sorted({*orphans, *damaged, *self.folder.glob(".chunk-*.tmp")})
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete `leftovers()` (under the collection's write lock: no writer is midway); returns them."""
+        removed = self.leftovers()
+        for path in removed:
+            path.unlink(missing_ok=True)
+        self.damaged = []
+        return removed
+
+    def _remove_chunk(self, path: Path) -> None:
+        # The states file first: once it is gone the chunk no longer counts.
+        path.unlink(missing_ok=True)
+        path.with_suffix(".ids.npy").unlink(missing_ok=True)
+        self._ids.pop(path, None)
+        self._chunks.pop(path, None)
 
     def _chunk(self, path: Path) -> np.ndarray:
         if path not in self._chunks:

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from .atomic import atomic_write
 from .layout import MANIFEST
+from .write_errors import writing
 
 
 class ManifestError(ValueError):
@@ -65,5 +66,5 @@ class Manifest:
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Write `folder`/manifest.json atomically; `folder` must exist."""
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
-        with atomic_write(Path(folder) / MANIFEST) as f:
+        with writing("the manifest", folder, len(text)), atomic_write(Path(folder) / MANIFEST) as f:
             f.write(text.encode("utf-8"))

@@ -102,8 +102,9 @@ class MetadataStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def add_images(self, images: Sequence[ImageInfo], embeddings: np.ndarray) -> np.ndarray:
-        """Store new images and their float32 embeddings (n, dim); returns their ids (int64).
+    def add_images(self, images: Sequence[ImageInfo], embeddings: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Store new images and their float32 embeddings (n, dim); returns their ids (int64):
+        `ids` if given (from `reserve_ids`), else new ones.
 
         Paths are stored resolved. A file should be stored once: check `image_by_path` first
         and delete the old row to replace it. A path repeated within `images` is refused (the
@@ -119,7 +120,7 @@ class MetadataStore:
         repeated = [path for path, count in Counter(paths).items() if count > 1]
         if repeated:
             raise ValueError(f"{len(repeated)} paths occur more than once, e.g. {repeated[0]!r}")
-        ids = self._allocate_ids("images", len(images))
+        ids = self._allocate_ids("images", len(images)) if ids is None else np.asarray(ids, dtype=np.int64)
         columns = {
             "id": ids,
             "path": paths,
@@ -331,7 +332,8 @@ class MetadataStore:
         return np.ascontiguousarray(embeddings)
 
     def reserve_ids(self, table: TableName, n: int) -> np.ndarray:
-        """`n` new ids, reserved on disk, for rows another process writes (the Ray engine's waves)."""
+        """`n` new ids, reserved on disk, for rows written later or elsewhere (the Ray engine's
+        waves; the re-rank cache's states, written before their rows)."""
         ids = self._allocate_ids(table, n)
         self._next_ids[table] = int(ids[-1]) + 1 if n else self._next_ids[table]
         return ids

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .layout import SKIP_LOG
+from .write_errors import writing
 
 
 class SkipLog:
@@ -44,5 +45,5 @@ class SkipLog:
 
     def save(self) -> None:
         text = json.dumps(self.entries, indent=1, sort_keys=True)  # ASCII escapes keep odd file names intact
-        with atomic_write(self.path) as f:
+        with writing("the skip log", self.path.parent, len(text)), atomic_write(self.path) as f:
             f.write(text.encode("ascii"))

@@ -19,6 +19,7 @@ from .layout import TABLES, TableName, faiss_file, faiss_shards_folder
 from .metadata_store import MetadataStore
 from .sharded_index import ShardedIndex
 from .vector_index import VectorIndex
+from .write_errors import writing
 
 Index = VectorIndex | ShardedIndex
 ShardFill = Callable[[bytes, list[tuple[int, int]]], list[bytes]]
@@ -66,6 +67,18 @@ class TableIndexes:
             return
         self._indexes[table] = self._placed(self._build(table))  # which saves it
 
+    def rebuild(self, table: TableName) -> Index:
+        """Build `table`'s index from LanceDB afresh and save it (what `check --repair` does)."""
+        self._indexes[table] = self._placed(self._build(table))
+        return self._indexes[table]
+
+    def saved_ids(self, table: TableName) -> np.ndarray:
+        """The ids the saved index of `table` holds, sorted, as on disk (no catch-up); OSError,
+        ValueError, KeyError or RuntimeError when it is missing or unreadable."""
+        if ShardedIndex.exists(self._shards_path(table)):
+            return np.sort(ShardedIndex.load(self._shards_path(table), self.store.dim).ids())
+        return np.sort(VectorIndex.load(self._path(table), self.store.dim).ids())
+
     def describe(self) -> dict[str, str]:
         """Per table: the index type and its size in memory."""
         return {table: f"{self[table].describe()}, {self[table].nbytes() / 2**20:.1f} MiB" for table in TABLES}
@@ -81,13 +94,15 @@ class TableIndexes:
         return self.folder / faiss_shards_folder(table)
 
     def _write(self, table: TableName, index: Index) -> None:
-        """Save `index` where its kind lives, then remove the other kind's files."""
-        if isinstance(index, ShardedIndex):
-            index.save(self._shards_path(table))
-            self._path(table).unlink(missing_ok=True)
-        else:
-            index.save(self._path(table))
-            ShardedIndex.remove_files(self._shards_path(table))
+        """Save `index` where its kind lives, then remove the other kind's files. A failed save
+        leaves the previous files, which the next open catches up from LanceDB."""
+        with writing(f"the FAISS index of the {table} table", self.folder, index.nbytes):
+            if isinstance(index, ShardedIndex):
+                index.save(self._shards_path(table))
+                self._path(table).unlink(missing_ok=True)
+            else:
+                index.save(self._path(table))
+                ShardedIndex.remove_files(self._shards_path(table))
 
     def _placed(self, index: Index) -> Index:
         if self._use_gpu:

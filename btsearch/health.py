@@ -1,0 +1,156 @@
+"""Whether a collection's parts agree: `check` with `--repair`, over the storage checks of
+`indexers.check`. A repair runs under the write lock:
+the manifest's lost fields are written back (from LanceDB, the model), FAISS is rebuilt from
+LanceDB, the re-rank cache loses its unreadable and half-written files, is filled (this alone
+loads the model) and compacted. Nothing here loads torch unless a repair needs the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CollectionError, storage_errors
+from .indexers.bridge_cache import COMPACT_DEAD_FRACTION, BridgeCache
+from .indexers.check import (
+    Problem,
+    check_faiss,
+    check_lancedb,
+    check_manifest,
+    check_rerank_cache,
+    readable_manifest_fields,
+    table_dim,
+)
+from .indexers.layout import TABLES
+from .indexers.write_lock import CollectionLockedError, WriteLock
+
+if TYPE_CHECKING:
+    from .indexers import MetadataStore
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem]  # what the check found
+    repaired: list[str] = field(default_factory=list)  # what --repair did
+    remaining: list[Problem] = field(default_factory=list)  # what is still off afterwards
+
+    @property
+    def ok(self) -> bool:
+        return not self.remaining
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "problems": [problem.as_dict() for problem in self.problems],
+            "repaired": self.repaired, "remaining": [problem.as_dict() for problem in self.remaining],
+        }
+
+
+def check(path: str | os.PathLike[str], repair: bool = False, model: str | None = None, progress: bool = False) -> CheckReport:
+    """Whether the manifest, LanceDB, FAISS and the re-rank cache of the collection at `path`
+    agree; with `repair`, mend what can be mended and check again. `model`: the checkpoint to
+    write into a manifest that lost it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CollectionError(f"no collection at {path}")
+    if not repair:
+        problems = _find(path)
+        return CheckReport(problems, remaining=problems)
+    try:
+        with WriteLock(path), storage_errors(path):
+            problems = _find(path)
+            report = CheckReport(problems)
+            if problems:
+                _repair(path, problems, model, report, progress)
+            report.remaining = _find(path)
+            return report
+    except CollectionLockedError as error:
+        raise CollectionError(str(error)) from None
+
+
+def _find(path: Path) -> list[Problem]:
+    from .collection import Collection
+
+    problems = check_manifest(path)
+    if problems:
+        return problems  # the rest cannot be read without it
+    try:
+        collection = Collection.open(path, load_model=False, read_only=True)
+    except CollectionError as error:
+        return [Problem("lancedb", str(error), "")]
+    problems = check_lancedb(collection.store)
+    if problems and any("cannot be read" in problem.message for problem in problems):
+        return problems
+    return problems + check_faiss(collection.indexes) + check_rerank_cache(collection.rerank_cache, collection.store.ids("images"))
+
+
+def _repair(path: Path, problems: list[Problem], model: str | None, report: CheckReport, progress: bool) -> None:
+    from .collection import Collection
+
+    parts = {problem.part for problem in problems}
+    if "manifest" in parts:
+        if not _repair_manifest(path, model, report):
+            return
+    collection = Collection.open(path, load_model=False)
+    if any(problem.part == "lancedb" and problem.mend for problem in problems):
+        for table in TABLES:
+            collection.store.reserve_ids(table, 0)  # moves the reservation past the largest id
+        report.repaired.append("moved the id reservation past every stored id")
+    for table in TABLES:
+        if any(problem.part == "faiss" and f"{table} table" in problem.message for problem in problems):
+            index = collection.indexes.rebuild(table)
+            report.repaired.append(f"rebuilt the FAISS index of the {table} table from LanceDB ({len(index)} vectors)")
+    cache = collection.rerank_cache
+    if "rerank-cache" in parts and cache is not None:
+        removed = cache.remove_leftovers()
+        if removed:
+            report.repaired.append(f"removed {len(removed)} unreadable or half-written re-rank cache files")
+        _repair_cache(path, collection.store, BridgeCache(cache.folder), report, progress)
+
+
+def _repair_cache(path: Path, store: MetadataStore, cache: BridgeCache, report: CheckReport, progress: bool) -> None:
+    from .collection import Collection
+
+    stored = store.stored_files()
+    image_ids = stored.ids.tolist()
+    lacking = [(item, row_path) for item, row_path in zip(image_ids, stored.paths.to_pylist()) if item not in cache]
+    if lacking:
+        from .image_states import fill_bridge_cache
+
+        encoder = Collection.open(path, load_model=True).encoder
+        assert encoder is not None
+        unreadable = fill_bridge_cache(encoder, cache, lacking, progress, skip_unreadable=True)
+        report.repaired.append(f"computed the re-rank cache states of {len(lacking) - len(unreadable)} images"
+                               + (f" ({len(unreadable)} image files could not be read)" if unreadable else ""))
+    if cache.dead_rows(image_ids) > COMPACT_DEAD_FRACTION * cache.rows():
+        report.repaired.append(f"compacted the re-rank cache ({cache.compact(image_ids)} dead rows dropped)")
+
+
+def _repair_manifest(path: Path, model: str | None, report: CheckReport) -> bool:
+    """Write the manifest's lost or wrong fields back; False when it cannot be (no model known)."""
+    from .collection import FORMAT_VERSION
+    from .defaults import resolve_model_id
+    from .indexers import Manifest
+
+    kept = readable_manifest_fields(path)
+    dim = table_dim(path)
+    if dim is None:  # no images table: not a collection this could be the manifest of
+        report.repaired.append(f"cannot write the manifest back: {path} holds no readable images table")
+        return False
+    values: dict[str, Any] = {"format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **kept}
+    values["embed_dim"] = dim
+    if "model" not in values and model is not None:
+        values["model"] = resolve_model_id(model)
+    if "model" not in values:
+        report.repaired.append("cannot write the manifest back: it lost the model; run check --repair --model ID")
+        return False
+    if "config_hash" not in values:
+        from .encoder import Encoder
+
+        values["config_hash"] = Encoder.from_pretrained(str(values["model"]), device="cpu").config_hash
+    Manifest(**values).save(path)
+    lost = sorted(set(values) - set(kept))
+    report.repaired.append(f"wrote the manifest back ({', '.join(lost) if lost else 'embed_dim'} restored)")
+    return True
