@@ -1,4 +1,4 @@
-"""`btsearch eval ...`: retrieval recall on the published benchmarks."""
+"""`btsearch eval ...`: retrieval recall on the published benchmarks and on the collection's own caption pairs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import click
 from btsearch.defaults import DEFAULT_MODEL
 
 from .options import device_option, json_option, model_option, quiet_option, say, show_progress
-from .output import print_recall
+from .output import print_caption_recall, print_recall
 
 
 @click.group("eval")
 def eval_group():
-    """Measure retrieval recall on a benchmark."""
+    """Measure retrieval recall on a benchmark, or on a collection's own captions."""
 
 
 def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
@@ -58,3 +58,39 @@ def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
 
 eval_flickr30k = _eval_command("flickr30k", "Flickr30K", 128, "Karpathy's dataset_flickr30k.json, or the flickr30k hub CSV.")
 eval_coco = _eval_command("coco", "MSCOCO", 256, "Karpathy's dataset_coco.json (images under --images/val2014/ as its filepath says, or directly).")
+
+
+@eval_group.command("captions")
+@click.option("--db", required=True, type=click.Path(path_type=Path), help="The collection folder.")
+@click.option(
+    "--candidates", "candidates", multiple=True, metavar="K[,K...]",
+    help="ITC top-k values to re-rank by ITM, comma-separated or repeated; 0 is ITC alone "
+    "[default: 0 and powers of two from 4 up to search's default, 16 on a CPU, 128 on a GPU].",
+)
+@click.option("--latency-queries", type=click.IntRange(min=0), default=20, show_default=True, metavar="N",
+              help="Captions timed as text searches of the whole collection at each k (0: no timing).")
+@json_option("the recall tables, the curve over --candidates with latencies, counts and seconds")
+@device_option
+@quiet_option
+def eval_captions(db, candidates, latency_queries, as_json, device, precision):
+    """R@1/5/10 both ways on the caption pairs already in the collection, and a curve of
+    recall and search latency against --candidates, to choose k for this hardware.
+
+    A caption pair is a text that came with its image (`index --captions`) and that image. Each
+    caption's image is ranked among the captioned images, each image's captions among the
+    captions (ITC alone, and ITC top-k re-ranked by ITM); each k is also timed as a real search
+    of the whole collection. ITM scores are kept in the collection folder: another k costs only
+    the pairs not scored yet.
+    """
+    from btsearch.caption_eval import default_candidates_curve, evaluate_captions, parse_candidates
+    from btsearch.collection import Collection
+
+    ks = parse_candidates(candidates) if candidates else None  # bad values fail before the model loads
+    collection = Collection.open(db, device=device, precision=precision, read_only=True)
+    result = evaluate_captions(collection, ks or default_candidates_curve(collection), latency_queries, progress=show_progress())
+    if result["unmatched_texts"]:
+        say(f"note: {result['unmatched_texts']} texts name images the collection does not hold; left out")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        print_caption_recall(result)

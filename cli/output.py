@@ -66,9 +66,7 @@ def print_recall(result: dict[str, Any], title: str, split: str, candidates: int
     if result["rerank"] is not None:
         rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
     for row_name, table in rows:
-        t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
-        i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
-        click.echo(f"{row_name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}")
+        click.echo(_recall_row(row_name, table))
     if result.get("calibration"):
         click.echo(calibration_line(result["calibration"]))
 
@@ -84,3 +82,27 @@ def calibration_line(calibration: dict[str, Any], precision: float = 0.9) -> str
     from btsearch.calibration import shown_threshold  # rounded down; the JSON has it exactly
 
     return line + f"precision >= {precision:g} at --min-match {shown_threshold(found['threshold'])} (recall {found['recall']:.2f})"
+
+
+def _recall_row(name: str, table: dict[str, Any]) -> str:
+    t2i = "/".join(f"{v:.1f}" for v in table["text_to_image"].values())
+    i2t = "/".join(f"{v:.1f}" for v in table["image_to_text"].values())
+    return f"{name:<22}{t2i:>24}{i2t:>24}{table['rsum']:>8.1f}"
+
+
+def print_caption_recall(result: dict[str, Any]) -> None:
+    """`eval captions`: one row per k (ITC alone first) with its search latency, then calibration."""
+    click.echo(f"captions in {result['db']}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
+    timed = result["latency_queries"]
+    click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}{'search ms (p50/p90)':>22}")
+    rows = {entry["candidates"]: entry for entry in result["curve"]}
+    if 0 not in rows:
+        click.echo(_recall_row("ITC", result["itc"]) + f"{'-':>22}")
+    for k, entry in rows.items():
+        latency = entry["latency_ms"]
+        shown = "-" if latency is None else f"{latency['median']:.1f}/{latency['p90']:.1f}"
+        click.echo(_recall_row("ITC" if k == 0 else f"ITC top-{k} + ITM", entry) + f"{shown:>22}")
+    if timed:
+        click.echo(f"search ms: {timed} captions as text queries over the whole collection, -k {result['search_k']}")
+    if result.get("calibration"):
+        click.echo(calibration_line(result["calibration"]))

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import run
 
 HEAVY = ("torch", "transformers", "faiss", "lancedb", "fastapi", "uvicorn", "matplotlib")
-COMMANDS = [[], ["index"], ["add-texts"], ["search"], ["eval"], ["eval", "flickr30k"], ["eval", "coco"], ["convert"], ["serve"], ["export"], ["info"], ["check"], ["demo"]]
+COMMANDS = [[], ["index"], ["add-texts"], ["search"], ["eval"], ["eval", "flickr30k"], ["eval", "coco"], ["eval", "captions"], ["convert"], ["serve"], ["export"], ["info"], ["check"], ["demo"]]
 
 
 def imported_after(code: str) -> set[str]:

@@ -1,0 +1,102 @@
+"""`btsearch eval captions` against brute-force recall from transformers' own scores."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from . import reference
+from .helpers import run
+from .test_eval import brute_force_recall
+
+CANDIDATES = (0, 2, 3)
+# Captions the trained checkpoint never saw (it trained on SAMPLE_PHOTOS' own): ITC ranks some of
+# their images second or third and ITM re-ranks them, so every k gives other figures.
+NEW_CAPTIONS = {
+    "astronaut": ["a woman in a space suit", "a portrait with a flag"],
+    "chelsea": ["a pet with whiskers", "a cat"],
+    "coffee": ["a hot drink in a cup", "coffee on a table"],
+    "rocket": ["a launch tower lit at night", "a rocket"],
+    "motorcycle_left": ["a motorbike", "a red vehicle indoors"],
+    "hubble_deep_field": ["stars and galaxies", "the night sky"],
+}
+CAPTIONED = len(NEW_CAPTIONS)  # photos indexed with their captions; one more is indexed without any
+
+
+@pytest.fixture(scope="module")
+def captioned_db(tmp_path_factory, photos, trained_checkpoint):
+    """A collection whose captions came in with `index --captions` (a parquet of path and
+    caption), plus an image without captions and a text that is no caption: both left out."""
+    root = tmp_path_factory.mktemp("captioned")
+    assert [path.stem for path in photos[:CAPTIONED]] == list(NEW_CAPTIONS)
+    rows = [(str(path), caption) for path in photos[:CAPTIONED] for caption in NEW_CAPTIONS[path.stem]]
+    pq.write_table(pa.table({"path": [p for p, _ in rows], "caption": [c for _, c in rows]}), root / "pairs.parquet")
+    db = root / "db"
+    run("index", root / "pairs.parquet", "--db", db, "--model", trained_checkpoint, "--captions", "--precision", "fp32", "-q")
+    run("index", photos[CAPTIONED], "--db", db, "--precision", "fp32", "-q")
+    (root / "other.txt").write_text("a text that came with no image\n")
+    run("add-texts", root / "other.txt", "--db", db, "--precision", "fp32", "-q")
+    return db, rows
+
+
+def _eval(db, *extra, ok=True):
+    return run("eval", "captions", "--db", db, "--precision", "fp32", "--latency-queries", 2, *extra, ok=ok)
+
+
+def test_recall_and_curve_equal_brute_force_over_transformers_scores(captioned_db, trained_checkpoint):
+    db, rows = captioned_db
+    captions = [caption for _, caption in rows]
+    paths = list(dict.fromkeys(path for path, _ in rows))
+    caption_image = np.array([paths.index(path) for path, _ in rows])
+    # transformers' own classes: BridgeTowerForContrastiveLearning for ITC, ...ImageAndTextRetrieval for ITM.
+    text_emb, _ = reference.itc_embeddings(trained_checkpoint, captions, [paths[0]] * len(captions))
+    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(paths), paths)
+    itc = text_emb @ image_emb.T
+    itm = np.array([[reference.itm_logit(trained_checkpoint, c, p) for p in paths] for c in captions])
+
+    out = json.loads(_eval(db, "--candidates", "3,0", "--candidates", "2", "--json", "-q").stdout)
+    assert out["num_images"] == CAPTIONED and out["num_texts"] == len(captions) and out["unmatched_texts"] == 0
+    assert [entry["candidates"] for entry in out["curve"]] == list(CANDIDATES) and out["candidates"] == CANDIDATES[-1]
+    for entry in out["curve"]:
+        t2i, i2t = brute_force_recall(itc, itm if entry["candidates"] else None, caption_image, entry["candidates"])
+        assert entry["text_to_image"] == pytest.approx(t2i) and entry["image_to_text"] == pytest.approx(i2t)
+        assert entry["rsum"] == pytest.approx(sum(t2i.values()) + sum(i2t.values()))
+        assert entry["latency_ms"]["median"] > 0 and entry["latency_ms"]["p90"] >= entry["latency_ms"]["median"]
+    t2i, i2t = brute_force_recall(itc, None, caption_image, 0)
+    assert out["itc"]["text_to_image"] == pytest.approx(t2i) and out["itc"]["image_to_text"] == pytest.approx(i2t)
+    assert out["rerank"] == {key: out["curve"][-1][key] for key in ("text_to_image", "image_to_text", "rsum")}
+    # ITC alone and each k give other figures: the comparison above tells them apart.
+    assert len({json.dumps([entry["text_to_image"], entry["image_to_text"]]) for entry in out["curve"]}) == len(CANDIDATES)
+    assert out["latency_queries"] == 2 and out["calibration"]["positives"] <= len(captions)
+
+    table = _eval(db, "--candidates", "0,2,3").stdout.splitlines()
+    assert table[0].startswith(f"captions in {db}: {CAPTIONED} images, {len(captions)} captions")
+    t2i_shown = "/".join(f"{v:.1f}" for v in out["curve"][1]["text_to_image"].values())
+    assert any(line.startswith("ITC top-2 + ITM") and t2i_shown in line for line in table)
+    assert sum(line.startswith(("ITC ", "ITC top-")) for line in table) == len(CANDIDATES)
+
+
+def test_without_latency_queries_nothing_is_timed(captioned_db):
+    db, _ = captioned_db
+    out = json.loads(_eval(db, "--candidates", "2", "--latency-queries", 0, "--json").stdout)
+    assert out["latency_queries"] == 0 and out["curve"][0]["latency_ms"] is None
+    assert "ITC" in _eval(db, "--candidates", "2", "--latency-queries", 0).stdout  # ITC alone is shown even without 0
+
+
+@pytest.mark.parametrize("value, message", [("abc", "whole numbers"), ("4,-1", "0 (ITC alone) or more"), ("4,,8", "not ''")])
+def test_bad_candidates_are_one_line(captioned_db, value, message):
+    db, _ = captioned_db
+    result = _eval(db, "--candidates", value, ok=False)
+    assert result.exit_code == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_collection_without_captions_or_a_missing_db_is_one_line(tmp_path, photos, trained_checkpoint):
+    missing = _eval(tmp_path / "nothing", ok=False)
+    assert missing.exit_code == 1 and "no collection at" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    db = tmp_path / "db"
+    run("index", photos[0], "--db", db, "--model", trained_checkpoint, "-q")
+    none = _eval(db, ok=False)
+    assert none.exit_code == 1 and "has no caption pairs" in none.stderr and "--captions" in none.stderr
+    assert len(none.stderr.strip().splitlines()) == 1
