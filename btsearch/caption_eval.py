@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .collection import Collection
 
 DEFAULT_LATENCY_QUERIES = 20
+DEFAULT_MAX_IMAGES = 1000  # Flickr30K's and COCO's test sizes are 1K and 5K: recall depends on it
 SEARCH_K = 10  # hits per timed search, as R@10 looks at
 
 
@@ -38,10 +39,12 @@ class CaptionPairs:
     caption_image: np.ndarray  # per caption, its image's position in image_ids
     texts: list[str]  # the captions' words, in text_ids order
     unmatched: int  # texts naming an image the collection does not hold (skipped or removed)
+    captioned_images: int  # images with captions, before sampling
 
 
-def caption_pairs(collection: Collection) -> CaptionPairs:
-    """The collection's (caption, image) pairs; BtsearchError if it has none."""
+def caption_pairs(collection: Collection, max_images: int = 0) -> CaptionPairs:
+    """The collection's (caption, image) pairs, over at most `max_images` of the captioned
+    images (0: all), spread evenly over them by id; BtsearchError if it has none."""
     captions = [row for row in collection.texts() if row.get("image_path")]
     stored = collection.store.stored_files()
     positions = stored.positions_of(pa.array([row["image_path"] for row in captions], pa.string()))
@@ -53,10 +56,16 @@ def caption_pairs(collection: Collection) -> CaptionPairs:
             "(`btsearch index SHARDS --captions`, from webdataset .txt/.json members or a parquet caption column)"
         )
     text_image_ids = stored.ids[positions[positions >= 0]]
-    image_ids, caption_image = np.unique(text_image_ids, return_inverse=True)
+    captioned = np.unique(text_image_ids)
+    chosen = captioned
+    if 0 < max_images < len(captioned):
+        chosen = captioned[np.unique(np.linspace(0, len(captioned) - 1, num=max_images).round().astype(int))]
+    keep = np.isin(text_image_ids, chosen)
+    image_ids, caption_image = np.unique(text_image_ids[keep], return_inverse=True)
     return CaptionPairs(
-        text_ids=np.array([row["id"] for row in kept], dtype=np.int64), image_ids=image_ids.astype(np.int64),
-        caption_image=caption_image.astype(np.int64), texts=[row["text"] for row in kept], unmatched=len(captions) - len(kept),
+        text_ids=np.array([row["id"] for row, kept_row in zip(kept, keep) if kept_row], dtype=np.int64), image_ids=image_ids.astype(np.int64),
+        caption_image=caption_image.astype(np.int64), texts=[row["text"] for row, kept_row in zip(kept, keep) if kept_row],
+        unmatched=len(captions) - len(kept), captioned_images=len(captioned),
     )
 
 
@@ -84,11 +93,13 @@ def default_candidates_curve(collection: Collection) -> list[int]:
 
 
 def evaluate_captions(
-    collection: Collection, candidates: list[int], latency_queries: int = DEFAULT_LATENCY_QUERIES, progress: bool = False
+    collection: Collection, candidates: list[int], latency_queries: int = DEFAULT_LATENCY_QUERIES, progress: bool = False,
+    max_images: int = DEFAULT_MAX_IMAGES,
 ) -> dict[str, Any]:
-    """Recall both ways for ITC alone and for each k of `candidates`, with each k's search latency."""
+    """Recall both ways for ITC alone and for each k of `candidates`, with each k's search
+    latency, over at most `max_images` captioned images and their captions (0: all)."""
     started = time.perf_counter()
-    pairs = caption_pairs(collection)
+    pairs = caption_pairs(collection, max_images)
     encoder = collection.encoder
     if encoder is None:
         raise BtsearchError(f"{collection.path} was opened without its model")
@@ -107,6 +118,7 @@ def evaluate_captions(
         "db": str(collection.path),
         "num_images": int(len(pairs.image_ids)),
         "num_texts": int(len(pairs.text_ids)),
+        "captioned_images": pairs.captioned_images,
         "unmatched_texts": pairs.unmatched,
         "itc": last["itc"],
         "candidates": candidates[-1],

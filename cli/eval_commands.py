@@ -67,12 +67,15 @@ eval_coco = _eval_command("coco", "MSCOCO", 256, "Karpathy's dataset_coco.json (
     help="ITC top-k values to re-rank by ITM, comma-separated or repeated; 0 is ITC alone "
     "[default: 0 and powers of two from 4 up to search's default, 16 on a CPU, 128 on a GPU].",
 )
+@click.option("--images", "max_images", type=click.IntRange(min=0), default=1000, show_default=True, metavar="N",
+              help="Measure on at most N captioned images (spread over them) and their captions; 0: all. "
+              "Recall falls as the images grow; the eval cache holds each one's bridge inputs (MBs each).")
 @click.option("--latency-queries", type=click.IntRange(min=0), default=20, show_default=True, metavar="N",
               help="Captions timed as text searches of the whole collection at each k (0: no timing).")
 @json_option("the recall tables, the curve over --candidates with latencies, counts and seconds")
 @device_option
 @quiet_option
-def eval_captions(db, candidates, latency_queries, as_json, device, precision):
+def eval_captions(db, candidates, max_images, latency_queries, as_json, device, precision):
     """R@1/5/10 both ways on the caption pairs already in the collection, and a curve of
     recall and search latency against --candidates, to choose k for this hardware.
 
@@ -87,7 +90,7 @@ def eval_captions(db, candidates, latency_queries, as_json, device, precision):
 
     ks = parse_candidates(candidates) if candidates else None  # bad values fail before the model loads
     collection = Collection.open(db, device=device, precision=precision, read_only=True)
-    result = evaluate_captions(collection, ks or default_candidates_curve(collection), latency_queries, progress=show_progress())
+    result = evaluate_captions(collection, ks or default_candidates_curve(collection), latency_queries, show_progress(), max_images)
     if result["unmatched_texts"]:
         say(f"note: {result['unmatched_texts']} texts name images the collection does not hold; left out")
     if as_json:

@@ -92,7 +92,8 @@ def _recall_row(name: str, table: dict[str, Any]) -> str:
 
 def print_caption_recall(result: dict[str, Any]) -> None:
     """`eval captions`: one row per k (ITC alone first) with its search latency, then calibration."""
-    click.echo(f"captions in {result['db']}: {result['num_images']} images, {result['num_texts']} captions, {result['seconds']:.1f}s")
+    sample = f" (spread over {result['captioned_images']} captioned)" if result["captioned_images"] > result["num_images"] else ""
+    click.echo(f"captions in {result['db']}: {result['num_images']} images{sample}, {result['num_texts']} captions, {result['seconds']:.1f}s")
     timed = result["latency_queries"]
     click.echo(f"{'':<22}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'RSUM':>8}{'search ms (p50/p90)':>22}")
     rows = {entry["candidates"]: entry for entry in result["curve"]}

@@ -1,6 +1,7 @@
 """`btsearch eval captions` against brute-force recall from transformers' own scores."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -71,11 +72,31 @@ def test_recall_and_curve_equal_brute_force_over_transformers_scores(captioned_d
     assert len({json.dumps([entry["text_to_image"], entry["image_to_text"]]) for entry in out["curve"]}) == len(CANDIDATES)
     assert out["latency_queries"] == 2 and out["calibration"]["positives"] <= len(captions)
 
-    table = _eval(db, "--candidates", "0,2,3").stdout.splitlines()
+    table = _eval(db, "--candidates", "0,2,3", "--latency-queries", 0).stdout.splitlines()
     assert table[0].startswith(f"captions in {db}: {CAPTIONED} images, {len(captions)} captions")
     t2i_shown = "/".join(f"{v:.1f}" for v in out["curve"][1]["text_to_image"].values())
     assert any(line.startswith("ITC top-2 + ITM") and t2i_shown in line for line in table)
     assert sum(line.startswith(("ITC ", "ITC top-")) for line in table) == len(CANDIDATES)
+
+
+def test_images_caps_the_measure_to_images_spread_over_the_captioned(captioned_db, trained_checkpoint):
+    db, rows = captioned_db
+    from btsearch.collection import Collection
+
+    ids = {path: row["id"] for path, row in Collection.open(db, load_model=False, read_only=True).store.image_files().items()}
+    by_id = sorted(dict.fromkeys(path for path, _ in rows), key=lambda path: ids[str(Path(path).resolve())])
+    chosen = [by_id[0], by_id[2], by_id[5]]  # 3 of 6, evenly spaced by id: positions 0, 2.5 -> 2, 5
+    subset = [(path, caption) for path, caption in rows if path in chosen]
+    captions = [caption for _, caption in subset]
+    text_emb, _ = reference.itc_embeddings(trained_checkpoint, captions, [chosen[0]] * len(captions))
+    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(chosen), chosen)
+    caption_image = np.array([chosen.index(path) for path, _ in subset])
+    t2i, i2t = brute_force_recall(text_emb @ image_emb.T, None, caption_image, 0)
+
+    out = json.loads(_eval(db, "--candidates", "0", "--images", 3, "--json").stdout)
+    assert (out["num_images"], out["captioned_images"], out["num_texts"]) == (3, CAPTIONED, len(captions))
+    assert out["itc"]["text_to_image"] == pytest.approx(t2i) and out["itc"]["image_to_text"] == pytest.approx(i2t)
+    assert f"3 images (spread over {CAPTIONED} captioned)" in _eval(db, "--candidates", "0", "--images", 3).stdout
 
 
 def test_without_latency_queries_nothing_is_timed(captioned_db):
