@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -102,9 +104,19 @@ def remove(folder: str | os.PathLike[str]) -> None:
 
 @contextmanager
 def announced(folder: str | os.PathLike[str], url: str, device: str, precision: str, token: str | None = None) -> Iterator[ServerRecord]:
-    """The server file for as long as the block runs (a server's lifetime)."""
+    """The server file for as long as the block runs (a server's lifetime). In the main thread,
+    SIGTERM raises SystemExit meanwhile: uvicorn shuts down on it and then raises it again with
+    the handler it found, which would otherwise end the process before the file is removed."""
     record = write(folder, url, device, precision, token)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
     try:
         yield record
     finally:
         remove(folder)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

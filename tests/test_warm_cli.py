@@ -4,12 +4,14 @@ answer for this collection, model, device and precision; and it imports no torch
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 import uvicorn
@@ -183,3 +185,44 @@ def test_the_server_file_is_private_and_removed_by_its_writer_only(db, server, t
     assert not (db / SERVER_FILE).exists()
     server_file.write(db, url, "auto", "fp32")
     assert server_file.local_url("0.0.0.0", 80) == "http://127.0.0.1:80" and server_file.local_url("::", 80) == "http://[::1]:80"
+
+
+def start_serve(db) -> tuple[subprocess.Popen, str]:
+    """`btsearch serve` on a free loopback port, as a user starts it; its url once it answers."""
+    port = free_port()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "btsearch.cli.main", "serve", "--db", str(db), "--port", str(port), "--precision", "fp32"],
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(600):
+        record = server_file.read(db)
+        if record is not None and record.pid == child.pid and record.url.endswith(f":{port}"):
+            try:
+                with urllib.request.urlopen(record.url + "/api/health", timeout=1):
+                    return child, record.url
+            except OSError:
+                pass
+        assert child.poll() is None, "serve exited"
+        time.sleep(0.1)
+    child.kill()
+    raise AssertionError("serve did not answer")
+
+
+def test_serve_announces_itself_and_a_killed_one_leaves_a_stale_file(db, server):
+    """The real command: its file while it runs, gone after SIGTERM; after SIGKILL the file
+    stays, and search takes the cold path quietly."""
+    before = (db / SERVER_FILE).read_text()
+    try:
+        child, _ = start_serve(db)
+        assert stat.S_IMODE(os.stat(db / SERVER_FILE).st_mode) == 0o600
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=30)
+        assert not (db / SERVER_FILE).exists()
+        child, _ = start_serve(db)
+        child.kill()
+        child.wait(timeout=30)
+        assert server_file.read(db).pid == child.pid  # stale
+        warm = search(db, QUERY, "-k", 3, "--paths")
+        assert warm.output == search(db, QUERY, "-k", 3, "--paths", "--no-server").output
+    finally:
+        (db / SERVER_FILE).write_text(before)
