@@ -39,7 +39,7 @@ class Batcher(Generic[Job, Answer]):
         self._waiting: deque[_Ticket[Job, Answer]] = deque()
         self._changed = threading.Condition()
         self._closed = False
-        self.batches = 0  # batches run, and the jobs in them: what /api/metrics reports
+        self.batches = 0  # batches taken (run or running), and the jobs in them
         self.jobs = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -75,7 +75,11 @@ class Batcher(Generic[Job, Answer]):
                 self._changed.wait()
             if self.window_s > 0 and len(self._waiting) < self.max_batch and not self._closed:
                 self._changed.wait(self.window_s)  # one bounded wait for company (a notify ends it early)
-            return [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            if batch:
+                self.batches += 1
+                self.jobs += len(batch)
+            return batch
 
     def _loop(self) -> None:
         while True:
@@ -88,8 +92,6 @@ class Batcher(Generic[Job, Answer]):
                     raise RuntimeError(f"the batch of {len(batch)} got {len(answers)} answers")
             except BaseException as error:  # the whole batch failed: each caller hears why
                 answers = [error] * len(batch)
-            self.batches += 1
-            self.jobs += len(batch)
             for ticket, answer in zip(batch, answers):
                 if isinstance(answer, BaseException):
                     ticket.error = answer

@@ -114,14 +114,20 @@ def test_concurrent_requests_through_the_app_equal_sequential_searches(collectio
         answers[n] = client.get("/api/search", params=params)
 
     threads = [threading.Thread(target=ask, args=(n, params)) for n, (params, _) in enumerate(requests)]
-    with service.lock:  # the first request's batch waits here; all the others queue behind it
-        for thread in threads:
-            thread.start()
+
+    def wait_for(condition):
         for _ in range(2000):
-            if service.batcher.waiting == len(requests) - 1:
-                break
+            if condition():
+                return
             threading.Event().wait(0.01)
-        assert service.batcher.waiting == len(requests) - 1
+        raise AssertionError("timed out")
+
+    with service.lock:  # the first request's batch waits here; all the others queue behind it
+        threads[0].start()
+        wait_for(lambda: service.batcher.jobs == 1)
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: service.batcher.waiting == len(requests) - 1)
     for thread in threads:
         thread.join()
     assert service.batcher.batches == 2 and service.batcher.jobs == len(requests)
