@@ -40,6 +40,7 @@ from .tensors import to_numpy
 if TYPE_CHECKING:
     from .encoder import Encoder
     from .indexers import BridgeCache, MetadataStore, TableIndexes
+    from .model import TowerOutput
 
 NEGATIVE_WEIGHT = 0.5  # how hard a --not text pushes in recall, against the positives' mean cosine
 MAX_WHERE_CHARS = 2000
@@ -181,6 +182,29 @@ def rerank_scores(text_logits: np.ndarray, negative_logits: Sequence[np.ndarray]
         return np.log(match).astype(np.float32), match.astype(np.float32)
 
 
+@dataclass
+class Recalled:
+    """A query after recall, before re-ranking: what the ITM stage and the merge (`finish`) need.
+    `search` runs one alone; `batch_search` re-ranks several together between the two."""
+
+    target: TableName
+    rerank: bool
+    labels: list[str]
+    notes: list[str]
+    itc: np.ndarray
+    ids: np.ndarray
+    rows: list[Any]
+    pool: int  # rows searched (more hits follow when recall left some)
+    reranked: int  # how many of the top recalled are re-ranked
+    text_query: TowerOutput | None
+    image_query: TowerOutput | None
+    negative_states: list[TowerOutput]
+    k: int
+    offset: int
+    min_match: float | None
+    spelling: Spelling
+
+
 def search(
     encoder: Encoder,
     store: MetadataStore,
@@ -203,6 +227,39 @@ def search(
     since ITM scores text-image pairs. `min_match`: keep only re-ranked hits whose match
     probability reaches it (none at all, with a note, when none does). `offset`: the hits
     from rank offset + 1 on, of the same ranking. `where`: only rows this SQL predicate selects."""
+    found = recall_query(encoder, store, indexes, text, image, k, candidates, rerank, target, min_match, offset, where, negatives, spelling)
+    scored: list[np.ndarray] = []
+    if found.reranked:
+        reranker = Reranker(encoder)
+        if found.target == "images":
+            assert found.text_query is not None
+            paths = [row["path"] for row in found.rows[: found.reranked]]
+            scored = reranker.score_images_many([found.text_query, *found.negative_states], paths, found.ids[: found.reranked], rerank_cache)
+        else:
+            assert found.image_query is not None
+            scored = [reranker.score_texts(found.image_query, [row["text"] for row in found.rows[: found.reranked]])]
+    return finish(found, scored)
+
+
+def recall_query(
+    encoder: Encoder,
+    store: MetadataStore,
+    indexes: TableIndexes,
+    text: str | None,
+    image: str | os.PathLike[str] | Image.Image | None,
+    k: int,
+    candidates: int,
+    rerank: bool = True,
+    target: TableName | None = None,
+    min_match: float | None = None,
+    offset: int = 0,
+    where: str | None = None,
+    negatives: Sequence[str] = (),
+    spelling: Spelling = LIBRARY,
+    text_query: TowerOutput | None = None,
+) -> Recalled:
+    """`search` up to re-ranking: the towers of the query, then recall. `text_query`: the text's
+    tower output already computed (one row of a batch, with bridge inputs when re-ranking)."""
     notes: list[str] = []
     cross_modal: TableName = "images" if text is not None else "texts"
     target = target or cross_modal
@@ -216,11 +273,12 @@ def search(
     if rerank and not encoder.has_itm:
         notes.append("the checkpoint has no ITM head: hits are ranked by ITC alone")
     rerank = rerank and encoder.has_itm
-    text_query, image_query, labels, positives = None, None, [], []
+    image_query, labels, positives = None, [], []
     if text is not None:
         if encoder.is_truncated(text):
             notes.append(f"the query was truncated to the model's maximum of {encoder.max_text_length} tokens")
-        text_query = encoder.text_states([text], with_bridge=rerank)
+        if text_query is None:
+            text_query = encoder.text_states([text], with_bridge=rerank)
         positives.append(to_numpy(text_query.embeds)[0])
         labels.append(text)
     if image is not None:
@@ -242,36 +300,38 @@ def search(
     if where is not None and not len(ids):
         notes.append(f"no {target[:-1]} satisfies {spelling.where} {where}")
     rows: list[Any] = list(store.get_images(ids)) if target == "images" else list(store.get_texts(ids))
+    return Recalled(
+        target=target, rerank=rerank, labels=labels, notes=notes, itc=itc, ids=ids, rows=rows, pool=pool,
+        reranked=min(candidates, len(ids)) if rerank else 0, text_query=text_query, image_query=image_query,
+        negative_states=negative_states, k=k, offset=offset, min_match=min_match, spelling=spelling,
+    )
+
+
+def finish(found: Recalled, scored: Sequence[np.ndarray]) -> SearchResult:
+    """The page of a recalled query from the ITM logits (n, 2) of its top `reranked`: the
+    text's (or the image's) first, then each negative's."""
+    notes, ids, itc, rows, k, offset, min_match = found.notes, found.ids, found.itc, found.rows, found.k, found.offset, found.min_match
     logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
     rank_score = np.full(len(ids), np.nan, dtype=np.float32)
     match = np.full(len(ids), np.nan, dtype=np.float32)
-    reranked = min(candidates, len(ids)) if rerank else 0
+    reranked = found.reranked
     if reranked:
-        reranker = Reranker(encoder)
-        if target == "images":
-            assert text_query is not None
-            paths = [row["path"] for row in rows[:reranked]]
-            scored = reranker.score_images_many([text_query, *negative_states], paths, ids[:reranked], rerank_cache)
-            logits[:reranked] = scored[0]
-            rank_score[:reranked], match[:reranked] = rerank_scores(scored[0], scored[1:])
-        else:
-            assert image_query is not None
-            logits[:reranked] = reranker.score_texts(image_query, [row["text"] for row in rows[:reranked]])
-            rank_score[:reranked], match[:reranked] = rerank_scores(logits[:reranked], [])
+        logits[:reranked] = scored[0]
+        rank_score[:reranked], match[:reranked] = rerank_scores(scored[0], scored[1:])
     itm = logits[:, 1]
     order = rerank_order(itc[None], reranked, rank_score[None])[0]
     if min_match is not None:
-        if not rerank:
+        if not found.rerank:
             notes.append("no hit was re-ranked, so none has a match probability to keep it")
         order = order[match[order] >= min_match]  # NaN (not re-ranked) never passes
         if not len(order):
             best = f" (the best re-ranked hit: {np.nanmax(match):.3f})" if np.isfinite(match).any() else ""
             notes.append(f"no hit reaches a match probability of {min_match:g}{best}")
     if offset and offset >= len(order) and len(order):
-        notes.append(f"{spelling.offset} {offset} is past the last of the {len(order)} hits")
+        notes.append(f"{found.spelling.offset} {offset} is past the last of the {len(order)} hits")
     # More hits follow if the order goes on, or (no min_match, which only re-ranked hits pass)
     # if rows that could rank were not recalled.
-    more = len(order) > offset + k or (min_match is None and pool > len(ids))
+    more = len(order) > offset + k or (min_match is None and found.pool > len(ids))
     hits = [
         Hit(
             rank=rank, id=int(ids[i]), itc_score=float(itc[i]), itm_score=None if np.isnan(itm[i]) else float(itm[i]),
@@ -280,5 +340,6 @@ def search(
         for rank, i in enumerate(order[offset : offset + k], start=offset + 1)
     ]
     reranked_hits = int(sum(hit.itm_score is not None for hit in hits))
-    return SearchResult(query=" + ".join(labels), target=target, hits=hits, reranked=reranked_hits, notes=notes, offset=offset, more=more)
-
+    return SearchResult(
+        query=" + ".join(found.labels), target=found.target, hits=hits, reranked=reranked_hits, notes=notes, offset=offset, more=more,
+    )

@@ -1,7 +1,8 @@
 """`btsearch serve`: an HTTP API and a web page over one collection.
 
-The model is loaded once. Searches run one at a time behind a lock (the model and FAISS are
-not made for concurrent calls; requests queue instead of competing), and each opens the
+The model is loaded once. Searches go through `service.SearchService`: those that arrive
+together run as one batch (plain text queries share the towers' and re-rank's batches), one
+batch at a time (the model and FAISS are not made for concurrent calls). Each opens the
 collection's latest committed snapshot, so an `index` running beside the server is
 seen as it commits, never half-way. Errors the user can fix are 4xx with a one-line `detail`.
 The web page is a static file shipped with the package (`web/index.html`).
@@ -12,9 +13,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import statistics
-import threading
-import time
-from collections import OrderedDict, deque
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -28,78 +26,28 @@ from .collection import Collection
 from .cursor import PageQuery, decode_cursor, encode_cursor
 from .defaults import DEFAULT_MAX_PIXELS
 from .encoder import Encoder
-from .errors import BtsearchError, CollectionError
+from .errors import BtsearchError
 from .explain import Explanation, explain_file, png_bytes, render
 from .images import load_rgb
 from .indexers import ImageRow
 from .indexers.layout import TABLES
-from .search import API, SearchResult, check_query, result_json
+from .search import API, check_query, result_json
+from .service import SearchService
 
 THUMBNAIL_SIZES = (128, 256, 512)
 MAX_UPLOAD_BYTES = 50 * 2**20
-PINNED_SNAPSHOTS = 4  # older snapshots kept open for cursors (each holds its FAISS indexes)
 MAX_OFFSET = 10_000
 
 
-class _Service:
-    """The collection snapshot, the model, and the figures /api/metrics reports."""
-
-    def __init__(self, collection: Collection):
-        self.path = collection.path
-        self.encoder = collection.encoder
-        self.lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
-        self.latencies: deque[float] = deque(maxlen=1000)
-        self._collection = collection
-        self._pinned: OrderedDict[tuple[int, ...], Collection] = OrderedDict()  # snapshots cursors page through
-
-    def collection(self) -> Collection:
-        """The latest committed snapshot, reopened only when a writer has committed since."""
-        if not self._collection.is_latest():
-            self._pinned[self._collection.store.versions()] = self._collection  # a cursor may still page through it
-            self._collection = Collection.open(self.path, encoder=self.encoder, read_only=True)
-        return self._collection
-
-    def snapshot(self, versions: tuple[int, ...] | None) -> Collection:
-        """The snapshot a cursor pinned (the latest when None), kept for the next pages."""
-        latest = self.collection()
-        if versions is None or versions == latest.store.versions():
-            return latest
-        if versions not in self._pinned:
-            self._pinned[versions] = Collection.open(self.path, encoder=self.encoder, read_only=True, versions=versions)
-        self._pinned.move_to_end(versions)
-        while len(self._pinned) > PINNED_SNAPSHOTS:
-            self._pinned.popitem(last=False)
-        return self._pinned[versions]
-
-    def search(self, versions: tuple[int, ...] | None = None, image_id: int | None = None, **query) -> tuple[SearchResult, tuple[int, ...]]:
-        """The answer, and the versions of the snapshot it was ranked on (`versions`: a cursor's)."""
-        started = time.perf_counter()
-        with self.lock:
-            self.requests += 1
-            try:
-                try:
-                    snapshot = self.snapshot(versions)
-                except CollectionError as error:  # a pinned snapshot that optimize has deleted
-                    raise HTTPException(status_code=410, detail=f"{error}: start the search again without the cursor") from None
-                if image_id is not None:
-                    try:
-                        query["image"] = snapshot.images([image_id])[0]["path"]
-                    except KeyError:
-                        raise HTTPException(status_code=404, detail=f"no image with id {image_id}") from None
-                return snapshot.search(spelling=API, **query), snapshot.store.versions()
-            except BtsearchError as error:
-                self.errors += 1
-                raise HTTPException(status_code=400, detail=str(error)) from None
-            finally:
-                self.latencies.append(1000 * (time.perf_counter() - started))
-
-
-def create_app(path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto") -> FastAPI:
+def create_app(
+    path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto", batching: bool = True,
+) -> FastAPI:
+    """The app over the collection at `path`; `batching=False` runs searches one at a time, as
+    they arrive (what `benchmarks/load.py --no-batching` measures)."""
     path = Path(path)
-    service = _Service(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True))
+    service = SearchService(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True), batching=batching)
     app = FastAPI(title="btsearch", description="Search images with text and texts with images (BridgeTower).", version="0.1.0")
+    app.state.search_service = service
 
     def image_row(image_id: int) -> ImageRow:
         try:

@@ -197,13 +197,14 @@ def add_texts(file, db, model, as_json, device, precision):
 )
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Write, for each (text, image) hit, a heat map of where the text's words look in the image, and the words that weigh most.")
+@click.option("--no-server", is_flag=True, help="Load the model here even when `serve` runs for the collection (also: BTSEARCH_NO_SERVER=1).")
 @model_option
 @device_option
 @quiet_option
-def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, negatives, as_json, bare, target, explain_dir, model, device, precision):
+def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, negatives, as_json, bare, target, explain_dir, no_server, model, device, precision):
     """Find images matching TEXT, or texts matching --image; TEXT with --image finds images like
-    the image that match TEXT."""
-    from btsearch.collection import Collection
+    the image that match TEXT. When `btsearch serve` runs for the collection (same model, device
+    and precision), the query is sent there: the same answer, without loading the model."""
     from btsearch.search import CLI, check_query
 
     check_query(
@@ -212,6 +213,17 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
     )
     if as_json and bare:
         raise BtsearchError("--json and --paths are two output formats: choose one")
+    if explain_dir is None and not no_server:
+        from .warm import search_through_server
+
+        warm = search_through_server(
+            db, text, image, k, offset, candidates, not no_rerank, min_match, where, negatives, target, model, device, precision,
+        )
+        if warm is not None:
+            print_search(warm, as_json, bare)
+            return
+    from btsearch.collection import Collection
+
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
     result = collection.search(
         text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target, min_match=min_match,

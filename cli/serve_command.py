@@ -20,9 +20,12 @@ def serve(db, host, port, model, device, precision):
     """
     import uvicorn
 
+    from btsearch import server_file
     from btsearch.collection import Collection
     from btsearch.server import create_app
 
     app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision)
     click.echo(f"btsearch serving {db} at http://{host}:{port}/", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # While it runs, `btsearch search --db` on this collection sends its queries here.
+    with server_file.announced(db, server_file.local_url(host, port), device, precision):
+        uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,86 @@
+"""Text searches answered together: one text-tower call for all of their texts, recall per
+query, and their (query, candidate) pairs through the cross-modal encoder in shared batches.
+
+Each answer equals the query's `search.search` alone (to float rounding: the texts are padded
+to the longest of the batch, and padding is masked). What sets a query apart stays its own:
+its k, offset, candidates, min_match and `where`. A query that fails in recall (a `where` that
+cannot be applied) gets its error and leaves the others to finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import BtsearchError
+from .reranker import Reranker
+from .search import LIBRARY, Recalled, SearchResult, Spelling, finish, recall_query
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+    from .indexers import BridgeCache, MetadataStore, TableIndexes
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """A text finding images, with the options a batch leaves to each query."""
+
+    text: str
+    k: int
+    candidates: int
+    rerank: bool = True
+    min_match: float | None = None
+    offset: int = 0
+    where: str | None = None
+
+
+def batchable(text: str | None, image: object | None, target: str | None, negatives: Sequence[str]) -> bool:
+    """Whether a query is a plain text finding images, which `search_texts` can answer with others."""
+    return text is not None and image is None and target in (None, "images") and not negatives
+
+
+def search_texts(
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, queries: Sequence[TextQuery],
+    spelling: Spelling = LIBRARY,
+) -> list[SearchResult | BtsearchError]:
+    """Each query's answer, or its own error, in order (queries `check_query` has passed)."""
+    if not queries:
+        return []
+    with_bridge = encoder.has_itm and any(query.rerank for query in queries)
+    states = encoder.text_states([query.text for query in queries], with_bridge=with_bridge)
+    answers: list[SearchResult | BtsearchError | None] = [None] * len(queries)
+    recalled: dict[int, Recalled] = {}
+    for n, query in enumerate(queries):
+        row = dataclasses.replace(
+            states, embeds=states.embeds[n : n + 1] if states.embeds is not None else None,
+            bridge=states.bridge[n : n + 1] if states.bridge is not None else None, mask=states.mask[n : n + 1] if states.mask is not None else None,
+        )
+        try:
+            recalled[n] = recall_query(
+                encoder, store, indexes, query.text, None, query.k, query.candidates, query.rerank, None, query.min_match, query.offset,
+                query.where, (), spelling, text_query=row,
+            )
+        except BtsearchError as error:
+            answers[n] = error
+    # Every candidate image once, whichever queries recalled it; a pair per (query, candidate).
+    slot_of: dict[int, int] = {}
+    paths: list[str] = []
+    pairs: list[tuple[int, int]] = []
+    for n, found in recalled.items():
+        for position in range(found.reranked):
+            item = int(found.ids[position])
+            if item not in slot_of:
+                slot_of[item] = len(paths)
+                paths.append(found.rows[position]["path"])
+            pairs.append((n, slot_of[item]))
+    logits = Reranker(encoder).score_pairs(states, pairs, paths, list(slot_of), rerank_cache) if pairs else np.empty((0, 2), np.float32)
+    start = 0
+    for n, found in recalled.items():
+        answers[n] = finish(found, [logits[start : start + found.reranked]] if found.reranked else [])
+        start += found.reranked
+    assert all(answer is not None for answer in answers)
+    return answers  # type: ignore[return-value]

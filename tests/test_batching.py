@@ -1,0 +1,183 @@
+"""Searches that arrive together are answered as one batch (`batch_search`, the server's
+`SearchService`): one text-tower call, shared re-rank batches, and each answer equal to the
+query's own sequential `Collection.search` (whose scores other tests hold to transformers')."""
+
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from btsearch.batch_search import TextQuery, search_texts
+from btsearch.batching import Batcher
+from btsearch.collection import Collection
+from btsearch.encoder import Encoder
+from btsearch.errors import BtsearchError
+from btsearch.server import create_app
+
+from .helpers import run
+
+# (text, options): plain text queries the batch answers together, each with its own options.
+TEXT_QUERIES = [
+    ("a close up of a tabby cat", dict(k=3, candidates=8)),
+    ("a rocket on the launch pad at night", dict(k=4, candidates=8, offset=2)),
+    ("rows of old coins on a dark background", dict(k=5, candidates=6, min_match=0.2)),
+    ("a red motorcycle parked in a garage", dict(k=3, candidates=4, where="width >= 400")),
+    ("the grey surface of the moon with craters and a long tail of words to pad the others", dict(k=2, candidates=2, rerank=False)),
+    ("a cup of coffee on a red saucer", dict(k=11, candidates=11)),
+]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, random_checkpoint, photos, photo_captions):
+    db = tmp_path_factory.mktemp("batching") / "db"
+    run("index", photos[0].parent, "--db", db, "--model", random_checkpoint, "--precision", "fp32", "--batch-size", 4, "-q")
+    texts = tmp_path_factory.mktemp("texts") / "captions.txt"
+    texts.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
+    run("add-texts", texts, "--db", db, "--precision", "fp32", "-q")
+    encoder = Encoder.from_pretrained(str(random_checkpoint), precision="fp32")
+    return Collection.open(db, encoder=encoder, read_only=True)
+
+
+def assert_same_answer(found, expected):
+    """Ids and ranks equal; scores to float rounding (a batch pads texts to its longest)."""
+    assert (found.query, found.target, found.offset, found.more, found.reranked) == (
+        expected.query, expected.target, expected.offset, expected.more, expected.reranked,
+    )
+    assert found.notes == expected.notes
+    assert [(h.rank, h.id, h.path, h.text) for h in found.hits] == [(h.rank, h.id, h.path, h.text) for h in expected.hits]
+    for got, want in zip(found.hits, expected.hits):
+        assert got.itc_score == pytest.approx(want.itc_score, abs=1e-5)
+        for name in ("itm_score", "match"):
+            if getattr(want, name) is None:
+                assert getattr(got, name) is None
+            else:
+                assert getattr(got, name) == pytest.approx(getattr(want, name), abs=1e-5)
+
+
+def counting(monkeypatch, encoder, name):
+    calls = []
+    original = getattr(encoder, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, name, counted)
+    return calls
+
+
+def test_a_batch_of_text_queries_answers_each_as_alone_with_one_tower_call(collection, monkeypatch):
+    expected = [collection.search(text=text, **options) for text, options in TEXT_QUERIES]
+    text_calls = counting(monkeypatch, collection.encoder, "text_states")
+    match_calls = counting(monkeypatch, collection.encoder, "match")
+    queries = [TextQuery(text=text, **{"rerank": True, **options}) for text, options in TEXT_QUERIES]
+    found = search_texts(collection.encoder, collection.store, collection.indexes, collection.rerank_cache, queries)
+    for got, want in zip(found, expected, strict=True):
+        assert_same_answer(got, want)
+    assert len(text_calls) == 1 and len(text_calls[0][0]) == len(TEXT_QUERIES)
+    # 33 pairs without the filtered query's (at most 4): two batches of the cross-modal encoder, where
+    # one query at a time takes one (or more) each.
+    assert len(match_calls) == 2
+
+
+def test_an_error_in_a_batch_is_that_query_s_alone(collection):
+    queries = [TextQuery("a close up of a tabby cat", k=3, candidates=3), TextQuery("a cat", k=3, candidates=3, where="lens = 1")]
+    good, bad = search_texts(collection.encoder, collection.store, collection.indexes, None, queries)
+    assert isinstance(bad, BtsearchError) and "no column named lens" in str(bad)
+    assert_same_answer(good, collection.search(text="a close up of a tabby cat", k=3, candidates=3))
+
+
+def image_id_of(collection, stem):
+    return next(row["id"] for row in collection.store.get_images(collection.store.ids("images")) if row["path"].endswith(f"/{stem}.jpg"))
+
+
+def test_concurrent_requests_through_the_app_equal_sequential_searches(collection):
+    """Mixed requests arrive together while a batch runs: the plain text ones are batched, the
+    rest run alone in the same turn, a bad one fails alone, and every answer is the sequential one."""
+    app = create_app(collection.path, encoder=collection.encoder)
+    service = app.state.search_service
+    client = TestClient(app)
+    chelsea = image_id_of(collection, "chelsea")
+    requests = [({"q": text, **{name: value for name, value in options.items()}}, (text, None, options)) for text, options in TEXT_QUERIES]
+    requests += [
+        ({"image_id": chelsea, "k": 3, "candidates": 4}, (None, chelsea, dict(k=3, candidates=4))),
+        ({"q": "a cat", "image_id": chelsea, "k": 3, "candidates": 3}, ("a cat", chelsea, dict(k=3, candidates=3))),
+        ({"q": "a space rocket", "not": "a photo of the moon", "k": 4, "candidates": 4}, ("a space rocket", None, dict(k=4, candidates=4, negatives=["a photo of the moon"]))),
+        ({"q": "a cat", "target": "texts", "k": 3}, ("a cat", None, dict(k=3, target="texts"))),
+        ({"q": "a cat", "where": "lens = 1"}, None),
+        ({"image_id": 999_999}, None),
+    ]
+    answers: list = [None] * len(requests)
+
+    def ask(n, params):
+        answers[n] = client.get("/api/search", params=params)
+
+    threads = [threading.Thread(target=ask, args=(n, params)) for n, (params, _) in enumerate(requests)]
+
+    def wait_for(condition):
+        for _ in range(2000):
+            if condition():
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError("timed out")
+
+    with service.lock:  # the first request's batch waits here; all the others queue behind it
+        threads[0].start()
+        wait_for(lambda: service.batcher.jobs == 1)
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: service.batcher.waiting == len(requests) - 1)
+    for thread in threads:
+        thread.join()
+    assert service.batcher.batches == 2 and service.batcher.jobs == len(requests)
+    for response, (_, reference) in zip(answers, requests):
+        if reference is None:
+            assert response.status_code in (400, 404)
+            continue
+        assert response.status_code == 200, response.text
+        text, image_id, options = reference
+        image = collection.images([image_id])[0]["path"] if image_id is not None else None
+        expected = collection.search(text=text, image=image, **options)
+        body = response.json()
+        assert [(h["rank"], h["id"]) for h in body["hits"]] == [(h.rank, h.id) for h in expected.hits]
+        assert [h["itc_score"] for h in body["hits"]] == pytest.approx([h.itc_score for h in expected.hits], abs=1e-5)
+        assert [h["itm_score"] for h in body["hits"]] == pytest.approx([h.itm_score for h in expected.hits], abs=1e-5)
+        assert [h["match"] for h in body["hits"]] == pytest.approx([h.match for h in expected.hits], abs=1e-5)
+    assert "no column named lens" in answers[-2].json()["detail"] and answers[-1].status_code == 404
+    assert client.get("/api/metrics").json()["requests"] == len(requests)
+
+
+def test_the_batcher_hands_each_caller_its_own_answer_or_error():
+    seen: list[list[int]] = []
+
+    def run_batch(jobs):
+        seen.append(list(jobs))
+        if -1 in jobs:
+            raise RuntimeError("the whole batch broke")
+        return [ValueError(f"bad {job}") if job % 2 else job * 10 for job in jobs]
+
+    batcher = Batcher(run_batch)
+    assert batcher.submit(4) == 40 and seen == [[4]]  # alone, at once
+    with pytest.raises(ValueError, match="bad 3"):
+        batcher.submit(3)
+    with pytest.raises(RuntimeError, match="whole batch"):
+        batcher.submit(-1)
+    results: dict[int, object] = {}
+
+    def ask(job):
+        try:
+            results[job] = batcher.submit(job)
+        except ValueError as error:
+            results[job] = str(error)
+
+    threads = [threading.Thread(target=ask, args=(job,)) for job in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {job: f"bad {job}" if job % 2 else job * 10 for job in range(8)}
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(2)
+    assert np.sum([len(batch) for batch in seen]) == 3 + 8
