@@ -28,7 +28,13 @@ MAX_CANDIDATES = 1024
 MAX_OFFSET = 10_000
 MAX_TEXT_CHARS = 2000
 MAX_ID = 2**62  # LanceDB ids are int64; above this an id is surely absent
-MAX_CURSOR_CHARS = 20_000
+MAX_NEGATIVES = 16
+MAX_CURSOR_CHARS = 200_000  # a cursor holds its query (q, where, the negatives) in base64url
+# The longest request head the schema allows (each key at its longest, its characters 4-byte UTF-8
+# percent-encoded) is under 1 MiB; h11's default of 16 KiB would refuse schema-valid requests
+# (and cursors of long queries) before the app sees them, with a plain-text 400.
+MAX_REQUEST_HEAD_BYTES = 2**20
+_CURSOR = "^[A-Za-z0-9_-]*$"
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 # Media types of the images `GET /api/images/{id}` serves, by suffix (the ones `index` reads).
@@ -211,9 +217,9 @@ SEARCH_QUERY_SCHEMA: dict[str, Any] = {
                   "description": "A condition on the searched table's columns in a subset of SQL: column op literal "
                   "(=, !=, <, <=, >, >=, LIKE, IN (...), IS [NOT] NULL, BETWEEN), joined by AND/OR, NOT and one level of "
                   "parentheses, e.g. width >= 1000 AND folder LIKE '%/2024%'."},
-        "not": {"type": "array", "items": {"type": "string", "pattern": _NOT_BLANK, "maxLength": MAX_TEXT_CHARS}, "minItems": 1,
+        "not": {"type": "array", "items": {"type": "string", "pattern": _NOT_BLANK, "maxLength": MAX_TEXT_CHARS}, "minItems": 1, "maxItems": MAX_NEGATIVES,
                 "description": "Texts whose images are pushed away (repeatable; a search of images)."},
-        "cursor": {"type": "string", "maxLength": MAX_CURSOR_CHARS,
+        "cursor": {"type": "string", "maxLength": MAX_CURSOR_CHARS, "pattern": _CURSOR,
                    "description": "The `next` of an earlier answer: its next page, on the same snapshot (the other keys are then ignored)."},
     },
     "anyOf": [{"required": ["q"]}, {"required": ["image_id"]}, {"required": ["cursor"]}],
@@ -294,10 +300,12 @@ def parse_search_query(params: QueryParams, upload: bool = False) -> tuple[PageQ
         if not 0.0 <= min_match <= 1.0:  # NaN fails this too
             raise _invalid("min_match", "a number from 0 to 1")
     negatives = () if upload else tuple(_text(params, "not", value) or "" for value in params.getlist("not"))
+    if len(negatives) > MAX_NEGATIVES:
+        raise _invalid("not", f"at most {MAX_NEGATIVES} texts")
     where = _one(params, "where")
     cursor = None if upload else _one(params, "cursor")
-    if cursor is not None and len(cursor) > MAX_CURSOR_CHARS:
-        raise _invalid("cursor", "too long to be one this server gave")
+    if cursor is not None and (len(cursor) > MAX_CURSOR_CHARS or not re.search(_CURSOR, cursor)):
+        raise _invalid("cursor", "not one this server gave (base64url)")
     if q is None and image_id is None and cursor is None and not upload:
         raise _invalid("q", "give q (a text), image_id (a stored image) or both, or the cursor of an earlier answer")
     if min_match is not None and not rerank:

@@ -41,7 +41,8 @@ def serve(db, host, port, token, no_auth, model, device, precision):
 
     from btsearch.collection import Collection
     from btsearch.server import create_app
+    from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
 
     app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision, token=token)
     say(f"btsearch serving {db} at http://{host}:{port}/" + (" (token required)" if token is not None else ""))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)

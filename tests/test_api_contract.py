@@ -25,7 +25,7 @@ from btsearch.collection import Collection
 from btsearch.encoder import Encoder
 from btsearch.search import MAX_WHERE_CHARS
 from btsearch.server import create_app
-from btsearch.server_schema import WHERE_PATTERNS
+from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES, WHERE_PATTERNS
 
 TOKEN = "contract-token"
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
@@ -55,7 +55,7 @@ def server_url(db, random_checkpoint):
 
     app = create_app(db, encoder=Encoder.from_pretrained(str(random_checkpoint), precision="fp32"), token=TOKEN)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

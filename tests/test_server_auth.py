@@ -106,7 +106,7 @@ def started(monkeypatch):
         calls["token"] = token
         return object()
 
-    def fake_run(app, host, port, log_level):
+    def fake_run(app, host, port, log_level, h11_max_incomplete_event_size):
         calls["host"] = host
 
     import uvicorn

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from btsearch.cli.main import main
 from btsearch.encoder import Encoder
 from btsearch.server import create_app
+from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
 
 CHROMIUM = os.environ.get("BTSEARCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium's background services would try a network this machine does not have.
@@ -64,7 +65,7 @@ def _serve(app):
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
