@@ -89,7 +89,7 @@ def test_every_where_the_schema_allows_applies_in_lancedb(db, table):
     store = Collection.open(db, load_model=False, read_only=True).store
     pattern = re.compile(WHERE_PATTERNS[table])
 
-    @settings(max_examples=80, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=50, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.from_regex(pattern).filter(lambda where: len(where) <= MAX_WHERE_CHARS))
     def applies(where):
         store.filter_ids(table, where)  # raises FilterError when it cannot be applied
