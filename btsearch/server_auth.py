@@ -46,7 +46,8 @@ def token_dependencies(token: str | None) -> list[Any]:
     bearer = HTTPBearer(auto_error=False, description="The token `btsearch serve` was given (--token or BTSEARCH_TOKEN).")
 
     def require_token(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-        given = credentials.credentials.encode() if credentials is not None and credentials.scheme.lower() == "bearer" else b""
+        # The header's own bytes (ASGI servers decode headers as latin-1), against the token's UTF-8.
+        given = credentials.credentials.encode("latin-1") if credentials is not None and credentials.scheme.lower() == "bearer" else b""
         if not hmac.compare_digest(given, expected):
             detail = "this server needs a token: send Authorization: Bearer <token>" if not given else "wrong token"
             raise HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
