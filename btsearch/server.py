@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import statistics
+from enum import IntEnum
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlencode
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as Path_
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from PIL import UnidentifiedImageError
 
@@ -32,21 +35,48 @@ from .images import load_rgb
 from .indexers import ImageRow
 from .indexers.layout import TABLES
 from .search import API, check_query, result_json
+from .server_auth import UNAUTHORIZED, token_dependencies
+from .server_schema import (
+    IMAGE_MEDIA_TYPES,
+    MAX_ID,
+    MAX_TEXT_CHARS,
+    OTHER_FILE,
+    SEARCH_QUERY_SCHEMA,
+    UPLOAD_QUERY_SCHEMA,
+    ExplanationAnswer,
+    Health,
+    Metrics,
+    SearchAnswer,
+    binary,
+    parse_search_query,
+    problems,
+    query_parameters,
+)
 from .service import SearchService
 
-THUMBNAIL_SIZES = (128, 256, 512)
+
+class ThumbnailSize(IntEnum):
+    small = 128
+    medium = 256
+    large = 512
+
+
 MAX_UPLOAD_BYTES = 50 * 2**20
-MAX_OFFSET = 10_000
 
 
 def create_app(
-    path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto", batching: bool = True,
+    path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto", token: str | None = None,
+    batching: bool = True,
 ) -> FastAPI:
-    """The app over the collection at `path`; `batching=False` runs searches one at a time, as
-    they arrive (what `benchmarks/load.py --no-batching` measures)."""
+    """The app over the collection at `path`; with a `token`, every /api operation needs it as a
+    bearer token; `batching=False` runs searches one at a time, as they arrive (what
+    `benchmarks/load.py --no-batching` measures)."""
     path = Path(path)
     service = SearchService(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True), batching=batching)
-    app = FastAPI(title="btsearch", description="Search images with text and texts with images (BridgeTower).", version="0.1.0")
+    app = FastAPI(
+        title="btsearch", description="Search images with text and texts with images (BridgeTower).", version="0.1.0",
+        dependencies=token_dependencies(token), responses=UNAUTHORIZED if token is not None else {},
+    )
     app.state.search_service = service
 
     def image_row(image_id: int) -> ImageRow:
@@ -65,16 +95,17 @@ def create_app(
 
     web_page = (files("btsearch") / "web" / "index.html").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
-        return web_page
+    def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(web_page)
 
-    @app.get("/api/health")
+    app.add_route("/", page, include_in_schema=False)  # a plain route: the page loads without the token, to ask for it
+
+    @app.get("/api/health", response_model=Health)
     def health() -> dict:
         snapshot = service.collection()
         return {"status": "ok", "model": snapshot.manifest.model, "images": snapshot.count("images"), "texts": snapshot.count("texts")}
 
-    @app.get("/api/metrics")
+    @app.get("/api/metrics", response_model=Metrics)
     def metrics() -> dict:
         snapshot = service.collection()
         latencies = sorted(service.latencies)
@@ -104,67 +135,65 @@ def create_app(
         pinned = dataclasses.replace(page, versions=versions)
         return {**result_json(found, image_links=True), "offset": found.offset, "next": encode_cursor(pinned.next_page()) if found.more else None}
 
-    @app.get("/api/search")
-    def search(
-        q: str | None = Query(None, description="Text query: finds images (or texts with target=texts); with image_id, images like it that match q."),
-        image_id: int | None = Query(None, description="A stored image as the query: finds texts (or images with target=images)."),
-        k: int = Query(10, ge=1, le=1000),
-        offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Hits to skip: offset=3&k=3 is ranks 4..6 of the same ranking."),
-        candidates: int | None = Query(None, ge=1, le=1024, description="FAISS candidates re-ranked by ITM [default: 128 on a GPU, 16 on a CPU]."),
-        rerank: bool = True,
-        target: str | None = Query(None, pattern="^(images|texts)$"),
-        min_match: float | None = Query(None, ge=0, le=1, description="Keep only re-ranked hits whose match probability reaches this."),
-        where: str | None = Query(None, max_length=2000, description="SQL over the table's columns, e.g. width >= 1000 AND folder LIKE '%/2024%'."),
-        negatives: list[str] = Query([], alias="not", description="Texts whose images are pushed away (repeatable)."),
-        cursor: str | None = Query(None, description="The `next` of an earlier answer: its next page, on the same snapshot (the other parameters are ignored)."),
-    ) -> dict:
+    @app.get(
+        "/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, responses=problems(400, 404, 410, 422),
+        openapi_extra={"parameters": query_parameters(SEARCH_QUERY_SCHEMA, required=True)},
+    )
+    def search(request: Request) -> dict:
+        """Search by text (q), by a stored image (image_id) or both, or the next page of an earlier
+        answer (cursor)."""
+        page, cursor = parse_search_query(request.query_params)
         if cursor is not None:
             try:
-                return answer(decode_cursor(cursor))
+                page = decode_cursor(cursor)
             except BtsearchError as error:
-                raise HTTPException(status_code=400, detail=str(error)) from None
-        return answer(PageQuery(
-            versions=(), offset=offset, k=k, q=q, image_id=image_id, candidates=candidates, rerank=rerank, target=target,
-            min_match=min_match, where=where, negatives=tuple(negatives),
-        ))
+                raise HTTPException(status_code=404, detail=str(error)) from None
+        return answer(page)
 
-    @app.post("/api/search/image")
-    def search_by_upload(
-        file: UploadFile = File(..., description="The query image."),
-        k: int = Query(10, ge=1, le=1000),
-        offset: int = Query(0, ge=0, le=MAX_OFFSET),
-        candidates: int | None = Query(None, ge=1, le=1024),
-        rerank: bool = True,
-        target: str | None = Query(None, pattern="^(images|texts)$"),
-        min_match: float | None = Query(None, ge=0, le=1),
-        where: str | None = Query(None, max_length=2000),
-    ) -> dict:
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(status_code=413, detail=f"the upload is over {MAX_UPLOAD_BYTES // 2**20} MiB")
+    @app.post(
+        "/api/search/image", response_model=SearchAnswer, response_model_exclude_unset=True, responses=problems(400, 413, 415, 422),
+        openapi_extra={
+            "parameters": query_parameters(UPLOAD_QUERY_SCHEMA, required=False),
+            "requestBody": {"required": True, "description": "The query image's bytes (any image type PIL reads).", "content": binary("image/*")},
+        },
+    )
+    async def search_by_upload(request: Request) -> dict:
+        """Search by an uploaded image, sent as the request body: finds texts (or images with
+        target=images). Not kept: its answer has no next page."""
+        page, _ = parse_search_query(request.query_params, upload=True)
+        if not request.headers.get("content-type", "").lower().startswith("image/"):
+            raise HTTPException(status_code=415, detail="send the image itself as the body, with its Content-Type (image/jpeg, image/png, ...)")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_UPLOAD_BYTES:
+                raise HTTPException(status_code=413, detail=f"the upload is over {MAX_UPLOAD_BYTES // 2**20} MiB")
         try:
-            picture = load_rgb(io.BytesIO(data), max_pixels=DEFAULT_MAX_PIXELS, name=file.filename or "upload")
+            picture = load_rgb(io.BytesIO(bytes(data)), max_pixels=DEFAULT_MAX_PIXELS, name="the upload")
         except (BtsearchError, UnidentifiedImageError, OSError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        found, _ = service.search(
-            image=picture, k=k, candidates=candidates, rerank=rerank, target=target, min_match=min_match, offset=offset, where=where,
-        )
+        found, _ = await run_in_threadpool(lambda: service.search(
+            image=picture, k=page.k, candidates=page.candidates, rerank=page.rerank, target=page.target, min_match=page.min_match,
+            offset=page.offset, where=page.where,
+        ))
         return {**result_json(found, image_links=True), "offset": found.offset, "next": None}  # an upload is not kept to page through
 
-    @app.get("/api/images/{image_id}")
-    def full_image(image_id: int) -> FileResponse:
+    @app.get(
+        "/api/images/{image_id}", response_class=Response, responses={200: {"content": binary(*sorted(set(IMAGE_MEDIA_TYPES.values())), OTHER_FILE)}, **problems(404)},
+    )
+    def full_image(image_id: int = Path_(..., ge=0, le=MAX_ID)) -> Response:
+        """The image's file as stored, with its type's Content-Type."""
         row = image_row(image_id)
         if not Path(row["path"]).is_file():
             raise HTTPException(status_code=404, detail=f"the file of image {image_id} is gone: {row['path']}")
-        return FileResponse(row["path"])
+        return FileResponse(row["path"], media_type=IMAGE_MEDIA_TYPES.get(Path(row["path"]).suffix.lower(), OTHER_FILE))
 
-    @app.get("/api/images/{image_id}/thumbnail")
-    def thumbnail(image_id: int, size: int = Query(256)) -> Response:
-        if size not in THUMBNAIL_SIZES:
-            raise HTTPException(status_code=400, detail=f"size must be one of {THUMBNAIL_SIZES}")
+    @app.get("/api/images/{image_id}/thumbnail", response_class=Response, responses={200: {"content": binary("image/jpeg")}, **problems(404)})
+    def thumbnail(image_id: int = Path_(..., ge=0, le=MAX_ID), size: ThumbnailSize = Query(ThumbnailSize.medium)) -> Response:
+        """The image as a JPEG whose longer side is `size` pixels (or less, never enlarged)."""
         row = image_row(image_id)
         try:
-            return Response(thumbnail_bytes(row["path"], row["mtime"], size), media_type="image/jpeg")
+            return Response(thumbnail_bytes(row["path"], row["mtime"], int(size)), media_type="image/jpeg")
         except BtsearchError as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
 
@@ -175,38 +204,34 @@ def create_app(
         with service.lock:
             return explain_file(service.encoder, text, file)
 
-    def explanation(q: str | None, image_id: int | None) -> Explanation:
-        if q is None or not q.strip():
-            raise HTTPException(status_code=400, detail="give q, the text to explain (it is missing or empty)")
-        if image_id is None:
-            raise HTTPException(status_code=400, detail="give image_id, the image to explain the text over")
+    def explanation(q: str, image_id: int) -> Explanation:
+        if not q.strip():  # FastAPI checks the pattern with Rust's idea of a blank; Python's is the one that counts
+            raise HTTPException(status_code=422, detail=[{"loc": ["query", "q"], "msg": "q is blank", "type": "value_error"}])
         row = image_row(image_id)
         try:
             return explanation_of(q, row["path"], row["mtime"])
         except BtsearchError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
 
-    @app.get("/api/explain")
-    def explain_hit(
-        q: str | None = Query(None, description="The text (a search's query)."),
-        image_id: int | None = Query(None, description="The image (a hit of that search)."),
-    ) -> dict:
+    text_query = Query(..., min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S", description="The text (a search's query).")
+    hit_query = Query(..., ge=0, le=MAX_ID, description="The image (a hit of that search).")
+
+    @app.get("/api/explain", response_model=ExplanationAnswer, responses=problems(400, 404))
+    def explain_hit(q: str = text_query, image_id: int = hit_query) -> dict:
         """Why this hit: the words' weights, the heat map over the image's patches (grid_size x
         grid_size, summing to 1) and the match probability; `png` draws it."""
         found = explanation(q, image_id)
         return {"image_id": image_id, **found.to_json(), "png": f"/api/explain.png?{urlencode({'q': q, 'image_id': image_id})}"}
 
-    @app.get("/api/explain.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.get("/api/explain.png", response_class=Response, responses={200: {"content": binary("image/png")}, **problems(400, 404)})
     def explain_picture(
-        q: str | None = Query(None, description="The text (a search's query)."),
-        image_id: int | None = Query(None, description="The image (a hit of that search)."),
-        word: int | None = Query(None, description="One word's map (its index in /api/explain's words) instead of the whole text's."),
+        q: str = text_query, image_id: int = hit_query,
+        word: int | None = Query(None, ge=0, description="One word's map (its index in /api/explain's words) instead of the whole text's."),
     ) -> Response:
         """The image as the model saw it (the processor's crop) with the heat map over it."""
         found = explanation(q, image_id)
-        try:
-            return Response(png_bytes(render(found, word)), media_type="image/png")
-        except BtsearchError as error:
-            raise HTTPException(status_code=400, detail=str(error)) from None
+        if word is not None and word >= len(found.words):
+            raise HTTPException(status_code=404, detail=f"no word {word}: the text has {len(found.words)} words (0..{len(found.words) - 1})")
+        return Response(png_bytes(render(found, word)), media_type="image/png")
 
     return app

@@ -1,31 +1,51 @@
-"""`btsearch serve`: the HTTP API and web page over one collection."""
+"""`btsearch serve`: the HTTP API and web page over one collection, and who may use it."""
 
 from __future__ import annotations
 
 import click
 
-from .options import db_option, device_option, model_option
+from btsearch.errors import BtsearchError
+
+from .options import db_option, device_option, model_option, quiet_option, say
 
 
 @click.command()
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--token", envvar="BTSEARCH_TOKEN", default=None, metavar="T",
+    help="Require `Authorization: Bearer T` on every API request (env BTSEARCH_TOKEN). Needed to listen on "
+    "an address other than loopback, unless --no-auth.",
+)
+@click.option("--no-auth", is_flag=True, help="Listen on a non-loopback address without a token: anyone who reaches the port sees every image.")
 @model_option
 @device_option
-def serve(db, host, port, model, device, precision):
+@quiet_option
+def serve(db, host, port, token, no_auth, model, device, precision):
     """Serve the collection: a web page at / and an HTTP API under /api (OpenAPI schema at
     /openapi.json, interactive docs at /docs): search by text, uploaded image or image id,
-    thumbnails, health and metrics. The model is loaded once; searches queue.
+    thumbnails, health and metrics. The model is loaded once; searches that arrive together run as one batch.
     """
+    from btsearch.server_auth import is_loopback
+
+    if token is not None and not token.strip():
+        raise BtsearchError("the token (--token or BTSEARCH_TOKEN) is empty: give one, or leave both unset")
+    if token is None and not no_auth and not is_loopback(host):
+        raise BtsearchError(
+            f"serving on {host} would show every image to anyone who reaches it: give --token T (or BTSEARCH_TOKEN), "
+            "or --no-auth to serve without one"
+        )
+
     import uvicorn
 
     from btsearch import server_file
     from btsearch.collection import Collection
     from btsearch.server import create_app
+    from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
 
-    app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision)
-    click.echo(f"btsearch serving {db} at http://{host}:{port}/", err=True)
-    # While it runs, `btsearch search --db` on this collection sends its queries here.
-    with server_file.announced(db, server_file.local_url(host, port), device, precision):
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision, token=token)
+    say(f"btsearch serving {db} at http://{host}:{port}/" + (" (token required)" if token is not None else ""))
+    # While it runs, `btsearch search --db` on this collection sends its queries here (with the token).
+    with server_file.announced(db, server_file.local_url(host, port), device, precision, token=token):
+        uvicorn.run(app, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)

@@ -13,8 +13,8 @@ CLI's words. `--no-server` or BTSEARCH_NO_SERVER=1 forces the cold path.
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
-import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -82,16 +82,10 @@ def _call(
     headers = {"Accept": "application/json"}
     if record.token:
         headers["Authorization"] = f"Bearer {record.token}"
-    data = None
-    if upload is not None:
-        boundary = secrets.token_hex(16)
-        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
-        data = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe_name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode() + upload + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(record.url.rstrip("/") + path, data=data, headers=headers, method=method)
+    if upload is not None:  # the API takes the image itself as the body, with an image type
+        guessed = mimetypes.guess_type(filename)[0] or ""
+        headers["Content-Type"] = guessed if guessed.startswith("image/") else "image/unknown"
+    request = urllib.request.Request(record.url.rstrip("/") + path, data=upload, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             if response.status != 200:

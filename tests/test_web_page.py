@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from btsearch.cli.main import main
 from btsearch.encoder import Encoder
 from btsearch.server import create_app
+from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
 
 CHROMIUM = os.environ.get("BTSEARCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium's background services would try a network this machine does not have.
@@ -56,29 +57,52 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory, trained_checkpoint, photos, photo_captions):
+TOKEN = "page-token"
+
+
+def _serve(app):
+    """uvicorn on a free loopback port in a thread: (url, stop)."""
     import uvicorn
 
-    db = tmp_path_factory.mktemp("web") / "db"
-    runner = CliRunner()
-    assert runner.invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32", "--quiet"]).exit_code == 0
-    captions = tmp_path_factory.mktemp("web-texts") / "captions.txt"
-    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
-    assert runner.invoke(main, ["add-texts", str(captions), "--db", str(db), "--precision", "fp32", "--quiet"]).exit_code == 0
-
-    app = create_app(db, encoder=Encoder.from_pretrained(str(trained_checkpoint), precision="fp32"))
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def web_db(tmp_path_factory, trained_checkpoint, photos, photo_captions):
+    db = tmp_path_factory.mktemp("web") / "db"
+    runner = CliRunner()
+    assert runner.invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32", "--quiet"]).exit_code == 0
+    captions = tmp_path_factory.mktemp("web-texts") / "captions.txt"
+    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
+    assert runner.invoke(main, ["add-texts", str(captions), "--db", str(db), "--precision", "fp32", "--quiet"]).exit_code == 0
+    return db, Encoder.from_pretrained(str(trained_checkpoint), precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def server_url(web_db):
+    url, stop = _serve(create_app(web_db[0], encoder=web_db[1]))
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="module")
+def token_server_url(web_db):
+    url, stop = _serve(create_app(web_db[0], encoder=web_db[1], token=TOKEN))
+    yield url
+    stop()
 
 
 @pytest.fixture(scope="module")
@@ -173,5 +197,31 @@ def test_explain_shows_where_the_words_look_and_the_words_that_weigh_most(page):
     words = page.locator("#words li.word").all_inner_texts()
     assert words and all(text.split()[0] in "a close up of a tabby cat".split() for text in words)
     page.locator("#words li.word").first.click()
-    page.wait_for_function("() => document.getElementById('heat').src.includes('&word=')")
+    page.wait_for_function("() => document.getElementById('heat').dataset.word !== ''")
     page.wait_for_function("() => document.getElementById('heat').complete && document.getElementById('heat').naturalWidth > 0")
+
+
+def test_a_server_with_a_token_asks_for_it_once_and_sends_it_with_every_request(browser, token_server_url):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    prompts, sent = [], []
+    page.on("dialog", lambda dialog: (prompts.append(dialog.message), dialog.accept(TOKEN)))
+    page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
+    page.goto(token_server_url)
+    page.fill("#q", "a close up of a tabby cat")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#grid figure.hit")
+    # Thumbnails need the token too: they are fetched with it and shown from blob: URLs.
+    page.wait_for_function("() => [...document.querySelectorAll('#grid img')].every((img) => img.complete && img.naturalWidth > 0)")
+    assert len(prompts) == 1 and "token" in prompts[0]
+    api_requests = [(url, authorization) for url, authorization in sent if "/api/" in url]
+    assert api_requests[0][1] is None and all(a == f"Bearer {TOKEN}" for _, a in api_requests[1:])  # the first one got the 401
+    assert all(TOKEN not in url for url, _ in sent)  # never in a URL
+    assert page.evaluate("sessionStorage.getItem('btsearch-token')") == TOKEN
+    page.reload()  # kept for the tab: no second question
+    page.fill("#q", "a close up of a tabby cat")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#grid figure.hit")
+    assert len(prompts) == 1
+    context.close()
