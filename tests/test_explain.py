@@ -248,10 +248,10 @@ def test_collection_explain_and_the_api_agree(collection, trained_checkpoint, ph
 
     assert client.get("/api/explain", params={"q": QUERY, "image_id": 999999}).status_code == 404
     assert "no image with id" in client.get("/api/explain.png", params={"q": QUERY, "image_id": 999999}).json()["detail"]
-    missing = client.get("/api/explain", params={"image_id": image_id})
-    assert missing.status_code == 400 and "give q" in missing.json()["detail"]
-    assert "give image_id" in client.get("/api/explain", params={"q": QUERY}).json()["detail"]
+    missing = client.get("/api/explain", params={"image_id": image_id})  # the schema requires q and image_id
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["query", "q"]
+    assert client.get("/api/explain", params={"q": QUERY}).json()["detail"][0]["loc"] == ["query", "image_id"]
     bad_word = client.get("/api/explain.png", params={"q": QUERY, "image_id": image_id, "word": 99})
-    assert bad_word.status_code == 400 and "word must be 0..6" in bad_word.json()["detail"]
+    assert bad_word.status_code == 404 and "no word 99: the text has 7 words (0..6)" in bad_word.json()["detail"]
     with pytest.raises(BtsearchError, match="no image with id 999999"):
         library.explain(QUERY, 999999)
