@@ -179,6 +179,7 @@ class Collection:
                 report = sync_on_ray(
                     self._model(), self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
                     max_pixels=max_pixels, workers=workers, address=ray_address, progress=progress,
+                    rerank_cache=None if self.rerank_cache is None else self.rerank_cache.folder,
                 )
             else:
                 report = ingest.index_images(

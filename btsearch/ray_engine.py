@@ -95,8 +95,9 @@ def sync_on_ray(
     encoder: Encoder, store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], progress: bool = False, **options: Any,
 ) -> IndexReport:
     """What `Collection.add_images(engine="ray")` runs under the write lock: `index_images_on_ray`
-    with actors in the driver's precision. (The re-rank cache, if on, is then completed on the
-    driver's model by `ingest.complete_rerank_cache`, as after the local engine.)"""
+    with actors in the driver's precision. (With the re-rank cache on, the Embed actors write each
+    batch's states before its rows are committed; `ingest.complete_rerank_cache` then fills
+    whatever is still missing, as after the local engine.)"""
     from .device import PRECISIONS
 
     precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
@@ -117,10 +118,12 @@ def index_images_on_ray(
     address: str | None = None,
     progress: bool = False,
     prepare_workers: int | None = None,
+    rerank_cache: str | os.PathLike[str] | None = None,
 ) -> IndexReport:
     """Sync the collection with the files under `roots` on a Ray cluster: the same plan, rows,
     skip reasons and summary as the local engine (`ingest.index_images`). `prepare_workers`
-    caps the Prepare actors [default: 4 per GPU, within the cluster's cores]."""
+    caps the Prepare actors [default: 4 per GPU, within the cluster's cores]; `rerank_cache`:
+    the cache's folder, when it is on (the Embed actors write the states there)."""
     ray = start_ray(address)
     started, started_at = time.perf_counter(), time.time()
     plan, report = start_sync(store, indexes, roots, keep_missing)
@@ -133,7 +136,7 @@ def index_images_on_ray(
         saved = waves / f"run-{int(ids[0]):012d}.json"
         with atomic_write(saved) as f:  # the plan (id, path), saved before anything is submitted
             f.write(json.dumps({"ids": ids.tolist(), "paths": plan.todo}).encode())
-        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers), prepare_workers)
+        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers), prepare_workers, rerank_cache)
         landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), plan.todo)), progress)
         saved.unlink()
         report.skipped += skipped
@@ -149,7 +152,7 @@ class _Stages:
 
     def __init__(
         self, model_id: str, store: MetadataStore, batch_size: int, max_pixels: int, device: str, precision: str, embed_workers: int,
-        prepare_workers: int | None = None,
+        prepare_workers: int | None = None, rerank_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         import ray
 
@@ -158,6 +161,7 @@ class _Stages:
         self.schema = store.table_schema("images")
         self.model_id, self.batch_size, self.max_pixels = model_id, batch_size, max_pixels
         self.device, self.precision, self.embed_workers = device, precision, embed_workers
+        self.rerank_cache = None if rerank_cache is None else str(rerank_cache)
         self.gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.prepare_workers = prepare_workers or max(1, min(4 * max(self.gpus, 1), cpus - 1))
@@ -177,7 +181,7 @@ class _Stages:
         )
         embed_resources = {"num_gpus": 1} if self.gpus else {"num_cpus": 0.5}
         embedded = prepared.map_batches(
-            Embed, fn_constructor_kwargs={"model_id": self.model_id, "device": self.device, "precision": self.precision},
+            Embed, fn_constructor_kwargs={"model_id": self.model_id, "device": self.device, "precision": self.precision, "rerank_cache": self.rerank_cache},
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=self.embed_workers), **embed_resources,
         )
         written = embedded.map_batches(

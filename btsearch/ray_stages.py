@@ -52,21 +52,33 @@ class Prepare:
 
 
 class Embed:
-    """The image tower on the prepared pixels of the rows that loaded."""
+    """The image tower on the prepared pixels of the rows that loaded; with the re-rank cache on,
+    their bridge inputs go into it here, before the driver commits the rows that make them
+    searchable (a stream that fails after this leaves cache rows no image uses, never an image
+    without its states)."""
 
-    def __init__(self, model_id: str, device: str, precision: str) -> None:
+    def __init__(self, model_id: str, device: str, precision: str, rerank_cache: str | None = None) -> None:
         from .encoder import Encoder
+        from .indexers.bridge_cache import BridgeCache
 
         self.encoder = Encoder.from_pretrained(model_id, device=device, precision=precision)
+        self.cache = BridgeCache(rerank_cache, read=False) if rerank_cache is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from .tensors import to_numpy
+
         good = [i for i, error in enumerate(batch["error"].to_pylist()) if error is None]
         dim = self.encoder.embed_dim
         embeddings = np.zeros((batch.num_rows, dim), np.float32)
         if good:
             shapes, blobs = batch["shape"].to_pylist(), batch["pixels"].to_pylist()
             pixels = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(shapes[i]) for i in good])
-            embeddings[good] = self.encoder.embed_pixels(pixels)
+            states = self.encoder.image_states(pixels, with_bridge=self.cache is not None)
+            embeddings[good] = to_numpy(states.embeds)
+            if self.cache is not None:
+                assert states.bridge is not None
+                ids = np.asarray(batch["id"].to_pylist(), np.int64)[good]
+                self.cache.append(ids, to_numpy(states.bridge, self.cache.dtype))
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
         return batch.drop_columns(["pixels", "shape"]).append_column("embedding", embedding)
 

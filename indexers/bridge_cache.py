@@ -31,16 +31,17 @@ COMPACT_DEAD_FRACTION = 0.25  # compact once this share of the cache's rows is d
 
 
 class BridgeCache:
-    def __init__(self, folder: str | os.PathLike[str], dtype: DTypeLike = CACHE_DTYPE) -> None:
+    def __init__(self, folder: str | os.PathLike[str], dtype: DTypeLike = CACHE_DTYPE, read: bool = True) -> None:
         """`dtype`: how new states are stored (float16 halves the bytes of float32 and holds
-        bf16 states exactly; float32 keeps fp32 states exact). Chunks read back as written."""
+        bf16 states exactly; float32 keeps fp32 states exact). Chunks read back as written.
+        `read=False`: only append (a worker writing its batches), without reading the chunks there."""
         self.folder = Path(folder)
         self.dtype = np.dtype(dtype)
         self._where: dict[int, tuple[Path, int]] = {}
         self._chunks: dict[Path, np.ndarray] = {}
         self._ids: dict[Path, np.ndarray] = {}  # every readable chunk's ids, in time order
         self.damaged: list[tuple[Path, str]] = []  # chunks left out, with why
-        for states in sorted(self.folder.glob("chunk-*[0-9].npy")):
+        for states in sorted(self.folder.glob("chunk-*[0-9].npy")) if read else ():
             try:
                 ids = np.load(states.with_suffix(".ids.npy"))
                 rows = np.load(states, mmap_mode="r")

@@ -276,3 +276,26 @@ def test_the_rerank_cache_catches_up_after_a_ray_run(tmp_path, files, trained_ch
     plain = json.loads(run("search", "a cat", "--db", reference[0], "-k", 4, "--candidates", 4, "--precision", "fp32", "--json").stdout)["hits"]
     assert [h["path"] for h in cached] == [h["path"] for h in plain]
     np.testing.assert_allclose([h["itm_score"] for h in cached], [h["itm_score"] for h in plain], atol=2e-2)  # float16 states
+
+
+def test_with_the_cache_on_the_actors_write_states_before_the_commit(tmp_path, files, trained_checkpoint, monkeypatch):
+    """A driver killed at its second commit, before any catch-up could run: every image the
+    first commit made searchable already has its cached states (the Embed actors wrote them)."""
+    folder, _, total = files
+    db = tmp_path / "db"
+    monkeypatch.setattr(ray_engine, "WAVE_FILES", 6)
+    real_commit = lance.LanceDataset.commit
+    commits = []
+
+    def dying_commit(uri, operation, **kwargs):
+        if commits:
+            raise SystemExit("killed")
+        commits.append(sum(fragment.physical_rows for fragment in operation.fragments))
+        return real_commit(uri, operation, **kwargs)
+
+    monkeypatch.setattr(lance.LanceDataset, "commit", staticmethod(dying_commit))
+    assert index(folder, db, trained_checkpoint, "--engine", "ray", "--rerank-cache", ok=False).exit_code != 0
+    collection = Collection.open(db, load_model=False, read_only=True)
+    stored = collection.store.ids("images")
+    assert len(stored) == commits[0] > 0 and collection.rerank_cache is not None
+    assert all(int(item) in collection.rerank_cache for item in stored)
