@@ -187,7 +187,7 @@ class Collection:
                     batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
                 )
             if self.rerank_cache is not None:  # whole after every run: images stored earlier, or by Ray, get theirs
-                ingest.complete_rerank_cache(self._model(), self.store, self.rerank_cache, progress)
+                ingest.complete_rerank_cache(self._model(), self.store, self.rerank_cache, report, progress)
             return report
 
     def add_texts(

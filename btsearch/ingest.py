@@ -51,6 +51,8 @@ class IndexReport:
     unchanged: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
+    cache_filled: int = 0  # stored images the re-rank cache's catch-up gave their states
+    cache_unreadable: list[SkippedImage] = field(default_factory=list)  # ...and those whose files it could not read
 
     def count_embedded(self, paths: Iterable[str], replaced_paths: set[str]) -> None:
         """Count files just stored: changed ones (their old rows were replaced) as updated, the rest as added."""
@@ -197,19 +199,20 @@ def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> No
     log.save()
 
 
-def complete_rerank_cache(encoder: Encoder, store: MetadataStore, cache: BridgeCache, progress: bool = False) -> list[SkippedImage]:
+def complete_rerank_cache(encoder: Encoder, store: MetadataStore, cache: BridgeCache, report: IndexReport, progress: bool = False) -> None:
     """What every `index` run with the re-rank cache on does last, whatever the engine: give each
     stored image the cache lacks (stored before the cache was on, or by the Ray engine) its
     states, drop what killed writes left, and compact once dead rows pass COMPACT_DEAD_FRACTION.
-    Returns the stored images whose files could not be read (they stay uncovered)."""
+    `report` learns how many it filled, and the stored images whose files could not be read
+    (they stay uncovered)."""
     cache.remove_leftovers()
     stored = store.stored_files()
     ids = stored.ids.tolist()
     rows = [(item, path) for item, path in zip(ids, stored.paths.to_pylist()) if item not in cache]
-    unreadable = fill_bridge_cache(encoder, cache, rows, progress, skip_unreadable=True)
+    report.cache_unreadable = fill_bridge_cache(encoder, cache, rows, progress, skip_unreadable=True)
+    report.cache_filled = len(rows) - len(report.cache_unreadable)
     if cache.dead_rows(ids) > COMPACT_DEAD_FRACTION * cache.rows():
         cache.compact(ids)
-    return unreadable
 
 
 def add_texts(

@@ -46,8 +46,13 @@ def index_summary(report: IndexReport, collection: Collection) -> dict[str, Any]
 
 
 def say_skipped(report: IndexReport) -> None:
+    """The files skipped, and what the re-rank cache's catch-up did beyond this run's files."""
     for skipped in report.skipped:
         say(f"skipped {skipped.path}: {skipped.reason}")
+    if report.cache_filled:
+        say(f"re-rank cache: computed the states of {report.cache_filled} stored images that lacked them")
+    for unreadable in report.cache_unreadable:
+        say(f"re-rank cache: no states for {unreadable.path}: {unreadable.reason}")
 
 
 def echo_index_line(report: IndexReport, summary: dict[str, Any]) -> None:
