@@ -39,7 +39,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.remaining
+        return not any(problem.fault for problem in self.remaining)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,7 +62,7 @@ def check(path: str | os.PathLike[str], repair: bool = False, model: str | None 
         with WriteLock(path), storage_errors(path):
             problems = _find(path)
             report = CheckReport(problems)
-            if problems:
+            if any(problem.fault for problem in problems):
                 _repair(path, problems, model, report, progress)
             report.remaining = _find(path)
             return report
@@ -83,7 +83,8 @@ def _find(path: Path) -> list[Problem]:
     problems = check_lancedb(collection.store)
     if problems and any("cannot be read" in problem.message for problem in problems):
         return problems
-    return problems + check_faiss(collection.indexes) + check_rerank_cache(collection.rerank_cache, collection.store.ids("images"))
+    stored = collection.store.stored_files()
+    return problems + check_faiss(collection.indexes) + check_rerank_cache(collection.rerank_cache, stored.ids, stored.paths.to_pylist())
 
 
 def _repair(path: Path, problems: list[Problem], model: str | None, report: CheckReport, progress: bool) -> None:

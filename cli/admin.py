@@ -108,13 +108,14 @@ def check(db, repair, model, as_json):
         click.echo(json.dumps(report.as_dict()))
     else:
         for problem in report.problems:
-            click.echo(f"{problem.part}: {problem.message}")
+            click.echo(f"{problem.part}: {problem.message}" if problem.fault else f"note: {problem.part}: {problem.message}")
         for done in report.repaired:
             click.echo(f"repaired: {done}")
         if repair:
             for problem in report.remaining:
-                click.echo(f"still {problem.part}: {problem.message}")
+                if problem.fault:
+                    click.echo(f"still {problem.part}: {problem.message}")
         if report.ok:
-            click.echo(f"ok: {db} is consistent" + (" now" if report.problems else ""))
+            click.echo(f"ok: {db} is consistent" + (" now" if any(problem.fault for problem in report.problems) else ""))
     if not report.ok:
         raise click.exceptions.Exit(1)

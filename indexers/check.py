@@ -27,9 +27,10 @@ class Problem:
     part: str  # "manifest", "lancedb", "faiss", "rerank-cache"
     message: str
     mend: str  # what --repair does about it ("" when it cannot)
+    fault: bool = True  # False: worth knowing, but what the user chose (a note; `check` still passes)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"part": self.part, "problem": self.message, "repair": self.mend or None}  # type: ignore[dict-item]
+    def as_dict(self) -> dict[str, str | bool | None]:
+        return {"part": self.part, "problem": self.message, "repair": self.mend or None, "fault": self.fault}
 
 
 def table_dim(folder: str | os.PathLike[str]) -> int | None:
@@ -114,9 +115,11 @@ def check_faiss(indexes: TableIndexes) -> list[Problem]:
     return problems
 
 
-def check_rerank_cache(cache: BridgeCache | None, image_ids: np.ndarray) -> list[Problem]:
+def check_rerank_cache(cache: BridgeCache | None, image_ids: np.ndarray, paths: list[str] | None = None) -> list[Problem]:
     """With the cache on: every image covered, every chunk readable, no leftover files, dead
-    rows under COMPACT_DEAD_FRACTION."""
+    rows under COMPACT_DEAD_FRACTION. `paths` (the images' files, in `image_ids` order): an
+    uncovered image whose file is gone (kept by --keep-missing) is a note, not a fault, since no
+    repair can compute its states."""
     if cache is None:
         return []
     problems = [Problem("rerank-cache", f"chunk {states.name} cannot be read: {why}", "removed, its images' states computed again") for states, why in cache.damaged]
@@ -124,6 +127,15 @@ def check_rerank_cache(cache: BridgeCache | None, image_ids: np.ndarray) -> list
     if leftovers:
         problems.append(Problem("rerank-cache", f"{len(leftovers)} half-written files, e.g. {leftovers[0].name}", "removed"))
     lacking = [int(item) for item in image_ids if int(item) not in cache]
+    if paths is not None and lacking:
+        path_of = dict(zip(image_ids.tolist(), paths))
+        gone = [item for item in lacking if not os.path.exists(path_of[item])]
+        lacking = [item for item in lacking if item not in set(gone)]
+        if gone:
+            problems.append(Problem(
+                "rerank-cache", f"{len(gone)} images kept after their files went (--keep-missing) have no cached states and "
+                f"cannot be re-ranked until their files are back, e.g. {path_of[gone[0]]}", "", fault=False,
+            ))
     if lacking:
         problems.append(Problem("rerank-cache", f"{len(lacking)} of {len(image_ids)} images have no cached states, e.g. ids {lacking[:EXAMPLES]}", "their states computed"))
     dead = cache.dead_rows(image_ids.tolist())

@@ -156,3 +156,26 @@ def test_a_manifest_that_lost_its_model_needs_one_to_be_repaired(tmp_path, healt
     run("check", "--db", db, "--repair", "--model", random_checkpoint)
     assert Collection.open(db, load_model=False).manifest.model == str(Path(random_checkpoint).resolve())
     assert run("check", "--db", db).output == f"ok: {db} is consistent\n"
+
+
+def test_an_image_kept_after_its_file_went_is_a_note_not_a_fault(tmp_path, random_checkpoint, photos):
+    """With --keep-missing an image whose file is gone stays stored; turned on later, the cache
+    cannot compute its states. check names it as a note and passes: no repair could do more."""
+    folder = many_photos(tmp_path / "photos", photos, 3)
+    db = tmp_path / "db"
+    run("index", folder, "--db", db, "--model", random_checkpoint, "--precision", "fp32", "-q")
+    gone = sorted(folder.iterdir())[0]
+    gone.unlink()
+    indexed = run("index", folder, "--db", db, "--rerank-cache", "--keep-missing", "--precision", "fp32")
+    assert f"re-rank cache: no states for {gone}" in indexed.stderr
+    checked = run("check", "--db", db)
+    assert "note: rerank-cache: 1 images kept after their files went (--keep-missing) have no cached states" in checked.stdout
+    assert f"ok: {db} is consistent" in checked.stdout
+    report = json.loads(run("check", "--db", db, "--json").stdout)
+    assert report["ok"] and [problem["fault"] for problem in report["problems"]] == [False]
+    for chunk in chunks(db):  # a fault beside the note still fails, and --repair mends the fault only
+        chunk.unlink()
+    assert run("check", "--db", db, ok=False).exit_code == 1
+    repaired = run("check", "--db", db, "--repair")
+    assert "repaired: computed the re-rank cache states of 2 images (1 image files could not be read)" in repaired.stdout
+    assert f"ok: {db} is consistent now" in repaired.stdout
