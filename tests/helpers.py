@@ -1,4 +1,10 @@
-"""Helpers shared by the test modules: the CLI runner, and the papers' original checkpoint layout."""
+"""Helpers shared by the test modules: the CLI runner, a collection with captions, a server on a
+free loopback port, and the papers' original checkpoint layout."""
+
+import socket
+import threading
+import time
+from collections.abc import Callable
 
 import torch
 from click.testing import CliRunner
@@ -12,6 +18,43 @@ def run(*args, ok=True):
     if ok:
         assert result.exit_code == 0, result.output + str(result.exception)
     return result
+
+
+def index_with_captions(db, checkpoint, photos, photo_captions) -> None:
+    """The sample photos indexed into `db` (fp32), and every caption of them added as a text."""
+    run("index", photos[0].parent, "--db", db, "--model", checkpoint, "--precision", "fp32", "--batch-size", 4, "-q")
+    texts = db.parent / "captions.txt"
+    texts.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
+    run("add-texts", texts, "--db", db, "--precision", "fp32", "-q")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_in_thread(app) -> tuple[str, int, Callable[[], None]]:
+    """uvicorn serving `app` on a free loopback port in a thread, with `serve`'s head limit:
+    (url, port, stop)."""
+    import uvicorn
+
+    from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", port, stop
 
 
 def to_original_layout(state: dict[str, torch.Tensor], body: str = "", itc_prefix: str = "") -> dict[str, torch.Tensor]:

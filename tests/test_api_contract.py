@@ -8,63 +8,37 @@ checked too. Examples are bounded and the seed fixed, so a run is repeatable.
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from btsearch.cli.main import main
 from btsearch.collection import Collection
 from btsearch.encoder import Encoder
 from btsearch.search import MAX_WHERE_CHARS
 from btsearch.server import create_app
-from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES, WHERE_PATTERNS
+from btsearch.server_schema import WHERE_PATTERNS
+from tests.helpers import index_with_captions, serve_in_thread
 
 TOKEN = "contract-token"
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, random_checkpoint, photos, photo_captions):
     db = tmp_path_factory.mktemp("contract") / "db"
-    runner = CliRunner()
-    args = ["index", str(photos[0].parent), "--db", str(db), "--model", str(random_checkpoint), "--precision", "fp32", "-q"]
-    assert runner.invoke(main, args).exit_code == 0
-    captions = tmp_path_factory.mktemp("contract-texts") / "captions.txt"
-    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
-    assert runner.invoke(main, ["add-texts", str(captions), "--db", str(db), "--precision", "fp32", "-q"]).exit_code == 0
+    index_with_captions(db, random_checkpoint, photos, photo_captions)
     return db
 
 
 @pytest.fixture(scope="module")
 def server_url(db, random_checkpoint):
-    import uvicorn
-
-    app = create_app(db, encoder=Encoder.from_pretrained(str(random_checkpoint), precision="fp32"), token=TOKEN)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    url, _, stop = serve_in_thread(create_app(db, encoder=Encoder.from_pretrained(str(random_checkpoint), precision="fp32"), token=TOKEN))
+    yield url
+    stop()
 
 
 @pytest.mark.skipif(SCHEMATHESIS is None, reason="schemathesis is not installed (pip install -e '.[dev]')")

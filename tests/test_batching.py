@@ -15,7 +15,7 @@ from btsearch.encoder import Encoder
 from btsearch.errors import BtsearchError
 from btsearch.server import create_app
 
-from .helpers import run
+from .helpers import index_with_captions
 
 # (text, options): plain text queries the batch answers together, each with its own options.
 TEXT_QUERIES = [
@@ -31,10 +31,7 @@ TEXT_QUERIES = [
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, random_checkpoint, photos, photo_captions):
     db = tmp_path_factory.mktemp("batching") / "db"
-    run("index", photos[0].parent, "--db", db, "--model", random_checkpoint, "--precision", "fp32", "--batch-size", 4, "-q")
-    texts = tmp_path_factory.mktemp("texts") / "captions.txt"
-    texts.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
-    run("add-texts", texts, "--db", db, "--precision", "fp32", "-q")
+    index_with_captions(db, random_checkpoint, photos, photo_captions)
     encoder = Encoder.from_pretrained(str(random_checkpoint), precision="fp32")
     return Collection.open(db, encoder=encoder, read_only=True)
 

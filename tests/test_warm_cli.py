@@ -5,23 +5,20 @@ answer for this collection, model, device and precision; and it imports no torch
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
-import uvicorn
 
 from btsearch import server_file
 from btsearch.encoder import Encoder
 from btsearch.indexers.layout import SERVER_FILE
 from btsearch.server import create_app
 
-from .helpers import run
+from .helpers import free_port, index_with_captions, run, serve_in_thread
 from .test_light_cli import imported_after
 
 QUERY = "a close up of a tabby cat"
@@ -30,17 +27,8 @@ QUERY = "a close up of a tabby cat"
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, random_checkpoint, photos, photo_captions):
     db = tmp_path_factory.mktemp("warm") / "db"
-    run("index", photos[0].parent, "--db", db, "--model", random_checkpoint, "--precision", "fp32", "--batch-size", 4, "-q")
-    texts = tmp_path_factory.mktemp("texts") / "captions.txt"
-    texts.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
-    run("add-texts", texts, "--db", db, "--precision", "fp32", "-q")
+    index_with_captions(db, random_checkpoint, photos, photo_captions)
     return db
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +43,12 @@ def server(db, random_checkpoint):
         seen_authorization.append(request.headers.get("authorization"))
         return await call_next(request)
 
-    port = free_port()
-    running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if running.started:
-            break
-        time.sleep(0.02)
-    assert running.started
+    _, port, stop = serve_in_thread(app)
     url = server_file.local_url("127.0.0.1", port)
     server_file.write(db, url, "auto", "fp32")
     yield app.state.search_service, url, seen_authorization
     server_file.remove(db)
-    running.should_exit = True
-    thread.join(timeout=10)
+    stop()
 
 
 def search(db, *args, ok=True):

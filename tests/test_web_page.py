@@ -9,17 +9,12 @@ without it these tests skip, unless BTSEARCH_REQUIRE_BROWSER=1 (as CI sets) make
 import base64
 import os
 import shutil
-import socket
-import threading
-import time
 
 import pytest
-from click.testing import CliRunner
 
-from btsearch.cli.main import main
 from btsearch.encoder import Encoder
 from btsearch.server import create_app
-from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
+from tests.helpers import index_with_captions, serve_in_thread
 
 CHROMIUM = os.environ.get("BTSEARCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium's background services would try a network this machine does not have.
@@ -51,43 +46,19 @@ if missing and os.environ.get("BTSEARCH_REQUIRE_BROWSER") == "1":
 pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 TOKEN = "page-token"
 
 
 def _serve(app):
-    """uvicorn on a free loopback port in a thread: (url, stop)."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return f"http://127.0.0.1:{port}", stop
+    """(url, stop) of `app` served on a free loopback port."""
+    url, _, stop = serve_in_thread(app)
+    return url, stop
 
 
 @pytest.fixture(scope="module")
 def web_db(tmp_path_factory, trained_checkpoint, photos, photo_captions):
     db = tmp_path_factory.mktemp("web") / "db"
-    runner = CliRunner()
-    assert runner.invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32", "--quiet"]).exit_code == 0
-    captions = tmp_path_factory.mktemp("web-texts") / "captions.txt"
-    captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n")
-    assert runner.invoke(main, ["add-texts", str(captions), "--db", str(db), "--precision", "fp32", "--quiet"]).exit_code == 0
+    index_with_captions(db, trained_checkpoint, photos, photo_captions)
     return db, Encoder.from_pretrained(str(trained_checkpoint), precision="fp32")
 
 
