@@ -187,7 +187,8 @@ class Collection:
                     batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
                 )
             if self.rerank_cache is not None:  # whole after every run: images stored earlier, or by Ray, get theirs
-                ingest.complete_rerank_cache(self._model(), self.store, self.rerank_cache, report, progress)
+                catch_up = ingest.complete_rerank_cache(self._model, self.store, self.rerank_cache, progress)
+                report.cache_filled, report.cache_unreadable = catch_up.filled, catch_up.unreadable
             return report
 
     def add_texts(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CollectionError, storage_errors
-from .indexers.bridge_cache import COMPACT_DEAD_FRACTION, BridgeCache
+from .indexers.bridge_cache import BridgeCache
 from .indexers.check import (
     Problem,
     check_faiss,
@@ -28,6 +28,7 @@ from .indexers.layout import TABLES
 from .indexers.write_lock import CollectionLockedError, WriteLock
 
 if TYPE_CHECKING:
+    from .encoder import Encoder
     from .indexers import MetadataStore
 
 
@@ -113,20 +114,19 @@ def _repair(path: Path, problems: list[Problem], model: str | None, report: Chec
 
 def _repair_cache(path: Path, store: MetadataStore, cache: BridgeCache, report: CheckReport, progress: bool) -> None:
     from .collection import Collection
+    from .ingest import complete_rerank_cache
 
-    stored = store.stored_files()
-    image_ids = stored.ids.tolist()
-    lacking = [(item, row_path) for item, row_path in zip(image_ids, stored.paths.to_pylist()) if item not in cache]
-    if lacking:
-        from .image_states import fill_bridge_cache
-
+    def model() -> Encoder:
         encoder = Collection.open(path, load_model=True).encoder
         assert encoder is not None
-        unreadable = fill_bridge_cache(encoder, cache, lacking, progress, skip_unreadable=True)
-        report.repaired.append(f"computed the re-rank cache states of {len(lacking) - len(unreadable)} images"
-                               + (f" ({len(unreadable)} image files could not be read)" if unreadable else ""))
-    if cache.dead_rows(image_ids) > COMPACT_DEAD_FRACTION * cache.rows():
-        report.repaired.append(f"compacted the re-rank cache ({cache.compact(image_ids)} dead rows dropped)")
+        return encoder
+
+    done = complete_rerank_cache(model, store, cache, progress)  # what `index` does, so both mend alike
+    if done.filled or done.unreadable:
+        report.repaired.append(f"computed the re-rank cache states of {done.filled} images"
+                               + (f" ({len(done.unreadable)} image files could not be read)" if done.unreadable else ""))
+    if done.compacted:
+        report.repaired.append(f"compacted the re-rank cache ({done.compacted} dead rows dropped)")
 
 
 def _repair_manifest(path: Path, model: str | None, report: CheckReport) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -199,20 +199,31 @@ def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> No
     log.save()
 
 
-def complete_rerank_cache(encoder: Encoder, store: MetadataStore, cache: BridgeCache, report: IndexReport, progress: bool = False) -> None:
-    """What every `index` run with the re-rank cache on does last, whatever the engine: give each
-    stored image the cache lacks (stored before the cache was on, or by the Ray engine) its
-    states, drop what killed writes left, and compact once dead rows pass COMPACT_DEAD_FRACTION.
-    `report` learns how many it filled, and the stored images whose files could not be read
-    (they stay uncovered)."""
+@dataclass
+class CacheCatchUp:
+    """What `complete_rerank_cache` did."""
+
+    filled: int = 0  # stored images given their states
+    unreadable: list[SkippedImage] = field(default_factory=list)  # stored images whose files could not be read (still uncovered)
+    compacted: int = 0  # dead rows dropped
+
+
+def complete_rerank_cache(model: Callable[[], Encoder], store: MetadataStore, cache: BridgeCache, progress: bool = False) -> CacheCatchUp:
+    """What every `index` run with the re-rank cache on does last, whatever the engine, and what
+    `check --repair` does to the cache: drop what killed writes left, give each stored image the
+    cache lacks (stored before the cache was on, say) its states, and compact once dead rows
+    pass COMPACT_DEAD_FRACTION. `model` is called only when some image lacks states."""
     cache.remove_leftovers()
     stored = store.stored_files()
     ids = stored.ids.tolist()
     rows = [(item, path) for item, path in zip(ids, stored.paths.to_pylist()) if item not in cache]
-    report.cache_unreadable = fill_bridge_cache(encoder, cache, rows, progress, skip_unreadable=True)
-    report.cache_filled = len(rows) - len(report.cache_unreadable)
+    done = CacheCatchUp()
+    if rows:
+        done.unreadable = fill_bridge_cache(model(), cache, rows, progress, skip_unreadable=True)
+        done.filled = len(rows) - len(done.unreadable)
     if cache.dead_rows(ids) > COMPACT_DEAD_FRACTION * cache.rows():
-        cache.compact(ids)
+        done.compacted = cache.compact(ids)
+    return done
 
 
 def add_texts(
