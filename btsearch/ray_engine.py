@@ -43,7 +43,7 @@ from .indexers.metadata_store import VERSION_GRACE
 from .indexers.sharded_index import fill_shard
 from .ingest import IndexReport, finish_sync, start_sync
 from .loader import SkippedImage
-from .ray_stages import Embed, Prepare, WriteFragments
+from .ray_stages import Embed, Prepare, StreamFence, WriteFragments
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 WAVE_FILES = 4096  # rows per commit: each is a table version, and what a crash before it costs to redo
 WAVE_ATTEMPTS = 3  # streams per run: what a failed one left is sent again
+FENCE_WAIT = 120.0  # seconds a failed stream's writes under way get to end before the run goes on
 INSTALL_HINT = "--engine ray needs Ray and Lance: pip install 'btsearch[ray]'"
 
 
@@ -166,7 +167,7 @@ class _Stages:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.prepare_workers = prepare_workers or max(1, min(4 * max(self.gpus, 1), cpus - 1))
 
-    def stream(self, items: dict[int, str], fence: Path) -> Iterator[dict[str, Any]]:
+    def stream(self, items: dict[int, str], fence: StreamFence) -> Iterator[dict[str, Any]]:
         """One output row per batch written on the cluster (fragments, their ids, the skips), as they
         come. Once `fence` exists, a write still running for this stream deletes what it wrote."""
         from ray.data import ActorPoolStrategy
@@ -185,7 +186,7 @@ class _Stages:
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=self.embed_workers), **embed_resources,
         )
         written = embedded.map_batches(
-            WriteFragments, fn_constructor_kwargs={"uri": self.uri, "schema": self.schema, "fence": str(fence)},
+            WriteFragments, fn_constructor_kwargs={"uri": self.uri, "schema": self.schema, "fence": str(fence.path)},
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25,
         )
         yield from written.iter_rows()
@@ -201,8 +202,8 @@ def _embed_and_commit(stages: _Stages, store: MetadataStore, items: dict[int, st
     for attempt in range(1, WAVE_ATTEMPTS + 1):
         wave = _Wave()
         # A failed stream's tasks can still be writing after the driver moves on (Ray lets running
-        # tasks finish): the fence tells them to delete their files, since the reclaim may come first.
-        fence = store.folder / RAY_WAVES / f"fence-{time.time_ns()}"
+        # tasks finish): the fence tells them to delete their files, and the driver waits for them.
+        fence = StreamFence(store.folder / RAY_WAVES / f"fence-{time.time_ns()}")
         try:
             for row in stages.stream(remaining, fence):
                 for item, path, reason in zip(row["skipped_ids"], row["skipped_paths"], row["skipped_reasons"]):
@@ -221,7 +222,7 @@ def _embed_and_commit(stages: _Stages, store: MetadataStore, items: dict[int, st
         except BtsearchError:
             raise
         except Exception as error:  # a stage that failed past Ray's own retries: its fragments stay unreferenced
-            fence.touch()
+            fence.raise_and_wait(FENCE_WAIT)
             if attempt == WAVE_ATTEMPTS:
                 raise BtsearchError(f"indexing on Ray failed {WAVE_ATTEMPTS} times, {len(remaining)} files left: {_first_line(error)}") from error
             continue

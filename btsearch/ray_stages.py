@@ -6,8 +6,13 @@ streams and commits is `ray_engine`.
 
 from __future__ import annotations
 
+import os
 import pickle
-from collections.abc import Iterable
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,23 +88,61 @@ class Embed:
         return batch.drop_columns(["pixels", "shape"]).append_column("embedding", embedding)
 
 
+class StreamFence:
+    """How the driver gives up on a stream whose tasks may still be writing (Ray lets a running task
+    finish after its stream is abandoned, and the driver's reclaim may come first). A writer marks
+    itself busy, then looks for the fence; the driver raises the fence, then waits for the busy
+    marks to go. Either the driver sees a writer's mark and waits for it, or the writer sees the
+    fence: no write outlives the driver's wait unnoticed."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def raised(self) -> bool:
+        return self.path.exists()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        busy = self.path.with_name(f"{self.path.name}.busy-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        busy.touch()
+        try:
+            yield
+        finally:
+            busy.unlink(missing_ok=True)
+
+    def raise_and_wait(self, timeout: float) -> bool:
+        """Raise the fence and wait up to `timeout` s for writes under way; False if some did not
+        end (a writer killed midway leaves its mark; the run's reclaim removes its partial file)."""
+        self.path.touch()
+        deadline = time.monotonic() + timeout
+        while any(self.path.parent.glob(f"{self.path.name}.busy-*")):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
 class WriteFragments:
     """Lance data files of a batch's good rows (not yet part of any version), and its skips: one
     row per batch, so the driver can check each batch's fragments against the rows it sent."""
 
     def __init__(self, uri: str, schema: pa.Schema, fence: str) -> None:
-        self.uri, self.schema, self.fence = uri, schema, Path(fence)
+        self.uri, self.schema, self.fence = uri, schema, StreamFence(fence)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from lance_ray.fragment import write_fragment
 
         errors = batch["error"].to_pylist()
         rows = batch.filter(pa.array([error is None for error in errors])).select([field.name for field in self.schema]).cast(self.schema)
-        # retry_params=None: one attempt; Ray's task retry re-runs the whole call on failure.
-        fragments = write_fragment([rows], self.uri, schema=self.schema, retry_params=None) if rows.num_rows else []
-        if self.fence.exists():  # the driver gave up on this stream: nobody will commit these files
-            self._remove(fragment for fragment, _ in fragments)
-            fragments = []
+        fragments: list[Any] = []
+        with self.fence.writing():
+            if rows.num_rows and not self.fence.raised:
+                # retry_params=None: one attempt; Ray's task retry re-runs the whole call on failure.
+                fragments = write_fragment([rows], self.uri, schema=self.schema, retry_params=None)
+            if self.fence.raised:  # the driver gave up on this stream: nobody will commit these files
+                self._remove(fragment for fragment, _ in fragments)
+                fragments = []
         paths = batch["path"].to_pylist()
         return pa.table({
             "fragments": [pickle.dumps([fragment for fragment, _ in fragments])],

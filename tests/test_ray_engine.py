@@ -134,10 +134,15 @@ def test_a_failed_stream_and_a_lost_commit_answer_lose_no_row_and_write_none_twi
     same_collections(db, reference[0])
 
 
-def test_a_write_that_ends_after_its_stream_was_given_up_leaves_no_file(tmp_path, reference):
+def test_a_write_that_ends_after_its_stream_was_given_up_leaves_no_file(tmp_path, reference, monkeypatch):
     """Ray lets a running task finish after the driver abandons its stream, and the driver's reclaim
-    may come first: such a write, seeing the stream's fence, deletes the data files it made."""
-    from btsearch.ray_stages import WriteFragments
+    may come first: the driver raises the stream's fence and waits for writes under way, which,
+    seeing it, delete the data files they made; a write that starts after it writes nothing."""
+    import threading
+
+    import lance_ray.fragment
+
+    from btsearch.ray_stages import StreamFence, WriteFragments
 
     db = tmp_path / "db"
     shutil.copytree(reference[0], db)
@@ -148,13 +153,33 @@ def test_a_write_that_ends_after_its_stream_was_given_up_leaves_no_file(tmp_path
                embedding=np.zeros(schema.field("embedding").type.list_size, np.float32).tolist())
     batch = pa.Table.from_pylist([{**row, "error": None}])
     before = data_files(db)
-    fence = tmp_path / "fence"
-    written = WriteFragments(str(db / "images.lance"), schema, str(fence))(batch)  # the stream is alive: files kept for the commit
+    fence = StreamFence(tmp_path / "fence")
+    write = WriteFragments(str(db / "images.lance"), schema, str(fence.path))
+    written = write(batch)  # the stream is alive: files kept for the commit
     assert len(data_files(db) - before) == 1 and written["ids"].to_pylist() == [[10_000]]
-    fence.touch()
-    given_up = WriteFragments(str(db / "images.lance"), schema, str(fence))(batch)
-    assert len(data_files(db) - before) == 1  # the second write removed its own file
-    assert given_up["ids"].to_pylist() == [[10_000]] and not pickle.loads(given_up["fragments"][0].as_py())
+    kept = data_files(db)
+
+    started, go, answers = threading.Event(), threading.Event(), []
+    real_write = lance_ray.fragment.write_fragment
+
+    def slow_write(*args, **kwargs):  # a write under way when the driver gives up
+        started.set()
+        go.wait(10)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(lance_ray.fragment, "write_fragment", slow_write)
+    writer = threading.Thread(target=lambda: answers.append(write(batch)))
+    writer.start()
+    assert started.wait(10)
+    assert not fence.raise_and_wait(timeout=0.3)  # the write is under way: the driver waits for it
+    threading.Timer(0.3, go.set).start()
+    assert fence.raise_and_wait(timeout=10)  # ... until it ended
+    writer.join()
+    assert data_files(db) == kept  # it removed its own file before the driver went on
+    assert answers[0]["ids"].to_pylist() == [[10_000]] and not pickle.loads(answers[0]["fragments"][0].as_py())
+    late = write(batch)  # a write that starts behind the fence
+    assert data_files(db) == kept and not pickle.loads(late["fragments"][0].as_py())
+    assert not list(tmp_path.glob("fence.busy-*"))
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
