@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Collection": "collection",
     "Hit": "search",
+    "Query": "search",
     "IndexReport": "ingest",
     "SearchResult": "search",
     "DEFAULT_MODEL": "defaults",
@@ -32,6 +33,7 @@ __all__ = [
     "Hit",
     "IndexReport",
     "ModelLoadError",
+    "Query",
     "SearchResult",
 ]
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from .encoder import Encoder
     from .errors import BtsearchError, CollectionError, ModelLoadError
     from .ingest import IndexReport
-    from .search import Hit, SearchResult
+    from .search import Hit, Query, SearchResult
 
 
 def __getattr__(name: str) -> Any:

@@ -11,47 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import BtsearchError
 from .reranker import Reranker
-from .search import LIBRARY, Recalled, SearchResult, Spelling, finish, recall_query
+from .search import LIBRARY, Query, Recalled, SearchResult, Spelling, finish, recall_query
 
 if TYPE_CHECKING:
     from .encoder import Encoder
     from .indexers import BridgeCache, MetadataStore, TableIndexes
 
 
-@dataclass(frozen=True)
-class TextQuery:
-    """A text finding images, with the options a batch leaves to each query."""
-
-    text: str
-    k: int
-    candidates: int
-    rerank: bool = True
-    min_match: float | None = None
-    offset: int = 0
-    where: str | None = None
-
-
-def batchable(text: str | None, image: object | None, target: str | None, negatives: Sequence[str]) -> bool:
-    """Whether a query is a plain text finding images, which `search_texts` can answer with others."""
-    return text is not None and image is None and target in (None, "images") and not negatives
-
-
 def search_texts(
-    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, queries: Sequence[TextQuery],
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, queries: Sequence[Query],
     spelling: Spelling = LIBRARY,
 ) -> list[SearchResult | BtsearchError]:
-    """Each query's answer, or its own error, in order (queries `check_query` has passed)."""
+    """Each query's answer, or its own error, in order: `batchable` queries that have passed
+    their `check` and have their `candidates`."""
     if not queries:
         return []
+    assert all(query.batchable for query in queries), "a batch holds plain texts finding images"
     with_bridge = encoder.has_itm and any(query.rerank for query in queries)
-    states = encoder.text_states([query.text for query in queries], with_bridge=with_bridge)
+    states = encoder.text_states([str(query.text) for query in queries], with_bridge=with_bridge)
     answers: list[SearchResult | BtsearchError | None] = [None] * len(queries)
     recalled: dict[int, Recalled] = {}
     for n, query in enumerate(queries):
@@ -60,10 +43,7 @@ def search_texts(
             bridge=states.bridge[n : n + 1] if states.bridge is not None else None, mask=states.mask[n : n + 1] if states.mask is not None else None,
         )
         try:
-            recalled[n] = recall_query(
-                encoder, store, indexes, query.text, None, query.k, query.candidates, query.rerank, None, query.min_match, query.offset,
-                query.where, (), spelling, text_query=row,
-            )
+            recalled[n] = recall_query(encoder, store, indexes, query, spelling, text_query=row)
         except BtsearchError as error:
             answers[n] = error
     # Every candidate image once, whichever queries recalled it; a pair per (query, candidate).

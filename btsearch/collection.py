@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .indexers import ImageRow, TextRow, VectorIndex
     from .indexers.sharded_index import ShardedIndex
     from .ingest import IndexReport
-    from .search import SearchResult, Spelling
+    from .search import Query, SearchResult, Spelling
 
 FORMAT_VERSION = 1
 ENGINES = ("local", "ray")
@@ -264,7 +264,6 @@ class Collection:
         offset: int = 0,
         where: str | None = None,
         negatives: Sequence[str] = (),
-        spelling: Spelling | None = None,
     ) -> SearchResult:
         """Text finds images; an image (a path or a picture) finds texts; both find images like
         the image that match the text. FAISS recalls the top `candidates` by ITC, the ITM head
@@ -274,19 +273,21 @@ class Collection:
         ITM head's probability that text and image match; `min_match` keeps only the hits whose
         probability reaches it. `offset` skips that many hits of the same ranking (a page);
         `where` (SQL over the table's columns) restricts the search to the rows it selects;
-        `negatives` push away images that show them (their semantics: `search`'s docstring).
-        `spelling`: how errors name the options (the CLI's, the API's)."""
+        `negatives` push away images that show them (their semantics: `search`'s docstring)."""
+        from .search import Query
+
+        return self.answer(Query(text, image, k, candidates, rerank, target, min_match, offset, where, tuple(negatives)))
+
+    def answer(self, query: Query, spelling: Spelling | None = None) -> SearchResult:
+        """`search` for a `Query`, checked here (errors name its parts as `spelling` does: the
+        CLI's, the API's); its `candidates`, when None, `default_candidates()`."""
         from . import search
 
         spelling = spelling or search.LIBRARY
-        search.check_query(
-            text, image, k, candidates, target, spelling, min_match=min_match, rerank=rerank, offset=offset, where=where, negatives=negatives,
-        )
-        return search.search(
-            self._model(), self.store, self.indexes, self.rerank_cache, text, image, k,
-            candidates if candidates is not None else self.default_candidates(), rerank, target, min_match,  # type: ignore[arg-type]
-            offset=offset, where=where, negatives=tuple(negatives), spelling=spelling,
-        )
+        query.check(spelling)
+        if query.candidates is None:
+            query = dataclasses.replace(query, candidates=self.default_candidates())
+        return search.search(self._model(), self.store, self.indexes, self.rerank_cache, query, spelling)
 
     def explain(self, text: str, image_id: int) -> Explanation:
         """Why image `image_id` is a hit for `text`: its words' attention over the image (`explain`)."""

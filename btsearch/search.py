@@ -126,39 +126,72 @@ def match_probability(logits: np.ndarray) -> np.ndarray:
         return (1.0 / (1.0 + np.exp(logits[:, 0].astype(np.float64) - logits[:, 1]))).astype(np.float32)
 
 
-def check_query(
-    text: str | None, image: object | None, k: int, candidates: int | None, target: str | None = None, spelling: Spelling = LIBRARY,
-    min_match: float | None = None, rerank: bool = True, offset: int = 0, where: str | None = None, negatives: Sequence[str] = (),
-) -> None:
-    """Refuse a query that cannot be answered, with one line in the caller's words: every caller
-    (library, CLI, server) checks here, so they all accept and refuse the same queries."""
-    if text is None and image is None:
-        raise BtsearchError(f"give either {spelling.text} or {spelling.image} (or both: images like the image that match the text)")
-    if k < 1:
-        raise BtsearchError(f"{spelling.k} must be at least 1")
-    if offset < 0:
-        raise BtsearchError(f"{spelling.offset} must be 0 or more (the hits to skip)")
-    if candidates is not None and candidates < 1:
-        raise BtsearchError(f"{spelling.candidates} must be at least 1 ({spelling.no_rerank} ranks by ITC alone)")
-    if target is not None and target not in TABLES:
-        raise BtsearchError(f"unknown target {target!r}: choose images or texts")
-    if text is not None and not text.strip():
-        raise BtsearchError("the text query is empty")
-    if text is not None and image is not None and target == "texts":
-        raise BtsearchError(f"a text with an image finds images like the image: drop {spelling.target} texts")
-    searched = target or ("images" if text is not None else "texts")
-    if negatives:
-        if searched != "images":
-            raise BtsearchError(f"{spelling.negatives} pushes away images: it needs a search of images (a text, or {spelling.target} images)")
-        if any(not negative.strip() for negative in negatives):
-            raise BtsearchError(f"a {spelling.negatives} text is empty")
-    if where is not None and (not where.strip() or len(where) > MAX_WHERE_CHARS):
-        raise BtsearchError(f"{spelling.where} needs a SQL condition of 1 to {MAX_WHERE_CHARS} characters, e.g. \"width >= 1000\"")
-    if min_match is not None:
-        if not 0.0 <= min_match <= 1.0:  # NaN fails this too
-            raise BtsearchError(f"{spelling.min_match} is a probability: give a number from 0 to 1, not {min_match}")
-        if not rerank:
-            raise BtsearchError(f"{spelling.min_match} keeps re-ranked hits by their match probability: drop {spelling.no_rerank}")
+@dataclass(frozen=True)
+class Query:
+    """What a search asks, whoever asks it (library, CLI, server). Text finds images; an image
+    finds texts; both find images like the image that match the text. `candidates`: how many
+    FAISS candidates ITM re-ranks (None until a collection gives its default); `target`
+    overrides what is searched; `min_match` keeps re-ranked hits whose match probability
+    reaches it; `offset` skips that many hits of the ranking; `where` (SQL) restricts the rows;
+    `negatives` push away images that show them."""
+
+    text: str | None = None
+    image: str | os.PathLike[str] | Image.Image | None = None
+    k: int = 10
+    candidates: int | None = None
+    rerank: bool = True
+    target: str | None = None
+    min_match: float | None = None
+    offset: int = 0
+    where: str | None = None
+    negatives: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "negatives", tuple(self.negatives))  # a list given is kept as it was
+
+    @property
+    def searched(self) -> TableName:
+        """The table the query searches: its target, or the other modality's."""
+        if self.target is not None:
+            return "images" if self.target == "images" else "texts"
+        return "images" if self.text is not None else "texts"
+
+    @property
+    def batchable(self) -> bool:
+        """A plain text finding images: `batch_search` answers such queries together."""
+        return self.text is not None and self.image is None and self.searched == "images" and not self.negatives
+
+    def check(self, spelling: Spelling = LIBRARY) -> None:
+        """Refuse a query that cannot be answered, with one line in the caller's words: every
+        caller checks here, so they all accept and refuse the same queries."""
+        text, image, target = self.text, self.image, self.target
+        if text is None and image is None:
+            raise BtsearchError(f"give either {spelling.text} or {spelling.image} (or both: images like the image that match the text)")
+        if self.k < 1:
+            raise BtsearchError(f"{spelling.k} must be at least 1")
+        if self.offset < 0:
+            raise BtsearchError(f"{spelling.offset} must be 0 or more (the hits to skip)")
+        if self.candidates is not None and self.candidates < 1:
+            raise BtsearchError(f"{spelling.candidates} must be at least 1 ({spelling.no_rerank} ranks by ITC alone)")
+        if target is not None and target not in TABLES:
+            raise BtsearchError(f"unknown target {target!r}: choose images or texts")
+        if text is not None and not text.strip():
+            raise BtsearchError("the text query is empty")
+        if text is not None and image is not None and target == "texts":
+            raise BtsearchError(f"a text with an image finds images like the image: drop {spelling.target} texts")
+        if self.negatives:
+            if self.searched != "images":
+                raise BtsearchError(f"{spelling.negatives} pushes away images: it needs a search of images (a text, or {spelling.target} images)")
+            if any(not negative.strip() for negative in self.negatives):
+                raise BtsearchError(f"a {spelling.negatives} text is empty")
+        where = self.where
+        if where is not None and (not where.strip() or len(where) > MAX_WHERE_CHARS):
+            raise BtsearchError(f"{spelling.where} needs a SQL condition of 1 to {MAX_WHERE_CHARS} characters, e.g. \"width >= 1000\"")
+        if self.min_match is not None:
+            if not 0.0 <= self.min_match <= 1.0:  # NaN fails this too
+                raise BtsearchError(f"{spelling.min_match} is a probability: give a number from 0 to 1, not {self.min_match}")
+            if not self.rerank:
+                raise BtsearchError(f"{spelling.min_match} keeps re-ranked hits by their match probability: drop {spelling.no_rerank}")
 
 
 def query_vector(positives: Sequence[np.ndarray], negatives: Sequence[np.ndarray]) -> np.ndarray:
@@ -199,35 +232,17 @@ class Recalled:
     text_query: TowerOutput | None
     image_query: TowerOutput | None
     negative_states: list[TowerOutput]
-    k: int
-    offset: int
-    min_match: float | None
+    query: Query
     spelling: Spelling
 
 
 def search(
-    encoder: Encoder,
-    store: MetadataStore,
-    indexes: TableIndexes,
-    rerank_cache: BridgeCache | None,
-    text: str | None,
-    image: str | os.PathLike[str] | Image.Image | None,
-    k: int,
-    candidates: int,
-    rerank: bool = True,
-    target: TableName | None = None,
-    min_match: float | None = None,
-    offset: int = 0,
-    where: str | None = None,
-    negatives: Sequence[str] = (),
-    spelling: Spelling = LIBRARY,
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, query: Query, spelling: Spelling = LIBRARY,
 ) -> SearchResult:
-    """Answer a query `check_query` has passed. `target` ("images" or "texts") overrides what is
-    searched: an image finding images (or a text finding texts) ranks by ITC cosine alone,
-    since ITM scores text-image pairs. `min_match`: keep only re-ranked hits whose match
-    probability reaches it (none at all, with a note, when none does). `offset`: the hits
-    from rank offset + 1 on, of the same ranking. `where`: only rows this SQL predicate selects."""
-    found = recall_query(encoder, store, indexes, text, image, k, candidates, rerank, target, min_match, offset, where, negatives, spelling)
+    """Answer a query that has passed its `check` and has its `candidates`. An image finding
+    images (or a text finding texts) ranks by ITC cosine alone, since ITM scores text-image
+    pairs; `min_match` with no hit reaching it answers none, with a note."""
+    found = recall_query(encoder, store, indexes, query, spelling)
     scored: list[np.ndarray] = []
     if found.reranked:
         reranker = Reranker(encoder)
@@ -242,28 +257,17 @@ def search(
 
 
 def recall_query(
-    encoder: Encoder,
-    store: MetadataStore,
-    indexes: TableIndexes,
-    text: str | None,
-    image: str | os.PathLike[str] | Image.Image | None,
-    k: int,
-    candidates: int,
-    rerank: bool = True,
-    target: TableName | None = None,
-    min_match: float | None = None,
-    offset: int = 0,
-    where: str | None = None,
-    negatives: Sequence[str] = (),
-    spelling: Spelling = LIBRARY,
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, query: Query, spelling: Spelling = LIBRARY,
     text_query: TowerOutput | None = None,
 ) -> Recalled:
     """`search` up to re-ranking: the towers of the query, then recall. `text_query`: the text's
     tower output already computed (one row of a batch, with bridge inputs when re-ranking)."""
+    assert query.candidates is not None, "the collection gives a query its default candidates"
+    text, image, k, candidates, offset, where = query.text, query.image, query.k, query.candidates, query.offset, query.where
+    rerank = query.rerank
     notes: list[str] = []
-    cross_modal: TableName = "images" if text is not None else "texts"
-    target = target or cross_modal
-    if target != cross_modal and rerank:
+    target = query.searched
+    if target != ("images" if text is not None else "texts") and rerank:
         notes.append(f"{'image' if image is not None else 'text'}-to-{target[:-1]} search ranks by ITC cosine alone (ITM scores text-image pairs)")
         rerank = False
     size = len(indexes[target])
@@ -288,7 +292,7 @@ def recall_query(
         positives.append(to_numpy(image_query.embeds)[0])
         labels.append("uploaded image" if isinstance(image, Image.Image) else str(image))
     # One at a time, as each is its own query: no padding to the longest of them.
-    negative_states = [encoder.text_states([negative], with_bridge=rerank) for negative in negatives]
+    negative_states = [encoder.text_states([negative], with_bridge=rerank) for negative in query.negatives]
     negative_vectors = [to_numpy(states.embeds)[0] for states in negative_states]
     if k + offset > size:
         notes.append(f"only {size} {target} in the collection")
@@ -303,14 +307,15 @@ def recall_query(
     return Recalled(
         target=target, rerank=rerank, labels=labels, notes=notes, itc=itc, ids=ids, rows=rows, pool=pool,
         reranked=min(candidates, len(ids)) if rerank else 0, text_query=text_query, image_query=image_query,
-        negative_states=negative_states, k=k, offset=offset, min_match=min_match, spelling=spelling,
+        negative_states=negative_states, query=query, spelling=spelling,
     )
 
 
 def finish(found: Recalled, scored: Sequence[np.ndarray]) -> SearchResult:
     """The page of a recalled query from the ITM logits (n, 2) of its top `reranked`: the
     text's (or the image's) first, then each negative's."""
-    notes, ids, itc, rows, k, offset, min_match = found.notes, found.ids, found.itc, found.rows, found.k, found.offset, found.min_match
+    notes, ids, itc, rows = found.notes, found.ids, found.itc, found.rows
+    k, offset, min_match = found.query.k, found.query.offset, found.query.min_match
     logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
     rank_score = np.full(len(ids), np.nan, dtype=np.float32)
     match = np.full(len(ids), np.nan, dtype=np.float32)

@@ -34,7 +34,8 @@ from .explain import Explanation, explain_file, png_bytes, render
 from .images import load_rgb
 from .indexers import ImageRow
 from .indexers.layout import TABLES
-from .search import API, check_query, result_json
+from .search import API, result_json
+from .search import Query as SearchQuery  # fastapi has its Query
 from .server_auth import UNAUTHORIZED, token_dependencies
 from .server_schema import (
     IMAGE_MEDIA_TYPES,
@@ -103,7 +104,8 @@ def create_app(
     @app.get("/api/health", response_model=Health)
     def health() -> dict:
         snapshot = service.collection()
-        return {"status": "ok", "model": snapshot.manifest.model, "images": snapshot.count("images"), "texts": snapshot.count("texts")}
+        manifest = snapshot.manifest
+        return {"status": "ok", "model": manifest.model, "created": manifest.created, "images": snapshot.count("images"), "texts": snapshot.count("texts")}
 
     @app.get("/api/metrics", response_model=Metrics)
     def metrics() -> dict:
@@ -119,19 +121,22 @@ def create_app(
             "images": snapshot.count("images"),
             "texts": snapshot.count("texts"),
             "index": {table: snapshot.index(table).describe() for table in TABLES},
+            "batching": None if service.batcher is None else {
+                "batches": service.batcher.batches, "searches": service.batcher.jobs, "waiting": service.batcher.waiting,
+            },
         }
 
     def answer(page: PageQuery) -> dict:
         """Run a page's query, and answer it with the cursor of the next page (null at the end)."""
-        query = dict(
+        query = SearchQuery(
             text=page.q, k=page.k, candidates=page.candidates, rerank=page.rerank, target=page.target, min_match=page.min_match,
             offset=page.offset, where=page.where, negatives=page.negatives,
         )
-        try:
-            check_query(image=page.image_id, spelling=API, **query)  # type: ignore[arg-type]
+        try:  # checked as if the stored image were here: it is found in the snapshot the search runs on
+            dataclasses.replace(query, image=None if page.image_id is None else f"image {page.image_id}").check(API)
         except BtsearchError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        found, versions = service.search(versions=page.versions or None, image_id=page.image_id, **query)
+        found, versions = service.search(query, versions=page.versions or None, image_id=page.image_id)
         pinned = dataclasses.replace(page, versions=versions)
         return {**result_json(found, image_links=True), "offset": found.offset, "next": encode_cursor(pinned.next_page()) if found.more else None}
 
@@ -172,10 +177,11 @@ def create_app(
             picture = load_rgb(io.BytesIO(bytes(data)), max_pixels=DEFAULT_MAX_PIXELS, name="the upload")
         except (BtsearchError, UnidentifiedImageError, OSError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        found, _ = await run_in_threadpool(lambda: service.search(
+        query = SearchQuery(
             image=picture, k=page.k, candidates=page.candidates, rerank=page.rerank, target=page.target, min_match=page.min_match,
             offset=page.offset, where=page.where,
-        ))
+        )
+        found, _ = await run_in_threadpool(service.search, query)  # checked where it runs
         return {**result_json(found, image_links=True), "offset": found.offset, "next": None}  # an upload is not kept to page through
 
     @app.get(

@@ -72,6 +72,7 @@ class Invalid(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
+    created: str  # the collection's creation time: with the model, it tells one collection from another
     images: int
     texts: int
 
@@ -81,6 +82,12 @@ class Latency(BaseModel):
     p95: float | None
 
 
+class Batching(BaseModel):
+    batches: int  # batches run (or running) since the server started
+    searches: int  # searches in them: searches / batches is how many answered together
+    waiting: int  # searches queued for the next batch
+
+
 class Metrics(BaseModel):
     requests: int
     errors: int
@@ -88,6 +95,7 @@ class Metrics(BaseModel):
     images: int
     texts: int
     index: dict[str, str]
+    batching: Batching | None  # null when the server runs each search alone
 
 
 class SearchHit(BaseModel):

@@ -9,19 +9,19 @@ model and FAISS are not made for concurrent calls: one batch (or explanation) at
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import HTTPException
 
-from .batch_search import TextQuery, batchable, search_texts
+from .batch_search import search_texts
 from .batching import Batcher
 from .collection import Collection
 from .errors import BtsearchError, CollectionError
-from .search import API, SearchResult
+from .search import API, Query, SearchResult
 
 PINNED_SNAPSHOTS = 4  # older snapshots kept open for cursors (each holds its FAISS indexes)
 Answer = tuple[SearchResult, tuple[int, ...]]  # a search's result and the versions of the snapshot it ranked
@@ -32,13 +32,12 @@ class _Job:
     """One search as the batcher holds it: the snapshot (a cursor's versions), and the query."""
 
     versions: tuple[int, ...] | None
-    image_id: int | None
-    query: dict[str, Any]
+    image_id: int | None  # a stored image as the query's image, found in the job's snapshot
+    query: Query
 
     @property
     def batchable(self) -> bool:
-        query = self.query
-        return self.image_id is None and batchable(query.get("text"), query.get("image"), query.get("target"), query.get("negatives") or ())
+        return self.image_id is None and self.query.batchable
 
 
 class SearchService:
@@ -75,9 +74,10 @@ class SearchService:
             self._pinned.popitem(last=False)
         return self._pinned[versions]
 
-    def search(self, versions: tuple[int, ...] | None = None, image_id: int | None = None, **query) -> Answer:
-        """The answer, and the versions of the snapshot it was ranked on (`versions`: a cursor's).
-        With batching, searches that wait together run as one batch (`_run_batch`)."""
+    def search(self, query: Query, versions: tuple[int, ...] | None = None, image_id: int | None = None) -> Answer:
+        """The answer to a checked query, and the versions of the snapshot it was ranked on
+        (`versions`: a cursor's); `image_id`: a stored image as the query's image. With
+        batching, searches that wait together run as one batch (`_run_batch`)."""
         started = time.perf_counter()
         job = _Job(versions, image_id, query)
         try:
@@ -123,26 +123,19 @@ class SearchService:
         return answers  # type: ignore[return-value]
 
     def _alone(self, snapshot: Collection, job: _Job) -> Answer:
-        query = dict(job.query)
+        query = job.query
         if job.image_id is not None:
             try:
-                query["image"] = snapshot.images([job.image_id])[0]["path"]
+                query = dataclasses.replace(query, image=snapshot.images([job.image_id])[0]["path"])
             except KeyError:
                 raise HTTPException(status_code=404, detail=f"no image with id {job.image_id}") from None
-        return snapshot.search(spelling=API, **query), snapshot.store.versions()
+        return snapshot.answer(query, API), snapshot.store.versions()
 
     def _together(self, snapshot: Collection, jobs: list[_Job]) -> list[Answer | BaseException]:
         if len(jobs) == 1:
             return [self._answer_alone(snapshot, jobs[0])]
-        candidates = snapshot.default_candidates()
-        queries = [
-            TextQuery(
-                text=job.query["text"], k=job.query.get("k", 10), rerank=job.query.get("rerank", True), min_match=job.query.get("min_match"),
-                candidates=job.query["candidates"] if job.query.get("candidates") is not None else candidates,
-                offset=job.query.get("offset", 0), where=job.query.get("where"),
-            )
-            for job in jobs
-        ]
+        default = snapshot.default_candidates()
+        queries = [job.query if job.query.candidates is not None else dataclasses.replace(job.query, candidates=default) for job in jobs]
         assert snapshot.encoder is not None
         try:
             found = search_texts(snapshot.encoder, snapshot.store, snapshot.indexes, snapshot.rerank_cache, queries, spelling=API)

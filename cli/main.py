@@ -205,30 +205,23 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
     """Find images matching TEXT, or texts matching --image; TEXT with --image finds images like
     the image that match TEXT. When `btsearch serve` runs for the collection (same model, device
     and precision), the query is sent there: the same answer, without loading the model."""
-    from btsearch.search import CLI, check_query
+    from btsearch.search import CLI, Query
 
-    check_query(
-        text, image, k, candidates, target, spelling=CLI, min_match=min_match, rerank=not no_rerank,
-        offset=offset, where=where, negatives=negatives,
-    )
+    query = Query(text, image, k, candidates, not no_rerank, target, min_match, offset, where, negatives)
+    query.check(CLI)
     if as_json and bare:
         raise BtsearchError("--json and --paths are two output formats: choose one")
     if explain_dir is None and not no_server:
         from .warm import search_through_server
 
-        warm = search_through_server(
-            db, text, image, k, offset, candidates, not no_rerank, min_match, where, negatives, target, model, device, precision,
-        )
+        warm = search_through_server(db, query, model, device, precision)
         if warm is not None:
             print_search(warm, as_json, bare)
             return
     from btsearch.collection import Collection
 
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
-    result = collection.search(
-        text=text, image=image, k=k, candidates=candidates, rerank=not no_rerank, target=target, min_match=min_match,
-        offset=offset, where=where, negatives=negatives, spelling=CLI,
-    )
+    result = collection.answer(query, CLI)
     print_search(result, as_json, bare)
     if explain_dir is not None:
         from btsearch.explain import write_explanations

@@ -5,9 +5,10 @@ have printed, without importing torch or loading the model.
 The server is found through its file in the collection (`btsearch.server_file`) and used only
 when all of these hold: its process lives, it serves this very collection (path, creation,
 model), with the device and precision this command asks for, and /api/health answers within
-HEALTH_TIMEOUT_S. Anything else (no file, a stale one, an error status, a dropped connection)
-falls back to the cold path, quietly: the cold path gives the same answer or the error in the
-CLI's words. `--no-server` or BTSEARCH_NO_SERVER=1 forces the cold path.
+HEALTH_TIMEOUT_S for that collection (its model and creation time: a stale file's url may now
+be another collection's server). Anything else (no file, a stale one, an error status, a
+dropped connection) falls back to the cold path, quietly: the cold path gives the same answer
+or the error in the CLI's words. `--no-server` or BTSEARCH_NO_SERVER=1 forces the cold path.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import mimetypes
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from btsearch import server_file
 from btsearch.defaults import resolve_model_id
-from btsearch.search import API, CLI, Hit, SearchResult
+from btsearch.search import API, CLI, Hit, Query, SearchResult
 
 NO_SERVER_ENV = "BTSEARCH_NO_SERVER"
 HEALTH_TIMEOUT_S = 1.0
@@ -32,30 +32,32 @@ SEARCH_TIMEOUT_S = 600.0
 MAX_UPLOAD_BYTES = 50 * 2**20  # the server's limit: a larger image goes the cold way
 
 
-def search_through_server(
-    db: Path, text: str | None, image: Path | None, k: int, offset: int, candidates: int | None, rerank: bool, min_match: float | None,
-    where: str | None, negatives: Sequence[str], target: str | None, model: str | None, device: str, precision: str,
-) -> SearchResult | None:
-    """The answer of the collection's running server, or None to take the cold path."""
+def search_through_server(db: Path, query: Query, model: str | None, device: str, precision: str) -> SearchResult | None:
+    """The answer of the collection's running server to a checked query, or None to take the cold path."""
     if os.environ.get(NO_SERVER_ENV, "") not in ("", "0"):
         return None
     record = _usable_server(db, model, device, precision)
     if record is None:
         return None
-    params: dict[str, Any] = {"k": k, "offset": offset, "rerank": "true" if rerank else "false"}
-    for name, value in (("candidates", candidates), ("target", target), ("min_match", min_match), ("where", where)):
-        if value is not None:
-            params[name] = value
+    params: dict[str, Any] = {"k": query.k, "offset": query.offset, "rerank": "true" if query.rerank else "false"}
+    for name in ("candidates", "target", "min_match", "where"):
+        if getattr(query, name) is not None:
+            params[name] = getattr(query, name)
+    image = query.image
     if image is None:
-        body = _call(record, "GET", "/api/search?" + urlencode({"q": text, **params, "not": list(negatives)}, doseq=True))
-    elif text is None and not negatives and image.is_file() and image.stat().st_size <= MAX_UPLOAD_BYTES:
+        body = _call(record, "GET", "/api/search?" + urlencode({"q": query.text, **params, "not": list(query.negatives)}, doseq=True))
+    elif isinstance(image, (str, os.PathLike)) and query.text is None and not query.negatives and _uploadable(Path(image)):
         # An uploaded image finds texts (or images): the only image query the API takes as a file.
-        body = _call(record, "POST", "/api/search/image?" + urlencode(params), image.read_bytes(), image.name)
+        body = _call(record, "POST", "/api/search/image?" + urlencode(params), Path(image).read_bytes(), Path(image).name)
     else:
         return None
     if body is None:
         return None
-    return _result(body, str(image) if image is not None else None, offset, where)
+    return _result(body, None if image is None else str(image), query.offset, query.where)
+
+
+def _uploadable(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size <= MAX_UPLOAD_BYTES
 
 
 def _usable_server(db: Path, model: str | None, device: str, precision: str) -> server_file.ServerRecord | None:
@@ -69,7 +71,7 @@ def _usable_server(db: Path, model: str | None, device: str, precision: str) -> 
     if (device, precision) != (record.device, record.precision):
         return None  # another device or precision ranks with other numbers (and other defaults)
     health = _call(record, "GET", "/api/health", timeout=HEALTH_TIMEOUT_S)
-    if health is None or health.get("status") != "ok" or health.get("model") != record.model:
+    if health is None or (health.get("status"), health.get("model"), health.get("created")) != ("ok", record.model, record.created):
         return None
     return record
 

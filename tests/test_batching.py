@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from btsearch.batch_search import TextQuery, search_texts
+from btsearch.batch_search import search_texts
 from btsearch.batching import Batcher
 from btsearch.collection import Collection
 from btsearch.encoder import Encoder
 from btsearch.errors import BtsearchError
+from btsearch.search import Query
 from btsearch.server import create_app
 
 from .helpers import index_with_captions
@@ -68,7 +69,7 @@ def test_a_batch_of_text_queries_answers_each_as_alone_with_one_tower_call(colle
     expected = [collection.search(text=text, **options) for text, options in TEXT_QUERIES]
     text_calls = counting(monkeypatch, collection.encoder, "text_states")
     match_calls = counting(monkeypatch, collection.encoder, "match")
-    queries = [TextQuery(text=text, **{"rerank": True, **options}) for text, options in TEXT_QUERIES]
+    queries = [Query(text=text, **options) for text, options in TEXT_QUERIES]
     found = search_texts(collection.encoder, collection.store, collection.indexes, collection.rerank_cache, queries)
     for got, want in zip(found, expected, strict=True):
         assert_same_answer(got, want)
@@ -79,7 +80,7 @@ def test_a_batch_of_text_queries_answers_each_as_alone_with_one_tower_call(colle
 
 
 def test_an_error_in_a_batch_is_that_query_s_alone(collection):
-    queries = [TextQuery("a close up of a tabby cat", k=3, candidates=3), TextQuery("a cat", k=3, candidates=3, where="lens = 1")]
+    queries = [Query("a close up of a tabby cat", k=3, candidates=3), Query("a cat", k=3, candidates=3, where="lens = 1")]
     good, bad = search_texts(collection.encoder, collection.store, collection.indexes, None, queries)
     assert isinstance(bad, BtsearchError) and "no column named lens" in str(bad)
     assert_same_answer(good, collection.search(text="a close up of a tabby cat", k=3, candidates=3))
@@ -143,7 +144,9 @@ def test_concurrent_requests_through_the_app_equal_sequential_searches(collectio
         assert [h["itm_score"] for h in body["hits"]] == pytest.approx([h.itm_score for h in expected.hits], abs=1e-5)
         assert [h["match"] for h in body["hits"]] == pytest.approx([h.match for h in expected.hits], abs=1e-5)
     assert answers[-1].status_code == 404 and "no image with id 999999" in answers[-1].json()["detail"]
-    assert client.get("/api/metrics").json()["requests"] == len(requests)
+    metrics = client.get("/api/metrics").json()
+    assert metrics["requests"] == len(requests)
+    assert metrics["batching"] == {"batches": 2, "searches": len(requests), "waiting": 0}
 
 
 def test_the_batcher_hands_each_caller_its_own_answer_or_error():

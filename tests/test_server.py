@@ -75,7 +75,7 @@ def test_bad_requests_get_a_clear_4xx(served):
 
 
 def test_concurrent_requests_queue_and_metrics_count_them(served):
-    client, _, _ = served
+    client, db, _ = served
     before = client.get("/api/metrics").json()["requests"]
     results = []
 
@@ -93,6 +93,7 @@ def test_concurrent_requests_queue_and_metrics_count_them(served):
     assert metrics["index"]["images"].startswith("Flat") and metrics["images"] == 11
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["texts"] > 0
+    assert health["created"] == Collection.open(db, load_model=False, read_only=True).manifest.created
 
 
 def test_page_and_openapi_schema(served):

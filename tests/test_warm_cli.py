@@ -15,7 +15,7 @@ import pytest
 
 from btsearch import server_file
 from btsearch.encoder import Encoder
-from btsearch.indexers.layout import SERVER_FILE
+from btsearch.indexers.layout import MANIFEST, SERVER_FILE
 from btsearch.server import create_app
 
 from .helpers import free_port, index_with_captions, run, serve_in_thread
@@ -108,6 +108,29 @@ def test_a_stale_or_foreign_server_file_means_the_cold_path_quietly(db, server, 
         (db / SERVER_FILE).write_text("{not json")
         assert served(service, search, db, QUERY, "-k", 3)[0].output == cold
     finally:
+        server_file.write(db, url, "auto", "fp32")
+
+
+def test_a_url_now_served_for_another_collection_means_the_cold_path(db, server, random_checkpoint, tmp_path):
+    """A stale file whose url a server of another collection (same model) now answers: its
+    health names another creation, so the query stays here."""
+    import shutil
+
+    service, url, _ = server
+    other = tmp_path / "other"
+    shutil.copytree(db, other, ignore=shutil.ignore_patterns(SERVER_FILE))
+    manifest = json.loads((other / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps({**manifest, "created": "2001-01-01T00:00:00+00:00"}))
+    other_app = create_app(other, encoder=service.encoder)
+    other_url, _, stop = serve_in_thread(other_app)
+    try:
+        cold = search(db, QUERY, "-k", 3, "--no-server").output
+        write_record(db, other_url)  # this collection's identity, the other's url
+        result, count = served(other_app.state.search_service, search, db, QUERY, "-k", 3)
+        assert (result.output, count) == (cold, 0)
+        assert served(service, search, db, QUERY, "-k", 3)[1] == 0
+    finally:
+        stop()
         server_file.write(db, url, "auto", "fp32")
 
 
