@@ -36,23 +36,65 @@ class ExpandedInputs:
     missing: list[tuple[Path, str]] = field(default_factory=list)  # listed files not on disk, and why
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def is_container(path: Path) -> bool:
-    return path.is_file() and (path.suffix.lower() == ".parquet" or path.name.lower().endswith((".tar", ".tar.gz", ".tgz")))
+    return path.is_file() and _container_name(path.name)
+
+
+def _container_name(name: str) -> bool:
+    return name.lower().endswith((".parquet", *SHARD_SUFFIXES))
 
 
 def expand_inputs(paths: list[Path], media_dir: Path) -> ExpandedInputs:
-    """Folders and image files pass through; shards and parquet files become the images they
-    hold (extracted under `media_dir`, once) plus their captions."""
+    """Folders and image files pass through; shards and parquet files, given or found in a
+    given folder, become the images they hold (extracted under `media_dir`, once) plus their
+    captions. One found in a folder that cannot be read (or a parquet file without an image
+    column) is passed over, with its reason in `missing`; one named is an error."""
     out = ExpandedInputs()
     for path in paths:
         path = Path(path)
-        if not is_container(path):
-            out.roots.append(path)
-        elif path.suffix.lower() == ".parquet":
-            _expand_parquet(path, media_dir / _safe(path.stem), out)
-        else:
-            _expand_tar(path, media_dir / _safe(path.name.split(".")[0]), out)
+        if is_container(path):
+            _expand(path, media_dir / _safe(_stem(path)), out)
+            continue
+        out.roots.append(path)
+        if path.is_dir():
+            for found in _containers_under(path, skip=media_dir):
+                # Named by their place under the folder: train/00000.tar and val/00000.tar are two.
+                name = "__".join([*found.relative_to(path).parent.parts, _stem(found)])
+                try:
+                    _expand(found, media_dir / _safe(name), out)
+                except BtsearchError as error:  # one bad file found in a folder is skipped, as a bad image is
+                    out.missing.append((found, str(error)))
     return out
+
+
+def _stem(path: Path) -> str:
+    """What names a container's media folder: a parquet file's stem, a shard's name up to its
+    first dot (webdataset keys hold no dot)."""
+    return path.stem if path.suffix.lower() == ".parquet" else path.name.split(".")[0]
+
+
+def _expand(path: Path, folder: Path, out: ExpandedInputs) -> None:
+    if path.suffix.lower() == ".parquet":
+        _expand_parquet(path, folder, out)
+    else:
+        _expand_tar(path, folder, out)
+
+
+def _containers_under(folder: Path, skip: Path) -> list[Path]:
+    """Shards and parquet files under `folder`, in a stable order; none from inside `skip` (a
+    collection's media folder under the folder holds what was extracted, never a container)."""
+    skip = skip.resolve()
+    found: list[Path] = []
+    for directory, subfolders, files in os.walk(folder):
+        if Path(directory).resolve() == skip:
+            subfolders.clear()
+            continue
+        subfolders.sort()
+        found.extend(Path(directory) / name for name in sorted(files) if _container_name(name) and not name.startswith("."))
+    return [path for path in found if path.is_file()]
 
 
 def _safe(name: str) -> str:

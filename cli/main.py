@@ -96,7 +96,8 @@ def main() -> None:
 @quiet_option
 def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, engine, address, workers, with_captions, as_json, device, precision):
     """Sync the collection with the images under PATHS: folders (recursively), image files,
-    webdataset .tar shards, or parquet files with a path or image-bytes column.
+    webdataset .tar shards, or parquet files with a path or image-bytes column (shards and
+    parquet files inside a folder count too).
 
     Creates the collection if needed. New and changed files are embedded (a file whose size or
     mtime changed but whose content did not is only noted; a moved file keeps its entry),

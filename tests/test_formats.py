@@ -70,8 +70,6 @@ def test_image_to_image_search_finds_the_image_itself_first(db, photos):
 
 
 def test_webdataset_shards_are_indexed_with_their_captions(tmp_path, random_checkpoint, photos):
-    import tarfile
-
     shard = tmp_path / "shard-000.tar"
     members = {
         "000.jpg": photos[0].read_bytes(), "000.txt": b"a woman in a space suit",
@@ -79,11 +77,7 @@ def test_webdataset_shards_are_indexed_with_their_captions(tmp_path, random_chec
         "002.jpg": photos[2].read_bytes(),
         "003.jpg": b"not a jpeg at all",
     }
-    with tarfile.open(shard, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_shard(shard, members)
     db = tmp_path / "db"
     result = run("index", shard, "--db", db, "--model", random_checkpoint, "--captions")
     assert "indexed 3 new, 0 updated, 0 removed, 0 unchanged, 1 skipped" in result.stdout
@@ -94,6 +88,45 @@ def test_webdataset_shards_are_indexed_with_their_captions(tmp_path, random_chec
     again = run("index", shard, "--db", db, "--captions")  # extracted once: nothing new
     assert "indexed 0 new, 0 updated, 0 removed, 3 unchanged, 1 skipped" in again.stdout
     assert "added 0 captions as texts (2 already there)" in again.stdout
+
+
+def write_shard(path, members):
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_folder_of_shards_is_indexed_as_its_shards(tmp_path, random_checkpoint, photos):
+    """`index shards/`: the shards (and parquet files) under the folder, however deep, beside its
+    loose images; two shards of one name in two subfolders are two; a bad one is skipped."""
+    import pyarrow as pa
+
+    root = tmp_path / "shards"
+    write_shard(root / "train" / "00000.tar", {"000.jpg": photos[0].read_bytes(), "000.txt": b"a woman in a space suit"})
+    write_shard(root / "val" / "00000.tar", {"000.jpg": photos[1].read_bytes(), "000.txt": b"a cat looking up"})
+    pq.write_table(pa.table({"image": [photos[2].read_bytes()], "caption": ["coins on a table"]}), root / "more.parquet")
+    pq.write_table(pa.table({"score": [0.5]}), root / "metadata.parquet")  # no images: passed over
+    (root / "broken.tar").write_bytes(b"not a tar")
+    (root / "loose.jpg").write_bytes(photos[3].read_bytes())
+    db = tmp_path / "db"
+    result = run("index", root, "--db", db, "--model", random_checkpoint, "--captions", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["added"] == 4 and summary["captions"] == {"added": 3, "already_there": 0}
+    assert "metadata.parquet" in result.stderr and "has no image column" in result.stderr and "broken.tar" in result.stderr
+    collection = Collection.open(db, load_model=False, read_only=True)
+    media = (db / "media").resolve()
+    assert {Path(path).parent.name for path in collection.store.image_files() if Path(path).is_relative_to(media)} == {
+        "train__00000", "val__00000", "more",
+    }
+    pairs = {row["text"]: Path(row["image_path"]).parent.name for row in collection.texts()}
+    assert pairs == {"a woman in a space suit": "train__00000", "a cat looking up": "val__00000", "coins on a table": "more"}
+    again = json.loads(run("index", root, "--db", db, "--captions", "--json").stdout)
+    assert again["added"] == 0 and again["unchanged"] == 4 and again["captions"]["already_there"] == 3
 
 
 def test_parquet_with_bytes_or_paths(tmp_path, random_checkpoint, photos):
