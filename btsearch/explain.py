@@ -205,6 +205,28 @@ class _WithModel(Protocol):
     encoder: Encoder | None
 
 
+def prepare_explanations(encoder: Encoder | None, text: str | None, target: str, folder: str | Path) -> Path:
+    """Refuse what cannot be explained (no model, no ITM head, a search without both a text and
+    an image: `target` is what it searches), then make `folder`. The CLI calls it before
+    searching, so a bad request costs no search and leaves no folder."""
+    if encoder is None:
+        raise BtsearchError("the collection was opened without its model: nothing to explain with")
+    if not encoder.has_itm:
+        raise BtsearchError("--explain needs the ITM head, which this checkpoint lacks: there is no cross-modal match to explain")
+    if target == "images" and text is None:
+        raise BtsearchError("--explain shows where a text's words look in an image: an image-to-image search has no text")
+    if target == "texts" and text is not None:
+        raise BtsearchError("--explain shows where a text's words look in an image: a text-to-text search has no image")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BtsearchError(f"--explain {folder}: it exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BtsearchError(f"--explain {folder}: cannot make the folder: {error.strerror or error}") from None
+    return folder
+
+
 def write_explanations(collection: _WithModel, result: SearchResult, text: str | None, folder: str | Path) -> list[str]:
     """Explain every hit of `result` into `folder` (created): `<rank>-<id>.png` per hit (the
     whole text's map and its heaviest words' maps, `render_panels`) and one `explanations.json`.
@@ -212,15 +234,9 @@ def write_explanations(collection: _WithModel, result: SearchResult, text: str |
     result pairs each hit's text with the query image (`result.query`, its path). Returns lines
     for the user: what was written, and each hit skipped with its reason."""
     encoder = collection.encoder
-    if encoder is None:
-        raise BtsearchError("the collection was opened without its model: nothing to explain with")
-    if not encoder.has_itm:
-        raise BtsearchError("--explain needs the ITM head, which this checkpoint lacks: there is no cross-modal match to explain")
+    folder = prepare_explanations(encoder, text, result.target, folder)
+    assert encoder is not None
     pairs = _pairs(result, text)
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise BtsearchError(f"--explain {folder}: it exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
     query_picture = query_states = None
     if result.target == "texts":  # one query image for every hit: read it and run its tower once
         query_picture = load_rgb(result.query)
@@ -250,14 +266,10 @@ def write_explanations(collection: _WithModel, result: SearchResult, text: str |
 
 
 def _pairs(result: SearchResult, text: str | None) -> list[tuple[Hit, str, str]]:
-    """(hit, text, image path) of each hit to explain; BtsearchError for a search without both a
-    text and an image."""
+    """(hit, text, image path) of each hit to explain (of a search `prepare_explanations` passed)."""
     if result.target == "images":
-        if text is None:
-            raise BtsearchError("--explain shows where a text's words look in an image: an image-to-image search has no text")
+        assert text is not None
         return [(hit, text, hit.path) for hit in result.hits if hit.path is not None]
-    if text is not None:
-        raise BtsearchError("--explain shows where a text's words look in an image: a text-to-text search has no image")
     if not Path(result.query).is_file():
         raise BtsearchError(f"--explain needs the query image's file, and {result.query!r} is not one")
     return [(hit, hit.text, result.query) for hit in result.hits if hit.text is not None]

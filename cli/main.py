@@ -222,6 +222,10 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
     from btsearch.collection import Collection
 
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
+    if explain_dir is not None:
+        from btsearch.explain import prepare_explanations
+
+        prepare_explanations(collection.encoder, text, query.searched, explain_dir)  # before the search: a refusal costs none
     result = collection.answer(query, CLI)
     print_search(result, as_json, bare)
     if explain_dir is not None:

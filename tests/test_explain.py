@@ -188,10 +188,12 @@ def test_search_explain_of_an_image_query_explains_each_text_over_it(collection,
     [
         (["--image", "{photo}", "--target", "images", "--explain", "{out}"], "an image-to-image search has no text"),
         (["a cat", "--target", "texts", "--explain", "{out}"], "a text-to-text search has no image"),
+        (["a cat", "--explain", "{blocked}"], "cannot make the folder: Not a directory"),  # a file where a folder must go
     ],
 )
 def test_explain_refuses_what_it_cannot_explain_in_one_line(collection, photos, tmp_path, args, message):
-    names = dict(photo=photos[0], out=tmp_path / "out")
+    (tmp_path / "file").write_text("a file, not a folder")
+    names = dict(photo=photos[0], out=tmp_path / "out", blocked=tmp_path / "file" / "maps")
     result = CliRunner().invoke(main, ["search", *[a.format(**names) for a in args], "--db", str(collection), "-k", "1", "--quiet"])
     assert result.exit_code == 1, result.output
     assert message in result.stderr and "Traceback" not in result.output
