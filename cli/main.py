@@ -42,16 +42,23 @@ class _Group(click.Group):
         start_invocation()
         try:
             return super().invoke(ctx)
-        except (BtsearchError, FileNotFoundError) as error:
+        except BtsearchError as error:
             click.echo(f"btsearch: error: {error}", err=True)
             ctx.exit(1)
-        except OSError as error:  # a write outside the collection's own (a full disk, a read-only folder): one line too
+        except OSError as error:  # a file outside the collection's own (gone, not a folder, a full disk, read-only): one line too
             from btsearch.indexers.write_errors import error_code
 
-            if error_code(error) is None:
+            if error.filename is None and error_code(error) is None:
                 raise
-            click.echo(f"btsearch: error: {error}", err=True)
+            click.echo(f"btsearch: error: {_os_error_line(error)}", err=True)
             ctx.exit(1)
+
+
+def _os_error_line(error: OSError) -> str:
+    """`path: reason` rather than Python's `[Errno 2] reason: 'path'`."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

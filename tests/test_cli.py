@@ -86,11 +86,13 @@ def test_reindex_skips_unchanged(collection, photos):
         (["search", "x", "--db", "{db}", "-k", "0"], "-k must be at least 1"),
         (["search", "x", "--db", "{db}", "--model", "{other}"], "was built with model"),
         (["info", "--db", "{plain}"], "not a btsearch collection"),
+        (["export", "--db", "{db}", "--out", "{file}/export"], "/export/img_emb: Not a directory"),  # the OS's error, as path: reason
     ],
 )
 def test_bad_input_is_one_line_on_stderr(collection, tmp_path, random_checkpoint, args, message):
     (tmp_path / "plain").mkdir()
-    names = dict(missing=tmp_path / "nope", db=collection, other=random_checkpoint, plain=tmp_path / "plain")
+    (tmp_path / "file").write_text("a file, not a folder")
+    names = dict(missing=tmp_path / "nope", db=collection, other=random_checkpoint, plain=tmp_path / "plain", file=tmp_path / "file")
     result = CliRunner().invoke(main, [a.format(**names) for a in args])
     assert result.exit_code == 1
     assert message in result.stderr and "Traceback" not in result.output
