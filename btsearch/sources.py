@@ -34,6 +34,11 @@ class ExpandedInputs:
     captions: list[str] = field(default_factory=list)  # captions that came with the images
     caption_images: list[Path | None] = field(default_factory=list)  # the image each caption came with (None: none)
     missing: list[tuple[Path, str]] = field(default_factory=list)  # listed files not on disk, and why
+    gone: list[tuple[Path, Path]] = field(default_factory=list)  # (media folder, its container): emptied, for the sync to remove
+    prune: bool = True  # remove extracted images their container no longer holds (not with --keep-missing)
+
+
+SOURCE_FILE = ".source"  # in a media folder: the container its images came from
 
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -47,12 +52,15 @@ def _container_name(name: str) -> bool:
     return name.lower().endswith((".parquet", *SHARD_SUFFIXES))
 
 
-def expand_inputs(paths: list[Path], media_dir: Path) -> ExpandedInputs:
+def expand_inputs(paths: list[Path], media_dir: Path, keep_missing: bool = False) -> ExpandedInputs:
     """Folders and image files pass through; shards and parquet files, given or found in a
-    given folder, become the images they hold (extracted under `media_dir`, once) plus their
-    captions. One found in a folder that cannot be read (or a parquet file without an image
-    column) is passed over, with its reason in `missing`; one named is an error."""
-    out = ExpandedInputs()
+    given folder, become the images they hold (extracted under `media_dir`, once; a member no
+    longer in its container is removed) plus their captions. One found in a folder that cannot
+    be read (or a parquet file without an image column) is passed over, with its reason in
+    `missing`; one named is an error. The media folder of a container that was under a given
+    folder and is gone is emptied and made a root, so the sync removes its images (`gone`),
+    unless `keep_missing`."""
+    out = ExpandedInputs(prune=not keep_missing)
     for path in paths:
         path = Path(path)
         if is_container(path):
@@ -60,6 +68,8 @@ def expand_inputs(paths: list[Path], media_dir: Path) -> ExpandedInputs:
             continue
         out.roots.append(path)
         if path.is_dir():
+            if out.prune:
+                _empty_gone_containers(path, media_dir, out)
             for found in _containers_under(path, skip=media_dir):
                 # Named by their place under the folder: train/00000.tar and val/00000.tar are two.
                 name = "__".join([*found.relative_to(path).parent.parts, _stem(found)])
@@ -68,6 +78,41 @@ def expand_inputs(paths: list[Path], media_dir: Path) -> ExpandedInputs:
                 except BtsearchError as error:  # one bad file found in a folder is skipped, as a bad image is
                     out.missing.append((found, str(error)))
     return out
+
+
+def _empty_gone_containers(folder: Path, media_dir: Path, out: ExpandedInputs) -> None:
+    if not media_dir.is_dir():
+        return
+    under = folder.resolve()
+    for media in sorted(media_dir.iterdir()):
+        try:
+            source = Path((media / SOURCE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a container's folder (or from before sources were noted)
+        if source.is_relative_to(under) and not source.exists():
+            _prune(media, keep=set())
+            out.roots.append(media)
+            out.gone.append((media, source))
+
+
+def _prune(folder: Path, keep: set[Path]) -> None:
+    """Remove the extracted images of `folder` that are not in `keep`."""
+    for extracted in folder.iterdir():
+        if extracted.suffix.lower() in IMAGE_SUFFIXES and extracted not in keep:
+            extracted.unlink(missing_ok=True)
+
+
+def _extracted(folder: Path, container: Path, images: set[Path], out: ExpandedInputs) -> None:
+    """`folder` holds `container`'s images, now exactly `images`: note where they came from,
+    remove what the container no longer holds, and sync the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    note = folder / SOURCE_FILE
+    source = str(container.resolve())
+    if not note.exists() or note.read_text(encoding="utf-8") != source:
+        note.write_text(source, encoding="utf-8")
+    if out.prune:
+        _prune(folder, keep=images)
+    out.roots.append(folder)
 
 
 def _stem(path: Path) -> str:
@@ -139,7 +184,7 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
             out.caption_images.extend(images.get(key) for key in captions)
     except (tarfile.TarError, OSError, EOFError) as error:
         raise BtsearchError(f"cannot read the shard {shard}: {error}") from error
-    out.roots.append(folder)
+    _extracted(folder, shard, set(images.values()), out)
 
 
 def _caption_from(data: bytes, suffix: str) -> str | None:
@@ -181,7 +226,7 @@ def _expand_parquet(table_path: Path, folder: Path, out: ExpandedInputs) -> None
                 continue
             row_images[row] = folder / f"row{row:08d}{_image_suffix(data)}"
             _write_once(row_images[row], bytes(data))  # type: ignore[arg-type]
-        out.roots.append(folder)
+        _extracted(folder, table_path, {image for image in row_images if image is not None}, out)
     else:
         for row, value in enumerate(table.column(path_column).to_pylist()):
             if value:

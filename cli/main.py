@@ -7,6 +7,7 @@ command imports what it needs when it runs, so `--help` answers without loading 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +123,18 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     collection = Collection.create(db, model=model, device=device, precision=precision)
     if index_memory is not None:
         collection.set_index_memory(index_memory)
-    inputs = expand_inputs(list(paths), collection.path / MEDIA)
+    inputs = expand_inputs(list(paths), collection.path / MEDIA, keep_missing=keep_missing)
     for path, reason in inputs.missing:
         say(f"skipped {path}: {reason}")
+    for _, container in inputs.gone:
+        say(f"{container} is gone: its images are removed")
     report = collection.add_images(
         inputs.roots, batch_size=batch_size, progress=show_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels, engine=engine, ray_address=address, workers=workers,
     )
     say_skipped(report)
+    for media, _ in inputs.gone:  # its rows are removed: the emptied folder can go
+        shutil.rmtree(media, ignore_errors=True)
     summary = index_summary(report, collection)
     if not as_json:
         echo_index_line(report, summary)

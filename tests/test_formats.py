@@ -128,6 +128,19 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(tmp_path, random_checkpoint
     again = json.loads(run("index", root, "--db", db, "--captions", "--json").stdout)
     assert again["added"] == 0 and again["unchanged"] == 4 and again["captions"]["already_there"] == 3
 
+    # A shard gone from the folder takes its images with it; one that lost a member, that image.
+    (root / "val" / "00000.tar").unlink()
+    write_shard(root / "train" / "00000.tar", {"001.jpg": photos[4].read_bytes()})
+    kept = json.loads(run("index", root, "--db", db, "--json", "--keep-missing").stdout)  # told to keep: nothing goes
+    assert (kept["added"], kept["removed"]) == (1, 0) and (db / "media" / "val__00000").is_dir()
+    result = run("index", root, "--db", db, "--json")
+    summary = json.loads(result.stdout)
+    assert (summary["added"], summary["removed"]) == (0, 2) and "val/00000.tar is gone" in result.stderr
+    assert not (db / "media" / "val__00000").exists()
+    files = sorted(Path(path).relative_to(media).as_posix() for path in Collection.open(db, load_model=False, read_only=True).store.image_files()
+                   if Path(path).is_relative_to(media))
+    assert files == ["more/row00000000.jpg", "train__00000/001.jpg"]
+
 
 def test_parquet_with_bytes_or_paths(tmp_path, random_checkpoint, photos):
     import pyarrow as pa
