@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -127,8 +128,15 @@ def evaluate_captions(
         "curve": curve,
         "latency_queries": len(queries),
         "search_k": SEARCH_K,
+        "cache_bytes": eval_cache_bytes(collection.path),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def eval_cache_bytes(folder: Path) -> int:
+    """Bytes of what evaluation keeps in the collection folder (`eval-*`: image bridge inputs,
+    ITM scores), so a user sees what an eval left and can delete it."""
+    return sum(path.stat().st_size for cached in folder.glob("eval-*") for path in ([cached] if cached.is_file() else cached.rglob("*")) if path.is_file())
 
 
 def _latency_sample(texts: list[str], n: int) -> list[str]:

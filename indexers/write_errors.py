@@ -43,9 +43,9 @@ class StorageWriteError(OSError):
     def __str__(self) -> str:
         space = []
         if self.needed is not None and self.errno in SPACE_ERRNOS:
-            space.append(f"needs {_size(self.needed)}")
+            space.append(f"needs {human_size(self.needed)}")
         if self.free is not None and self.errno in SPACE_ERRNOS:
-            space.append(f"{_size(self.free)} free")
+            space.append(f"{human_size(self.free)} free")
         return f"cannot write {self.what} in {self.where}: {self.strerror}" + (f" ({', '.join(space)})" if space else "")
 
 
@@ -87,7 +87,7 @@ def free_bytes(where: str | os.PathLike[str]) -> int | None:
         return None
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

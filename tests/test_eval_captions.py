@@ -101,8 +101,12 @@ def test_images_caps_the_measure_to_images_spread_over_the_captioned(captioned_d
 
 def test_without_latency_queries_nothing_is_timed(captioned_db):
     db, _ = captioned_db
-    out = json.loads(_eval(db, "--candidates", "2", "--latency-queries", 0, "--json").stdout)
+    result = _eval(db, "--candidates", "2", "--latency-queries", 0, "--json")
+    out = json.loads(result.stdout)
     assert out["latency_queries"] == 0 and out["curve"][0]["latency_ms"] is None
+    kept = [path for cached in db.glob("eval-*") for path in ([cached] if cached.is_file() else cached.rglob("*")) if path.is_file()]
+    assert kept and out["cache_bytes"] == sum(path.stat().st_size for path in kept)  # what the eval left, said
+    assert "so the next eval recomputes none of them" in result.stderr
     assert "ITC" in _eval(db, "--candidates", "2", "--latency-queries", 0).stdout  # ITC alone is shown even without 0
 
 
