@@ -126,7 +126,7 @@ def index_images_on_ray(
     caps the Prepare actors [default: 4 per GPU, within the cluster's cores]; `rerank_cache`:
     the cache's folder, when it is on (the Embed actors write the states there)."""
     ray = start_ray(address)
-    started, started_at = time.perf_counter(), time.time()
+    started = time.perf_counter()
     plan, report = start_sync(store, indexes, roots, keep_missing)
     waves = store.folder / RAY_WAVES
     waves.mkdir(exist_ok=True)
@@ -142,7 +142,7 @@ def index_images_on_ray(
         saved.unlink()
         report.skipped += skipped
         report.count_embedded(landed, plan.replaced_paths)
-    _reclaim_unreferenced(store, before=started_at)
+    _reclaim_unreferenced(store)
     indexes.forget()  # FAISS catches up from LanceDB, as after any crash
     indexes.fill_shards = fill_shards_on_ray(store)  # a sharded rebuild fills its shards on the cluster
     return finish_sync(store, indexes, plan, report, started)
@@ -304,16 +304,17 @@ def _landed(store: MetadataStore, ids: np.ndarray) -> bool:
     return len(store.get_embeddings("images", ids)[0]) > 0
 
 
-def _reclaim_unreferenced(store: MetadataStore, before: float) -> None:
+def _reclaim_unreferenced(store: MetadataStore) -> None:
     """Delete data files no version references (failed or superseded attempts' fragments), and
-    the temporary files of writes cut short before `before` (a killed run's, by their time)."""
+    the temporary files of writes cut short (a killed writer's, this run's or an earlier one's):
+    under the write lock, with every stream of this run ended or fenced off, no write that
+    could still use one is under way."""
     import lance
 
     uri = store.folder / lance_folder("images")
     lance.dataset(str(uri)).cleanup_old_versions(older_than=VERSION_GRACE, delete_unverified=True)
     for partial in (uri / "data").glob(".tmp*"):
-        if partial.stat().st_mtime < before:
-            partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
 
 
 def _first_line(error: BaseException) -> str:

@@ -113,14 +113,30 @@ class StreamFence:
 
     def raise_and_wait(self, timeout: float) -> bool:
         """Raise the fence and wait up to `timeout` s for writes under way; False if some did not
-        end (a writer killed midway leaves its mark; the run's reclaim removes its partial file)."""
+        end. A writer killed midway (Ray kills a given-up stream's actors) leaves its mark: on
+        this machine a dead pid ends the wait; the run's reclaim removes its partial file."""
         self.path.touch()
         deadline = time.monotonic() + timeout
-        while any(self.path.parent.glob(f"{self.path.name}.busy-*")):
+        while any(_writer_alive(mark.name) for mark in self.path.parent.glob(f"{self.path.name}.busy-*")):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
         return True
+
+
+def _writer_alive(mark: str) -> bool:
+    """Whether the writer that left busy mark `mark` may still write: True unless it ran on this
+    machine and its process is gone."""
+    host, _, rest = mark.partition(".busy-")[2].rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 class WriteFragments:

@@ -181,6 +181,22 @@ def test_a_write_that_ends_after_its_stream_was_given_up_leaves_no_file(tmp_path
     assert data_files(db) == kept and not pickle.loads(late["fragments"][0].as_py())
     assert not list(tmp_path.glob("fence.busy-*"))
 
+    # A writer killed midway (Ray kills a given-up stream's actors) leaves its mark and a partial
+    # file: its dead pid ends the driver's wait, and the run's reclaim removes the partial file.
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = StreamFence(tmp_path / "fence-2")
+    (tmp_path / f"fence-2.busy-{socket.gethostname()}-{dead.pid}-0123abcd").touch()
+    started = time.monotonic()
+    assert killed.raise_and_wait(timeout=30) and time.monotonic() - started < 5
+    (db / "images.lance" / "data" / ".tmpKilled").write_bytes(b"half a fragment")
+    ray_engine._reclaim_unreferenced(store)
+    assert data_files(db) == before  # the partial file and the unreferenced fragment reclaimed, the table's own kept
+
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_driver_killed_at_a_commit_resumes_whole(tmp_path, files, trained_checkpoint, monkeypatch, reference, when):
