@@ -147,7 +147,7 @@ class Query:
     negatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "negatives", tuple(self.negatives))  # a list given is kept as it was
+        object.__setattr__(self, "negatives", tuple(self.negatives))  # a list given is kept as a tuple: the query stays immutable
 
     @property
     def searched(self) -> TableName:
