@@ -9,6 +9,7 @@ caller can add them as texts.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -64,7 +65,7 @@ def expand_inputs(paths: list[Path], media_dir: Path, keep_missing: bool = False
     for path in paths:
         path = Path(path)
         if is_container(path):
-            _expand(path, media_dir / _safe(_stem(path)), out)
+            _expand(path, _media_folder(media_dir, _stem(path), path), out)
             continue
         out.roots.append(path)
         if path.is_dir():
@@ -74,10 +75,29 @@ def expand_inputs(paths: list[Path], media_dir: Path, keep_missing: bool = False
                 # Named by their place under the folder: train/00000.tar and val/00000.tar are two.
                 name = "__".join([*found.relative_to(path).parent.parts, _stem(found)])
                 try:
-                    _expand(found, media_dir / _safe(name), out)
+                    _expand(found, _media_folder(media_dir, name, found), out)
                 except BtsearchError as error:  # one bad file found in a folder is skipped, as a bad image is
                     out.missing.append((found, str(error)))
     return out
+
+
+def _media_folder(media_dir: Path, name: str, container: Path) -> Path:
+    """Where `container`'s images are extracted: `media_dir/name`, unless another container that
+    still exists holds that folder (two shards named 00000.tar in two places), then a name of
+    its own (the container's path's hash) so neither prunes the other's images."""
+    folder = media_dir / _safe(name)
+    holder = _source_of(folder)
+    if holder is None or holder == container.resolve() or not holder.exists():
+        return folder
+    return media_dir / f"{_safe(name)}-{hashlib.sha1(str(container.resolve()).encode()).hexdigest()[:8]}"
+
+
+def _source_of(folder: Path) -> Path | None:
+    """The container a media folder's images came from (None: not noted, e.g. before notes were kept)."""
+    try:
+        return Path((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _empty_gone_containers(folder: Path, media_dir: Path, out: ExpandedInputs) -> None:
@@ -85,11 +105,8 @@ def _empty_gone_containers(folder: Path, media_dir: Path, out: ExpandedInputs) -
         return
     under = folder.resolve()
     for media in sorted(media_dir.iterdir()):
-        try:
-            source = Path((media / SOURCE_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not a container's folder (or from before sources were noted)
-        if source.is_relative_to(under) and not source.exists():
+        source = _source_of(media)
+        if source is not None and source.is_relative_to(under) and not source.exists():
             _prune(media, keep=set())
             out.roots.append(media)
             out.gone.append((media, source))

@@ -142,6 +142,21 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(tmp_path, random_checkpoint
     assert files == ["more/row00000000.jpg", "train__00000/001.jpg"]
 
 
+def test_two_shards_of_one_name_keep_their_own_images(tmp_path, random_checkpoint, photos):
+    """a/00000.tar and b/00000.tar, named together or one run after the other: each keeps its
+    images (neither prunes the other's), and a re-run finds them unchanged."""
+    write_shard(tmp_path / "a" / "00000.tar", {"000.jpg": photos[0].read_bytes(), "001.jpg": photos[1].read_bytes()})
+    write_shard(tmp_path / "b" / "00000.tar", {"000.jpg": photos[2].read_bytes()})
+    db = tmp_path / "db"
+    first = json.loads(run("index", tmp_path / "a" / "00000.tar", "--db", db, "--model", random_checkpoint, "--json").stdout)
+    both = json.loads(run("index", tmp_path / "a" / "00000.tar", tmp_path / "b" / "00000.tar", "--db", db, "--json").stdout)
+    again = json.loads(run("index", tmp_path / "b" / "00000.tar", tmp_path / "a" / "00000.tar", "--db", db, "--json").stdout)
+    assert (first["added"], both["added"], both["removed"]) == (2, 1, 0)
+    assert (again["added"], again["removed"], again["unchanged"]) == (0, 0, 3)
+    hashes = {row["content_hash"] for row in Collection.open(db, load_model=False, read_only=True).store.image_files().values()}
+    assert len(hashes) == 3
+
+
 def test_parquet_with_bytes_or_paths(tmp_path, random_checkpoint, photos):
     import pyarrow as pa
 
