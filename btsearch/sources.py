@@ -179,6 +179,7 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
         with tarfile.open(shard) as tar:
             captions: dict[str, str] = {}
             images: dict[str, Path] = {}
+            written: set[Path] = set()  # every image member (a key may hold more than one)
             for member in tar:
                 if not member.isfile():
                     continue
@@ -193,6 +194,7 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
                 if suffix in IMAGE_SUFFIXES:
                     images[key] = folder / (_safe(key.replace(os.sep, "__")) + suffix)
                     _write_once(images[key], data)
+                    written.add(images[key])
                 elif suffix in (".txt", ".json"):
                     caption = _caption_from(data, suffix)
                     if caption:
@@ -201,7 +203,7 @@ def _expand_tar(shard: Path, folder: Path, out: ExpandedInputs) -> None:
             out.caption_images.extend(images.get(key) for key in captions)
     except (tarfile.TarError, OSError, EOFError) as error:
         raise BtsearchError(f"cannot read the shard {shard}: {error}") from error
-    _extracted(folder, shard, set(images.values()), out)
+    _extracted(folder, shard, written, out)
 
 
 def _caption_from(data: bytes, suffix: str) -> str | None:

@@ -107,7 +107,8 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(tmp_path, random_checkpoint
     import pyarrow as pa
 
     root = tmp_path / "shards"
-    write_shard(root / "train" / "00000.tar", {"000.jpg": photos[0].read_bytes(), "000.txt": b"a woman in a space suit"})
+    write_shard(root / "train" / "00000.tar", {"000.jpg": photos[0].read_bytes(), "000.txt": b"a woman in a space suit",
+                                               "001.jpg": photos[5].read_bytes(), "001.seg.png": _png(photos[6])})  # two images, one key
     write_shard(root / "val" / "00000.tar", {"000.jpg": photos[1].read_bytes(), "000.txt": b"a cat looking up"})
     pq.write_table(pa.table({"image": [photos[2].read_bytes()], "caption": ["coins on a table"]}), root / "more.parquet")
     pq.write_table(pa.table({"score": [0.5]}), root / "metadata.parquet")  # no images: passed over
@@ -116,7 +117,7 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(tmp_path, random_checkpoint
     db = tmp_path / "db"
     result = run("index", root, "--db", db, "--model", random_checkpoint, "--captions", "--json")
     summary = json.loads(result.stdout)
-    assert summary["added"] == 4 and summary["captions"] == {"added": 3, "already_there": 0}
+    assert summary["added"] == 6 and summary["captions"] == {"added": 3, "already_there": 0}
     assert "metadata.parquet" in result.stderr and "has no image column" in result.stderr and "broken.tar" in result.stderr
     collection = Collection.open(db, load_model=False, read_only=True)
     media = (db / "media").resolve()
@@ -126,20 +127,20 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(tmp_path, random_checkpoint
     pairs = {row["text"]: Path(row["image_path"]).parent.name for row in collection.texts()}
     assert pairs == {"a woman in a space suit": "train__00000", "a cat looking up": "val__00000", "coins on a table": "more"}
     again = json.loads(run("index", root, "--db", db, "--captions", "--json").stdout)
-    assert again["added"] == 0 and again["unchanged"] == 4 and again["captions"]["already_there"] == 3
+    assert again["added"] == 0 and again["unchanged"] == 6 and again["captions"]["already_there"] == 3
 
     # A shard gone from the folder takes its images with it; one that lost a member, that image.
     (root / "val" / "00000.tar").unlink()
-    write_shard(root / "train" / "00000.tar", {"001.jpg": photos[4].read_bytes()})
+    write_shard(root / "train" / "00000.tar", {"002.jpg": photos[4].read_bytes()})
     kept = json.loads(run("index", root, "--db", db, "--json", "--keep-missing").stdout)  # told to keep: nothing goes
     assert (kept["added"], kept["removed"]) == (1, 0) and (db / "media" / "val__00000").is_dir()
     result = run("index", root, "--db", db, "--json")
     summary = json.loads(result.stdout)
-    assert (summary["added"], summary["removed"]) == (0, 2) and "val/00000.tar is gone" in result.stderr
+    assert (summary["added"], summary["removed"]) == (0, 4) and "val/00000.tar is gone" in result.stderr
     assert not (db / "media" / "val__00000").exists()
     files = sorted(Path(path).relative_to(media).as_posix() for path in Collection.open(db, load_model=False, read_only=True).store.image_files()
                    if Path(path).is_relative_to(media))
-    assert files == ["more/row00000000.jpg", "train__00000/001.jpg"]
+    assert files == ["more/row00000000.jpg", "train__00000/002.jpg"]
 
 
 def test_two_shards_of_one_name_keep_their_own_images(tmp_path, random_checkpoint, photos):
