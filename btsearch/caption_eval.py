@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from .errors import BtsearchError
 from .evaluation import evaluate_collection
+from .indexers.layout import EVAL_CACHES
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -134,9 +135,10 @@ def evaluate_captions(
 
 
 def eval_cache_bytes(folder: Path) -> int:
-    """Bytes of what evaluation keeps in the collection folder (`eval-*`: image bridge inputs,
-    ITM scores), so a user sees what an eval left and can delete it."""
-    return sum(path.stat().st_size for cached in folder.glob("eval-*") for path in ([cached] if cached.is_file() else cached.rglob("*")) if path.is_file())
+    """Bytes of what evaluation keeps in the collection folder (`EVAL_CACHES`: image bridge
+    inputs, ITM scores), so a user sees what an eval left and can delete it."""
+    kept = [path for cached in folder.glob(EVAL_CACHES) for path in ([cached] if cached.is_file() else cached.rglob("*"))]
+    return sum(path.stat().st_size for path in kept if path.is_file())
 
 
 def _latency_sample(texts: list[str], n: int) -> list[str]:

@@ -94,10 +94,11 @@ def eval_captions(db, candidates, max_images, latency_queries, as_json, device, 
     if result["unmatched_texts"]:
         say(f"note: {result['unmatched_texts']} texts name images the collection does not hold; left out")
     if result["cache_bytes"]:
+        from btsearch.indexers.layout import EVAL_CACHES
         from btsearch.indexers.write_errors import human_size
 
         say(f"note: the eval keeps {human_size(result['cache_bytes'])} in {db} (image bridge inputs, ITM scores) so the next eval "
-            f"recomputes none of them; delete {Path(db) / 'eval-*'} to free the space")
+            f"recomputes none of them; delete {Path(db) / EVAL_CACHES} to free the space")
     if as_json:
         click.echo(json.dumps(result))
     else:

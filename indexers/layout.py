@@ -30,6 +30,9 @@ def faiss_shards_folder(table: TableName) -> str:
     return f"{table}.faiss-shards"
 
 
+EVAL_CACHES = "eval-*"  # everything evaluation keeps (the two below): safe to delete
+
+
 def eval_scores_file(precision: str) -> str:
     """ITM scores evaluation keeps between runs (another precision differs in the last digits)."""
     return f"eval-itm-scores-{precision}.npz"
