@@ -252,17 +252,13 @@ class Collection:
         """How many FAISS candidates ITM re-ranks unless told: 128 on a GPU, 16 on a CPU."""
         return GPU_CANDIDATES if self._model().device.type == "cuda" else CPU_CANDIDATES
 
+    def with_candidates(self, query: Query) -> Query:
+        """`query` with its `candidates`: `default_candidates()` when it has none."""
+        return query if query.candidates is not None else dataclasses.replace(query, candidates=self.default_candidates())
+
     def search(
-        self,
-        text: str | None = None,
-        image: str | os.PathLike[str] | Image.Image | None = None,
-        k: int = 10,
-        candidates: int | None = None,
-        rerank: bool = True,
-        target: str | None = None,
-        min_match: float | None = None,
-        offset: int = 0,
-        where: str | None = None,
+        self, text: str | None = None, image: str | os.PathLike[str] | Image.Image | None = None, k: int = 10, candidates: int | None = None,
+        rerank: bool = True, target: str | None = None, min_match: float | None = None, offset: int = 0, where: str | None = None,
         negatives: Sequence[str] = (),
     ) -> SearchResult:
         """Text finds images; an image (a path or a picture) finds texts; both find images like
@@ -279,15 +275,12 @@ class Collection:
         return self.answer(Query(text, image, k, candidates, rerank, target, min_match, offset, where, tuple(negatives)))
 
     def answer(self, query: Query, spelling: Spelling | None = None) -> SearchResult:
-        """`search` for a `Query`, checked here (errors name its parts as `spelling` does: the
-        CLI's, the API's); its `candidates`, when None, `default_candidates()`."""
+        """`search` for a `Query`, checked here (its errors name its parts as `spelling` does)."""
         from . import search
 
         spelling = spelling or search.LIBRARY
         query.check(spelling)
-        if query.candidates is None:
-            query = dataclasses.replace(query, candidates=self.default_candidates())
-        return search.search(self._model(), self.store, self.indexes, self.rerank_cache, query, spelling)
+        return search.search(self._model(), self.store, self.indexes, self.rerank_cache, self.with_candidates(query), spelling)
 
     def explain(self, text: str, image_id: int) -> Explanation:
         """Why image `image_id` is a hit for `text`: its words' attention over the image (`explain`)."""

@@ -134,8 +134,7 @@ class SearchService:
     def _together(self, snapshot: Collection, jobs: list[_Job]) -> list[Answer | BaseException]:
         if len(jobs) == 1:
             return [self._answer_alone(snapshot, jobs[0])]
-        default = snapshot.default_candidates()
-        queries = [job.query if job.query.candidates is not None else dataclasses.replace(job.query, candidates=default) for job in jobs]
+        queries = [snapshot.with_candidates(job.query) for job in jobs]
         assert snapshot.encoder is not None
         try:
             found = search_texts(snapshot.encoder, snapshot.store, snapshot.indexes, snapshot.rerank_cache, queries, spelling=API)
