@@ -130,7 +130,8 @@ def check_rerank_cache(cache: BridgeCache | None, image_ids: np.ndarray, paths: 
     if paths is not None and lacking:
         path_of = dict(zip(image_ids.tolist(), paths))
         gone = [item for item in lacking if not os.path.exists(path_of[item])]
-        lacking = [item for item in lacking if item not in set(gone)]
+        gone_ids = set(gone)
+        lacking = [item for item in lacking if item not in gone_ids]
         if gone:
             problems.append(Problem(
                 "rerank-cache", f"{len(gone)} images kept after their files went (--keep-missing) have no cached states and "
