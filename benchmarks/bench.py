@@ -31,15 +31,15 @@ from transformers import (  # noqa: E402
 from transformers.models.bridgetower.image_processing_pil_bridgetower import BridgeTowerImageProcessorPil  # noqa: E402
 
 from btsearch.collection import Collection  # noqa: E402
-from btsearch.device import PRECISION_CHOICES, default_dtype, resolve_device, resolve_dtype  # noqa: E402
-from btsearch.encoder import Encoder  # noqa: E402
-from btsearch.images import load_rgb  # noqa: E402
+from btsearch.demo.sample_photos import write_sample_photos  # noqa: E402
+from btsearch.demo.small_checkpoint import build_tokenizer  # noqa: E402
 from btsearch.indexers import VectorIndex  # noqa: E402
-from btsearch.loader import iter_image_batches  # noqa: E402
-from btsearch.model import BridgeTowerRetrievalModel  # noqa: E402
-from btsearch.reranker import Reranker  # noqa: E402
-from btsearch.sample_photos import write_sample_photos  # noqa: E402
-from btsearch.small_checkpoint import build_tokenizer  # noqa: E402
+from btsearch.media.images import load_rgb  # noqa: E402
+from btsearch.media.loader import iter_image_batches  # noqa: E402
+from btsearch.model.bridgetower import BridgeTowerRetrievalModel  # noqa: E402
+from btsearch.model.device import PRECISION_CHOICES, default_dtype, resolve_device, resolve_dtype  # noqa: E402
+from btsearch.model.encoder import Encoder  # noqa: E402
+from btsearch.search.reranker import Reranker  # noqa: E402
 
 SIZES = {
     "base": dict(hidden=768, layers=12, heads=12, image_size=288, patch=16),

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from bench import write_photos  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 from btsearch.collection import Collection  # noqa: E402
-from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.demo.small_checkpoint import build_small_checkpoint  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 2**20

@@ -37,8 +37,8 @@ def serve(db: str, port: int, batching: bool, device: str, precision: str) -> No
     """The child process: the app on 127.0.0.1:port, announced in the collection as `serve` does."""
     import uvicorn
 
-    from btsearch import server_file
-    from btsearch.server import create_app
+    from btsearch.serve import server_file
+    from btsearch.serve.app import create_app
 
     app = create_app(db, device=device, precision=precision, batching=batching)
     with server_file.announced(db, server_file.local_url("127.0.0.1", port), device, precision):
@@ -49,8 +49,8 @@ def build_collection(work: Path, images: int, device: str, precision: str) -> tu
     from PIL import Image
 
     from btsearch.collection import Collection
-    from btsearch.sample_photos import SAMPLE_PHOTOS, write_sample_photos
-    from btsearch.small_checkpoint import build_small_checkpoint
+    from btsearch.demo.sample_photos import SAMPLE_PHOTOS, write_sample_photos
+    from btsearch.demo.small_checkpoint import build_small_checkpoint
 
     checkpoint = build_small_checkpoint(work / "model")
     photos = write_sample_photos(work / "photos")
@@ -95,7 +95,7 @@ def start_in_process(db: Path, batching: bool, device: str, precision: str) -> t
     competes with it for the cores; the clients' threads share its interpreter."""
     import uvicorn
 
-    from btsearch.server import create_app
+    from btsearch.serve.app import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(db, device=device, precision=precision, batching=batching), host="127.0.0.1", port=port, log_level="warning"))

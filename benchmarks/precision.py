@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from btsearch.encoder import Encoder  # noqa: E402
-from btsearch.images import load_rgb  # noqa: E402
-from btsearch.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
-from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.demo.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
+from btsearch.demo.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.media.images import load_rgb  # noqa: E402
+from btsearch.model.encoder import Encoder  # noqa: E402
 
 TOP = 5
 

@@ -9,7 +9,7 @@ by ITC alone (the cosine of the two ITC embeddings, what FAISS recall ranks by) 
 match probability, softmax of the ITM head's two logits, what re-ranking ranks by). Prints
 accuracy per kind of foil for both.
 
-The probes below are over scikit-image's sample photos (written by `btsearch.sample_photos`,
+The probes below are over scikit-image's sample photos (written by `btsearch.demo.sample_photos`,
 no download); each caption was written looking at the photo, each foil is false of it.
 --probes FILE brings your own: JSONL, one probe a line,
     {"image": "chelsea", "caption": "a cat with green eyes", "foil": "a cat with no eyes", "kind": "negation"}
@@ -17,7 +17,7 @@ where "image" is a sample photo's name (astronaut, camera, chelsea, coffee, coin
 hubble_deep_field, ihc, moon, motorcycle_left, retina, rocket) or an image file's path
 (relative paths from FILE's folder), and "kind" any label to group the accuracy by.
 
---model defaults to the small checkpoint the demo falls back to (`btsearch.small_checkpoint`,
+--model defaults to the small checkpoint the demo falls back to (`btsearch.demo.small_checkpoint`,
 trained for seconds on these photos' own captions; built once into --work): its figures show
 the benchmark running, not BridgeTower's quality. On a real checkpoint:
 `--model BridgeTower/bridgetower-large-itm-mlm-itc`.
@@ -37,14 +37,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from btsearch.demo import FALLBACK_TRAIN_STEPS  # noqa: E402
-from btsearch.device import PRECISION_CHOICES  # noqa: E402
-from btsearch.encoder import Encoder  # noqa: E402
-from btsearch.images import load_rgb  # noqa: E402
-from btsearch.model import TowerOutput  # noqa: E402
-from btsearch.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
-from btsearch.search import match_probability  # noqa: E402
-from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.demo.prepare import FALLBACK_TRAIN_STEPS  # noqa: E402
+from btsearch.demo.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
+from btsearch.demo.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.media.images import load_rgb  # noqa: E402
+from btsearch.model.bridgetower import TowerOutput  # noqa: E402
+from btsearch.model.device import PRECISION_CHOICES  # noqa: E402
+from btsearch.model.encoder import Encoder  # noqa: E402
+from btsearch.search.ranking import match_probability  # noqa: E402
 
 WORD_ORDER, NEGATION = "word order", "negation"
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"model": model, "precision": args.precision, "accuracy": table}))
     else:
-        print_table(model if args.model else "small checkpoint (btsearch.small_checkpoint, demo fallback)", table)
+        print_table(model if args.model else "small checkpoint (btsearch.demo.small_checkpoint, demo fallback)", table)
     return 0
 
 

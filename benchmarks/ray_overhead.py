@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import write_photos  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
-from btsearch import ray_engine  # noqa: E402
 from btsearch.collection import Collection  # noqa: E402
-from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.demo.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.ingest import ray_engine  # noqa: E402
 
 
 def main() -> None:

@@ -40,10 +40,11 @@ __all__ = [
 if TYPE_CHECKING:
     from .collection import Collection
     from .defaults import DEFAULT_MODEL
-    from .encoder import Encoder
     from .errors import BtsearchError, CollectionError, ModelLoadError
-    from .ingest import IndexReport
-    from .search import Hit, Query, SearchResult
+    from .ingest.pipeline import IndexReport
+    from .model.encoder import Encoder
+    from .search.query import Query
+    from .search.results import Hit, SearchResult
 
 
 def __getattr__(name: str) -> Any:

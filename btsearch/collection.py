@@ -1,5 +1,5 @@
 """`Collection`: the one library API, a thin facade over storage (`indexers`), the ingest
-pipeline (`ingest`) and search (`search`) that the CLI, the server and evaluation call.
+pipeline (`ingest`) and search (`search`) stages that the CLI, the server and evaluation call.
 
 A collection is a folder (its layout: `indexers/layout.py`): a LanceDB database (`images` and
 `texts` tables, the source of truth), one FAISS index per table kept in step with it, an optional
@@ -23,24 +23,26 @@ import numpy as np
 import pyarrow as pa
 
 from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, resolve_model_id
-from .errors import BtsearchError, CollectionError, storage_errors
+from .errors import BtsearchError, CollectionError
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
 from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TABLES, TableName, lance_folder
 from .indexers.metadata_store import SnapshotGone
 from .indexers.skip_log import SkipLog
 from .indexers.stored_files import resolve_path
 from .indexers.table_indexes import IndexBudgetError, default_index_memory
+from .indexers.write_errors import storage_errors
 from .indexers.write_lock import CollectionLockedError, WriteLock
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .encoder import Encoder
-    from .explain import Explanation
     from .indexers import ImageRow, TextRow, VectorIndex
     from .indexers.sharded_index import ShardedIndex
-    from .ingest import IndexReport
-    from .search import Query, SearchResult, Spelling
+    from .ingest.pipeline import IndexReport
+    from .model.encoder import Encoder
+    from .search.explain import Explanation
+    from .search.query import Query, Spelling
+    from .search.results import SearchResult
 
 FORMAT_VERSION = 1
 ENGINES = ("local", "ray")
@@ -162,19 +164,19 @@ class Collection:
         are kept on disk in float16, so re-ranking reads them instead of the image file.
         `engine="ray"` embeds on a Ray cluster (`ray_engine`; at `ray_address`, with `workers`
         embedding actors): the same rows, skips and summary as the local engine."""
-        from . import ingest
+        from .ingest import pipeline
 
         if engine not in ENGINES:
             raise BtsearchError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
         if engine == "ray":
-            from .ray_engine import require_ray
+            from .ingest.ray_engine import require_ray
 
             require_ray()  # before taking the lock for nothing
         with self._writing():
             if rerank_cache and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
             if engine == "ray":
-                from .ray_engine import sync_on_ray
+                from .ingest.ray_engine import sync_on_ray
 
                 report = sync_on_ray(
                     self._model(), self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
@@ -182,12 +184,12 @@ class Collection:
                     rerank_cache=None if self.rerank_cache is None else self.rerank_cache.folder,
                 )
             else:
-                report = ingest.index_images(
+                report = pipeline.index_images(
                     self._model(), self.store, self.indexes, self.rerank_cache, roots,
                     batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
                 )
             if self.rerank_cache is not None:  # whole after every run: images stored earlier, or by Ray, get theirs
-                catch_up = ingest.complete_rerank_cache(self._model, self.store, self.rerank_cache, progress)
+                catch_up = pipeline.complete_rerank_cache(self._model, self.store, self.rerank_cache, progress)
                 report.cache_filled, report.cache_unreadable = catch_up.filled, catch_up.unreadable
             return report
 
@@ -196,17 +198,17 @@ class Collection:
     ) -> np.ndarray:
         """Embed and store texts; returns their ids in order. `image_paths`: the image file each
         text is a caption of (None for one that is not), which `eval captions` measures against."""
-        from . import ingest
+        from .ingest import pipeline
 
         texts = _checked_texts(texts)
         paths = None if image_paths is None else [None if path is None else os.fspath(path) for path in image_paths]
         with self._writing():
-            return ingest.add_texts(self._model(), self.store, self.indexes, texts, batch_size, progress, paths)
+            return pipeline.add_texts(self._model(), self.store, self.indexes, texts, batch_size, progress, paths)
 
     def replace_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Make `texts` the collection's only texts, in this order; returns their ids. Texts that
         are exactly these already are kept as they are (no embedding)."""
-        from . import ingest
+        from .ingest import pipeline
 
         texts = _checked_texts(texts)
         with self._writing():
@@ -217,7 +219,7 @@ class Collection:
             if len(stored_ids):  # LanceDB first, as everywhere
                 self.store.delete_texts(stored_ids)
                 self.indexes["texts"].remove(stored_ids)
-            return ingest.add_texts(self._model(), self.store, self.indexes, texts, progress=progress)
+            return pipeline.add_texts(self._model(), self.store, self.indexes, texts, progress=progress)
 
     def set_index_memory(self, budget: int) -> None:
         """Keep the indexes within `budget` bytes from now on (the next growth or rebuild)."""
@@ -269,22 +271,23 @@ class Collection:
         ITM head's probability that text and image match; `min_match` keeps only the hits whose
         probability reaches it. `offset` skips that many hits of the same ranking (a page);
         `where` (SQL over the table's columns) restricts the search to the rows it selects;
-        `negatives` push away images that show them (their semantics: `search`'s docstring)."""
-        from .search import Query
+        `negatives` push away images that show them (their semantics: `search.query`'s docstring)."""
+        from .search.query import Query
 
         return self.answer(Query(text, image, k, candidates, rerank, target, min_match, offset, where, tuple(negatives)))
 
     def answer(self, query: Query, spelling: Spelling | None = None) -> SearchResult:
         """`search` for a `Query`, checked here (its errors name its parts as `spelling` does)."""
-        from . import search
+        from .search.pipeline import search
+        from .search.query import LIBRARY
 
-        spelling = spelling or search.LIBRARY
+        spelling = spelling or LIBRARY
         query.check(spelling)
-        return search.search(self._model(), self.store, self.indexes, self.rerank_cache, self.with_candidates(query), spelling)
+        return search(self._model(), self.store, self.indexes, self.rerank_cache, self.with_candidates(query), spelling)
 
     def explain(self, text: str, image_id: int) -> Explanation:
         """Why image `image_id` is a hit for `text`: its words' attention over the image (`explain`)."""
-        from .explain import explain_stored_image
+        from .search.explain import explain_stored_image
         return explain_stored_image(self._model(), self.store, text, image_id)
 
     def index(self, table: TableName) -> VectorIndex | ShardedIndex:
@@ -331,7 +334,7 @@ class Collection:
 
     def export(self, out_dir: str | os.PathLike[str], progress: bool = False) -> dict[str, int]:
         """Write embeddings and metadata in clip-retrieval's layout; returns the rows per table."""
-        from .export import export_collection
+        from .indexers.export import export_collection
 
         return export_collection(self.store, Path(out_dir), progress=progress)
 
@@ -353,8 +356,8 @@ class Collection:
     def evaluate(
         self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False, details: bool = False
     ) -> dict[str, Any]:
-        """Recall of this collection's texts and images against known pairs; see `evaluation`."""
-        from .evaluation import evaluate_collection  # the metrics' imports only for those who measure
+        """Recall of this collection's texts and images against known pairs; see `evaluate.protocol`."""
+        from .evaluate.protocol import evaluate_collection  # the metrics' imports only for those who measure
 
         return evaluate_collection(self, caption_image, text_ids, image_ids, candidates=candidates, progress=progress, details=details)
 
@@ -365,7 +368,7 @@ class Collection:
 
 
 def _load_encoder(model: str, device: str, precision: str) -> Encoder:
-    from .encoder import Encoder  # torch and transformers load only for work that needs the model
+    from .model.encoder import Encoder  # torch and transformers load only for work that needs the model
 
     return Encoder.from_pretrained(model, device=device, precision=precision)
 

@@ -13,23 +13,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CollectionError, storage_errors
+from .errors import CollectionError
 from .indexers.bridge_cache import BridgeCache
-from .indexers.check import (
-    Problem,
-    check_faiss,
-    check_lancedb,
-    check_manifest,
-    check_rerank_cache,
-    readable_manifest_fields,
-    table_dim,
-)
+from .indexers.check import Problem, check_faiss, check_lancedb, check_manifest, check_rerank_cache, readable_manifest_fields, table_dim
 from .indexers.layout import TABLES
+from .indexers.write_errors import storage_errors
 from .indexers.write_lock import CollectionLockedError, WriteLock
 
 if TYPE_CHECKING:
-    from .encoder import Encoder
     from .indexers import MetadataStore
+    from .model.encoder import Encoder
 
 
 @dataclass
@@ -114,7 +107,7 @@ def _repair(path: Path, problems: list[Problem], model: str | None, report: Chec
 
 def _repair_cache(path: Path, store: MetadataStore, cache: BridgeCache, report: CheckReport, progress: bool) -> None:
     from .collection import Collection
-    from .ingest import complete_rerank_cache
+    from .ingest.pipeline import complete_rerank_cache
 
     def model() -> Encoder:
         encoder = Collection.open(path, load_model=True).encoder
@@ -148,7 +141,7 @@ def _repair_manifest(path: Path, model: str | None, report: CheckReport) -> bool
         report.repaired.append("cannot write the manifest back: it lost the model; run check --repair --model ID")
         return False
     if "config_hash" not in values:
-        from .encoder import Encoder
+        from .model.encoder import Encoder
 
         values["config_hash"] = Encoder.from_pretrained(str(values["model"]), device="cpu").config_hash
     Manifest(**values).save(path)

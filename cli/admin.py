@@ -29,7 +29,7 @@ def convert(source, out_dir, family, tokenizer):
     the tensor shapes; a key with no place in the layout, or a missing one, is an error that
     names it.
     """
-    from btsearch.convert import convert as convert_checkpoint
+    from btsearch.model.convert import convert as convert_checkpoint
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BtsearchError(f"{out_dir} is not empty: convert into a new folder")

@@ -34,7 +34,7 @@ def _eval_command(name: str, title: str, default_k: int, annotations_help: str):
     @device_option
     @quiet_option
     def command(annotations, images, split, model, candidates, cache_dir, as_json, report_dir, device, precision):
-        from btsearch.flickr30k import evaluate_flickr30k
+        from btsearch.evaluate.flickr30k import evaluate_flickr30k
 
         result = evaluate_flickr30k(
             annotations, images, split=split, model=model or DEFAULT_MODEL, candidates=candidates,
@@ -85,8 +85,8 @@ def eval_captions(db, candidates, max_images, latency_queries, as_json, device, 
     of the whole collection. ITM scores are kept in the collection folder: another k costs only
     the pairs not scored yet.
     """
-    from btsearch.caption_eval import default_candidates_curve, evaluate_captions, parse_candidates
     from btsearch.collection import Collection
+    from btsearch.evaluate.captions import default_candidates_curve, evaluate_captions, parse_candidates
 
     ks = parse_candidates(candidates) if candidates else None  # bad values fail before the model loads
     collection = Collection.open(db, device=device, precision=precision, read_only=True)

@@ -18,18 +18,7 @@ from btsearch.errors import BtsearchError
 
 from .admin import check, convert, export, info
 from .eval_commands import eval_group
-from .options import (
-    ByteSize,
-    db_option,
-    device_option,
-    json_option,
-    model_option,
-    parse_size,
-    quiet_option,
-    say,
-    show_progress,
-    start_invocation,
-)
+from .options import ByteSize, db_option, device_option, json_option, model_option, parse_size, quiet_option, say, show_progress, start_invocation
 from .output import echo_index_line, index_summary, print_search, say_skipped
 from .serve_command import serve
 
@@ -114,10 +103,10 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     """
     from btsearch.collection import Collection
     from btsearch.indexers.layout import MEDIA
-    from btsearch.sources import expand_inputs
+    from btsearch.media.sources import expand_inputs
 
     if engine == "ray":  # before a collection is made for nothing
-        from btsearch.ray_engine import require_ray
+        from btsearch.ingest.ray_engine import require_ray
 
         require_ray()
     collection = Collection.create(db, model=model, device=device, precision=precision)
@@ -169,7 +158,7 @@ def add_texts(file, db, model, as_json, device, precision):
     `text` column.
     """
     from btsearch.collection import Collection
-    from btsearch.text_files import read_texts_file
+    from btsearch.media.text_files import read_texts_file
 
     texts = read_texts_file(file)
     collection = Collection.create(db, model=model, device=device, precision=precision)
@@ -218,7 +207,7 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
     """Find images matching TEXT, or texts matching --image; TEXT with --image finds images like
     the image that match TEXT. When `btsearch serve` runs for the collection (same model, device
     and precision), the query is sent there: the same answer, without loading the model."""
-    from btsearch.search import CLI, Query
+    from btsearch.search.query import CLI, Query
 
     query = Query(text, image, k, candidates, not no_rerank, target, min_match, offset, where, negatives)
     query.check(CLI)
@@ -235,13 +224,13 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
 
     collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
     if explain_dir is not None:
-        from btsearch.explain import prepare_explanations
+        from btsearch.search.explain import prepare_explanations
 
         prepare_explanations(collection.encoder, text, query.searched, explain_dir)  # before the search: a refusal costs none
     result = collection.answer(query, CLI)
     print_search(result, as_json, bare)
     if explain_dir is not None:
-        from btsearch.explain import write_explanations
+        from btsearch.search.explain import write_explanations
 
         for line in write_explanations(collection, result, text, explain_dir):
             say(line)
@@ -257,7 +246,7 @@ def demo(db, model, device, precision):
     Uses the hub model when it can be had; offline, a small local checkpoint, labelled as such.
     """
     from btsearch.collection import Collection
-    from btsearch.demo import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
+    from btsearch.demo.prepare import DEMO_QUERIES, DEMO_TEXTS, prepare_demo
 
     encoder, note = prepare_demo(db, model or DEFAULT_MODEL, device=device, precision=precision)
     if note:

@@ -12,13 +12,13 @@ from .options import say
 
 if TYPE_CHECKING:
     from btsearch.collection import Collection
-    from btsearch.ingest import IndexReport
-    from btsearch.search import SearchResult
+    from btsearch.ingest.pipeline import IndexReport
+    from btsearch.search.results import SearchResult
 
 
 def print_search(result: SearchResult, as_json: bool = False, bare: bool = False) -> None:
     """Notes on stderr; the hits on stdout, as a table, bare paths (or texts), or JSON."""
-    from btsearch.search import result_json
+    from btsearch.search.results import result_json
 
     for note in result.notes:
         say(f"note: {note}")
@@ -84,7 +84,7 @@ def calibration_line(calibration: dict[str, Any], precision: float = 0.9) -> str
     found = next((t for t in calibration["thresholds"] if t["target"] == precision), None)
     if found is None or found["threshold"] is None:
         return line + f"no threshold reaches precision {precision:g}"
-    from btsearch.calibration import shown_threshold  # rounded down; the JSON has it exactly
+    from btsearch.evaluate.calibration import shown_threshold  # rounded down; the JSON has it exactly
 
     return line + f"precision >= {precision:g} at --min-match {shown_threshold(found['threshold'])} (recall {found['recall']:.2f})"
 

@@ -27,7 +27,7 @@ def serve(db, host, port, token, no_auth, model, device, precision):
     /openapi.json, interactive docs at /docs): search by text, uploaded image or image id,
     thumbnails, health and metrics. The model is loaded once; searches that arrive together run as one batch.
     """
-    from btsearch.server_auth import is_loopback
+    from btsearch.serve.auth import is_loopback
 
     if token is not None and not token.strip():
         raise BtsearchError("the token (--token or BTSEARCH_TOKEN) is empty: give one, or leave both unset")
@@ -39,10 +39,10 @@ def serve(db, host, port, token, no_auth, model, device, precision):
 
     import uvicorn
 
-    from btsearch import server_file
     from btsearch.collection import Collection
-    from btsearch.server import create_app
-    from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
+    from btsearch.serve import server_file
+    from btsearch.serve.app import create_app
+    from btsearch.serve.schema import MAX_REQUEST_HEAD_BYTES
 
     app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision, token=token)
     say(f"btsearch serving {db} at http://{host}:{port}/" + (" (token required)" if token is not None else ""))

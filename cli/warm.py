@@ -2,7 +2,7 @@
 query goes to its API, and the answer comes back as the `SearchResult` the cold path would
 have printed, without importing torch or loading the model.
 
-The server is found through its file in the collection (`btsearch.server_file`) and used only
+The server is found through its file in the collection (`btsearch.serve.server_file`) and used only
 when all of these hold: its process lives, it serves this very collection (path, creation,
 model), with the device and precision this command asks for, and /api/health answers within
 HEALTH_TIMEOUT_S for that collection (its model and creation time: a stale file's url may now
@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from btsearch import server_file
 from btsearch.defaults import resolve_model_id
-from btsearch.search import API, CLI, Hit, Query, SearchResult
+from btsearch.search.query import API, CLI, Query
+from btsearch.search.results import Hit, SearchResult
+from btsearch.serve import server_file
 
 NO_SERVER_ENV = "BTSEARCH_NO_SERVER"
 HEALTH_TIMEOUT_S = 1.0

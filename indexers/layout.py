@@ -14,7 +14,7 @@ SKIP_LOG = "skipped.json"
 RERANK_CACHE = "rerank-cache"  # the images' bridge inputs, when `index --rerank-cache` is on
 MEDIA = "media"  # images extracted from tar shards and parquet bytes
 RAY_WAVES = "ray-waves"  # the Ray engine's run plan (ids, paths), saved before it is submitted
-SERVER_FILE = "server.json"  # where a running `serve` answers (`btsearch.server_file`): absent when none does
+SERVER_FILE = "server.json"  # where a running `serve` answers (`btsearch.serve.server_file`): absent when none does
 
 
 def lance_folder(table: TableName) -> str:

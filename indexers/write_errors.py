@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import StorageError
+
 REASONS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is used up",
@@ -92,3 +94,24 @@ def human_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+@contextmanager
+def storage_errors(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a failed write in the block into one StorageError line: what, where, why, the space
+    needed and free (above); a write nobody named is named by `folder`."""
+    try:
+        yield
+    except StorageWriteError as error:
+        raise StorageError(f"{error}; {_next_step(error.errno)}") from error
+    except (OSError, RuntimeError) as error:
+        code = error_code(error)
+        if code is None:
+            raise
+        named = StorageWriteError(code, "the collection", Path(folder))
+        raise StorageError(f"{named}; {_next_step(code)}") from error
+
+
+def _next_step(code: int | None) -> str:
+    fix = "free some space" if code in SPACE_ERRNOS else "make it writable"
+    return f"the collection is consistent: {fix} and run the command again to complete the work"

@@ -13,8 +13,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from btsearch.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
-from btsearch.small_checkpoint import build_small_checkpoint  # noqa: E402
+from btsearch.demo.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
+from btsearch.demo.small_checkpoint import build_small_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 

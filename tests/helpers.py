@@ -39,7 +39,7 @@ def serve_in_thread(app) -> tuple[str, int, Callable[[], None]]:
     (url, port, stop)."""
     import uvicorn
 
-    from btsearch.server_schema import MAX_REQUEST_HEAD_BYTES
+    from btsearch.serve.schema import MAX_REQUEST_HEAD_BYTES
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))

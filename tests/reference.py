@@ -10,7 +10,7 @@ from transformers import (
     BridgeTowerProcessor,
 )
 
-from btsearch.images import load_rgb
+from btsearch.media.images import load_rgb
 
 
 @lru_cache(maxsize=8)

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
-from btsearch.search import MAX_WHERE_CHARS
-from btsearch.server import create_app
-from btsearch.server_schema import WHERE_PATTERNS
+from btsearch.model.encoder import Encoder
+from btsearch.search.query import MAX_WHERE_CHARS
+from btsearch.serve.app import create_app
+from btsearch.serve.schema import WHERE_PATTERNS
 from tests.helpers import index_with_captions, serve_in_thread
 
 TOKEN = "contract-token"

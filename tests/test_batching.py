@@ -1,4 +1,4 @@
-"""Searches that arrive together are answered as one batch (`batch_search`, the server's
+"""Searches that arrive together are answered as one batch (`search.batch`, the server's
 `SearchService`): one text-tower call, shared re-rank batches, and each answer equal to the
 query's own sequential `Collection.search` (whose scores other tests hold to transformers')."""
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from btsearch.batch_search import search_texts
-from btsearch.batching import Batcher
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
 from btsearch.errors import BtsearchError
-from btsearch.search import Query
-from btsearch.server import create_app
+from btsearch.model.encoder import Encoder
+from btsearch.search.batch import search_texts
+from btsearch.search.query import Query
+from btsearch.serve.app import create_app
+from btsearch.serve.batching import Batcher
 
 from .helpers import index_with_captions
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
-from btsearch.errors import StorageError, storage_errors
-from btsearch.images import load_rgb
+from btsearch.errors import StorageError
 from btsearch.indexers import BridgeCache, MetadataStore, VectorIndex, bridge_cache, manifest, skip_log
-from btsearch.indexers.write_errors import writing
+from btsearch.indexers.write_errors import storage_errors, writing
+from btsearch.media.images import load_rgb
+from btsearch.model.encoder import Encoder
 
 from .helpers import run
 from .test_reliability import index_command, many_photos
@@ -144,7 +144,7 @@ def test_a_full_disk_is_one_line_and_the_next_run_completes_the_work(tmp_path, r
     folder = many_photos(tmp_path / "photos", photos, 6)
     db = tmp_path / "db"
     monkeypatch.setenv("BTSEARCH_COMMIT_SECONDS", "0")
-    monkeypatch.setattr("btsearch.ingest.COMMIT_INTERVAL_S", 0.0)
+    monkeypatch.setattr("btsearch.ingest.pipeline.COMMIT_INTERVAL_S", 0.0)
     fail_on_call(monkeypatch, owner, name, call, error)
     failed = run("index", folder, "--db", db, "--model", random_checkpoint, *cached_run(), ok=False)
     assert failed.exit_code == 1

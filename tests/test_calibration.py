@@ -1,10 +1,10 @@
-"""`btsearch.calibration` on hand-made pairs whose reliability curve, ECE and thresholds are
+"""`btsearch.evaluate.calibration` on hand-made pairs whose reliability curve, ECE and thresholds are
 worked out by hand below."""
 
 import numpy as np
 import pytest
 
-from btsearch.calibration import calibration, precision_threshold
+from btsearch.evaluate.calibration import calibration, precision_threshold
 
 
 def test_reliability_curve_and_ece_by_hand():
@@ -68,6 +68,6 @@ def test_edges_and_bad_input():
 
 
 def test_a_shown_threshold_is_rounded_down():
-    from btsearch.calibration import shown_threshold
+    from btsearch.evaluate.calibration import shown_threshold
 
     assert shown_threshold(0.87349) == "0.8734" and shown_threshold(0.99999994) == "0.9999" and shown_threshold(0.5) == "0.5000"

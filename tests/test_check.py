@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
 from btsearch.indexers import VectorIndex
+from btsearch.model.encoder import Encoder
 
 from .helpers import run
 from .test_reliability import many_photos

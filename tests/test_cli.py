@@ -107,7 +107,7 @@ def test_texts_table_required_for_image_search(tmp_path, trained_checkpoint, pho
 
 
 def test_checkpoint_without_itm_head_ranks_by_itc_with_a_note(tmp_path, photos):
-    from btsearch.small_checkpoint import build_small_checkpoint
+    from btsearch.demo.small_checkpoint import build_small_checkpoint
 
     checkpoint = build_small_checkpoint(tmp_path / "itc-only", heads=("itc",))
     db = tmp_path / "db"
@@ -148,10 +148,10 @@ def test_demo_offline_says_it_falls_back_and_finds_the_photos(tmp_path, trained_
     copy of that checkpoint stands in, to spare the training)."""
     import shutil
 
-    from btsearch import demo
+    from btsearch.demo import prepare
 
-    monkeypatch.setattr(demo, "_hub_available", lambda model: False)
-    monkeypatch.setattr(demo, "build_small_checkpoint", lambda folder, **kw: shutil.copytree(trained_checkpoint, folder))
+    monkeypatch.setattr(prepare, "_hub_available", lambda model: False)
+    monkeypatch.setattr(prepare, "build_small_checkpoint", lambda folder, **kw: shutil.copytree(trained_checkpoint, folder))
     out = run("demo", "--db", tmp_path / "demo", "--device", "cpu", "--precision", "fp32").output
     assert out.startswith("NOTE: ") and "SMALL LOCAL CHECKPOINT" in out
     photos = len(list((tmp_path / "demo" / "photos").iterdir()))

@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
-from btsearch.search import NEGATIVE_WEIGHT
-from btsearch.server import create_app
+from btsearch.model.encoder import Encoder
+from btsearch.search.query import NEGATIVE_WEIGHT
+from btsearch.serve.app import create_app
 
 from . import reference
 from .helpers import run

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import BridgeTowerForContrastiveLearning
 
 from btsearch.cli.main import main
-from btsearch.convert import ConversionError, convert
-from btsearch.encoder import Encoder
-from btsearch.small_checkpoint import build_small_checkpoint
+from btsearch.demo.small_checkpoint import build_small_checkpoint
+from btsearch.model.convert import ConversionError, convert
+from btsearch.model.encoder import Encoder
 
 from . import reference
 from .helpers import to_original_layout

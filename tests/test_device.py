@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from btsearch import device
 from btsearch.errors import BtsearchError
+from btsearch.model import device
 
 
 @pytest.mark.parametrize(

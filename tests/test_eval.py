@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from btsearch.calibration import calibration
 from btsearch.cli.main import main
+from btsearch.evaluate.calibration import calibration
 
 from . import reference
 
@@ -93,7 +93,7 @@ def test_eval_matches_brute_force_on_both_annotation_formats(flickr, trained_che
 
 def test_second_eval_with_other_k_scores_only_new_pairs(flickr, trained_checkpoint, tmp_path, monkeypatch):
     root, image_dir, _ = flickr
-    from btsearch.model import BridgeTowerRetrievalModel
+    from btsearch.model.bridgetower import BridgeTowerRetrievalModel
 
     scored = []
     original = BridgeTowerRetrievalModel.match_logits
@@ -136,7 +136,7 @@ def test_bad_annotations_are_named(tmp_path, flickr, trained_checkpoint):
 def test_union_protocol_equals_the_max_of_both_directions_matrices():
     """BridgeTower's and ManagerTower's eval code: ITM scores at each direction's top-k, -100
     elsewhere, element-wise max of the two matrices, then both directions rank by it."""
-    from btsearch.evaluation import recall_table
+    from btsearch.evaluate.protocol import recall_table
 
     rng = np.random.default_rng(3)
     n_images, k = 12, 3
@@ -163,6 +163,24 @@ def test_union_protocol_equals_the_max_of_both_directions_matrices():
     assert result["text_to_image"] == pytest.approx({f"R@{n}": 100.0 * np.mean(np.array(t2i) < n) for n in (1, 5, 10)})
     assert result["image_to_text"] == pytest.approx({f"R@{n}": 100.0 * np.mean(np.array(i2t) < n) for n in (1, 5, 10)})
     assert result != recall_table(itc, caption_image, k, itm)  # the two protocols differ here
+
+
+def test_each_candidates_setting_is_its_own_protocol():
+    """Scores built so that ITC alone, top-2 and top-3 re-ranking rank the captions' images
+    differently: each k gives its own recall, equal to the brute-force protocol. (The CLI tests
+    compare against brute force on a real checkpoint, whose figures may coincide across k.)"""
+    from btsearch.evaluate.protocol import recall_table
+
+    caption_image = np.array([0, 1, 2])
+    itc = np.array([[0.1, 0.3, 0.2], [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]], dtype=np.float32)  # true images 3rd, 2nd, 1st by ITC
+    itm = np.array([[5.0, 1.0, 0.0], [0.0, 4.0, 1.0], [0.0, 1.0, 3.0]], dtype=np.float32)  # ...and 1st by ITM
+    t2i_at_1 = {}
+    for k in (0, 2, 3):
+        result = recall_table(itc, caption_image, k, itm if k else None)
+        t2i, i2t = brute_force_recall(itc, itm if k else None, caption_image, k)
+        assert result["text_to_image"] == pytest.approx(t2i) and result["image_to_text"] == pytest.approx(i2t)
+        t2i_at_1[k] = result["text_to_image"]["R@1"]
+    assert t2i_at_1 == pytest.approx({0: 100 / 3, 2: 200 / 3, 3: 100.0})
 
 
 def test_coco_reads_karpathy_filepaths_and_equals_the_same_data_as_flickr(flickr, trained_checkpoint, tmp_path):

@@ -14,7 +14,8 @@ from .test_eval import brute_force_recall
 
 CANDIDATES = (0, 2, 3)
 # Captions the trained checkpoint never saw (it trained on SAMPLE_PHOTOS' own): ITC ranks some of
-# their images second or third and ITM re-ranks them, so every k gives other figures.
+# their images second or third and ITM re-ranks them. Whether two k give equal figures depends on
+# the CPU's floating point; test_eval's crafted scores prove that each k is its own protocol.
 NEW_CAPTIONS = {
     "astronaut": ["a woman in a space suit", "a portrait with a flag"],
     "chelsea": ["a pet with whiskers", "a cat"],
@@ -68,8 +69,6 @@ def test_recall_and_curve_equal_brute_force_over_transformers_scores(captioned_d
     t2i, i2t = brute_force_recall(itc, None, caption_image, 0)
     assert out["itc"]["text_to_image"] == pytest.approx(t2i) and out["itc"]["image_to_text"] == pytest.approx(i2t)
     assert out["rerank"] == {key: out["curve"][-1][key] for key in ("text_to_image", "image_to_text", "rsum")}
-    # ITC alone and each k give other figures: the comparison above tells them apart.
-    assert len({json.dumps([entry["text_to_image"], entry["image_to_text"]]) for entry in out["curve"]}) == len(CANDIDATES)
     assert out["latency_queries"] == 2 and out["calibration"]["positives"] <= len(captions)
 
     table = _eval(db, "--candidates", "0,2,3", "--latency-queries", 0).stdout.splitlines()

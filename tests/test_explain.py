@@ -1,5 +1,5 @@
 """Why this hit: the cross-modal attentions against transformers' own modules, the words and the
-heat map as `btsearch.explain` defines them, and `search --explain`, the API and its errors."""
+heat map as `btsearch.search.explain` defines them, and `search --explain`, the API and its errors."""
 
 import dataclasses
 import io
@@ -15,13 +15,13 @@ from transformers import BridgeTowerModel, BridgeTowerProcessor
 
 from btsearch.cli.main import main
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
+from btsearch.demo.small_checkpoint import small_config
 from btsearch.errors import BtsearchError
-from btsearch.explain import explain, merge_words, render, render_panels, write_explanations
-from btsearch.images import load_rgb
-from btsearch.managertower import ManagerTowerRetrievalModel, managertower_config
-from btsearch.server import create_app
-from btsearch.small_checkpoint import small_config
+from btsearch.media.images import load_rgb
+from btsearch.model.encoder import Encoder
+from btsearch.model.managertower import ManagerTowerRetrievalModel, managertower_config
+from btsearch.search.explain import explain, merge_words, render, render_panels, write_explanations
+from btsearch.serve.app import create_app
 
 from . import reference
 from .helpers import run
@@ -216,7 +216,7 @@ def test_write_explanations_refuses_a_file_for_its_folder_and_skips_unreadable_h
 
 
 def test_a_checkpoint_without_itm_head_has_nothing_to_explain(tmp_path, photos):
-    from btsearch.small_checkpoint import build_small_checkpoint
+    from btsearch.demo.small_checkpoint import build_small_checkpoint
 
     checkpoint = build_small_checkpoint(tmp_path / "itc-only", heads=("itc",))
     db = tmp_path / "db"

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from btsearch import recall as recall_module
 from btsearch.collection import Collection
 from btsearch.indexers import VectorIndex
 from btsearch.indexers.index_plan import IndexPlan
+from btsearch.search import recall as recall_module
 
 from .helpers import run
 

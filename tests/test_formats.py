@@ -43,7 +43,7 @@ def test_export_writes_clip_retrieval_layout(db, tmp_path, photos):
 
 
 def test_export_of_an_empty_table_and_small_shards(tmp_path, random_checkpoint, photos):
-    from btsearch.export import export_collection
+    from btsearch.indexers.export import export_collection
 
     db = tmp_path / "db"
     run("index", photos[0], photos[1], photos[2], "--db", db, "--model", random_checkpoint)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from btsearch.collection import Collection
 from btsearch.errors import BtsearchError
-from btsearch.loader import LoadedImage, SkippedImage, load_one
+from btsearch.media.loader import LoadedImage, SkippedImage, load_one
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from btsearch.encoder import Encoder
-from btsearch.images import load_rgb
+from btsearch.media.images import load_rgb
+from btsearch.model.encoder import Encoder
 
 from . import reference
 from .helpers import run

@@ -10,17 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from btsearch.indexers import (
-    Manifest,
-    ManifestError,
-    MetadataStore,
-    VectorIndex,
-    gpu_available,
-    index_plan,
-    metadata_store,
-    schemas,
-    vector_index,
-)
+from btsearch.indexers import Manifest, ManifestError, MetadataStore, VectorIndex, gpu_available, index_plan, metadata_store, schemas, vector_index
 from btsearch.indexers.atomic import atomic_write
 
 DIM = 16

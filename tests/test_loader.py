@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from btsearch.encoder import Encoder
-from btsearch.images import load_rgb
-from btsearch.loader import default_workers, iter_image_batches
+from btsearch.media.images import load_rgb
+from btsearch.media.loader import default_workers, iter_image_batches
+from btsearch.model.encoder import Encoder
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from transformers import BridgeTowerProcessor
 
 from btsearch.cli.main import main
-from btsearch.encoder import Encoder
-from btsearch.managertower import ManagerTowerRetrievalModel, managertower_config
-from btsearch.model import TowerOutput
-from btsearch.small_checkpoint import small_config
+from btsearch.demo.small_checkpoint import small_config
+from btsearch.model.bridgetower import TowerOutput
+from btsearch.model.encoder import Encoder
+from btsearch.model.managertower import ManagerTowerRetrievalModel, managertower_config
 
 from . import reference
 from .helpers import to_original_layout

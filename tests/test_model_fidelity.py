@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from btsearch.encoder import Encoder
-from btsearch.images import load_rgb
-from btsearch.small_checkpoint import build_small_checkpoint
+from btsearch.demo.small_checkpoint import build_small_checkpoint
+from btsearch.media.images import load_rgb
+from btsearch.model.encoder import Encoder
 
 from . import reference
 
@@ -46,7 +46,7 @@ def test_prepared_bytes_become_the_processors_pixels(encoder, random_checkpoint,
 def test_a_processor_that_resizes_in_floats_gets_its_own_pixels(encoder, random_checkpoint, photos):
     """Should an image processor hand back floats even unscaled, the preparer takes its finished
     pixels instead of bytes, and they still equal the processor's."""
-    from btsearch.pixels import ImagePreparer
+    from btsearch.model.pixels import ImagePreparer
 
     class FloatProcessor:
         def __init__(self, inner):
@@ -156,7 +156,7 @@ def test_exif_orientation_is_applied(tmp_path):
 @torch.inference_mode()
 def test_last_layer_first_token_equals_full_layer(encoder, photos):
     """The shortcut of the last cross-modal layer against the layer run whole, padding included."""
-    from btsearch.model import _cross_layer_first_token
+    from btsearch.model.bridgetower import _cross_layer_first_token
 
     bt = encoder.model.bridgetower
     text = encoder.text_states(TEXTS, with_bridge=True)  # padded to the longest

@@ -50,7 +50,7 @@ def test_scores_and_accuracy_equal_transformers(probe_set, probe_file, random_ch
         expected["match_caption"].append(reference.match_probability(random_checkpoint, probe.caption, image))
         expected["match_foil"].append(reference.match_probability(random_checkpoint, probe.foil, image))
 
-    from btsearch.encoder import Encoder
+    from btsearch.model.encoder import Encoder
 
     encoder = Encoder.from_pretrained(str(random_checkpoint), device="cpu", precision="fp32")
     scores = probe_set.score_probes(encoder, probes, files)
@@ -66,7 +66,7 @@ def test_scores_and_accuracy_equal_transformers(probe_set, probe_file, random_ch
 
 
 def test_builtin_probes_name_sample_photos_and_differ_from_their_foils(probe_set):
-    from btsearch.sample_photos import SAMPLE_PHOTOS
+    from btsearch.demo.sample_photos import SAMPLE_PHOTOS
 
     probes = probe_set.builtin_probes()
     assert {p.kind for p in probes} == {"word order", "negation"} and len(probes) >= 20

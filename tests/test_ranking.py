@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from btsearch.errors import BtsearchError
-from btsearch.ranking import rerank_order, rerank_order_union
-from btsearch.search import API, CLI, LIBRARY, Hit, Query, SearchResult, result_json
+from btsearch.search.query import API, CLI, LIBRARY, Query
+from btsearch.search.ranking import rerank_order, rerank_order_union
+from btsearch.search.results import Hit, SearchResult, result_json
 
 
 def brute_force_order(itc_row, candidates, itm_row):
@@ -103,7 +104,7 @@ def test_result_json_is_one_shape_for_the_cli_and_the_server():
 
 
 def test_match_probability_is_the_softmax_of_the_two_logits():
-    from btsearch.search import match_probability
+    from btsearch.search.ranking import match_probability
 
     logits = np.array([[0.0, 0.0], [1.0, 3.0], [-800.0, 800.0], [800.0, -800.0], [np.nan, np.nan]], dtype=np.float32)
     softmax = np.exp(logits[:2].astype(np.float64)) / np.exp(logits[:2].astype(np.float64)).sum(axis=1, keepdims=True)

@@ -21,8 +21,8 @@ from PIL import Image
 
 from btsearch.cli.main import main
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
 from btsearch.indexers.write_lock import WriteLock
+from btsearch.model.encoder import Encoder
 
 from .helpers import run
 
@@ -327,7 +327,7 @@ READER_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from btsearch.collection import Collection
-    from btsearch.encoder import Encoder
+    from btsearch.model.encoder import Encoder
     db, checkpoint, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     encoder = Encoder.from_pretrained(checkpoint, precision="fp32")
     deadline = time.monotonic() + seconds
@@ -379,7 +379,7 @@ def test_readers_see_consistent_snapshots_while_one_writer_indexes(tmp_path, ran
 
 
 def test_folder_symlinks_are_followed_once(tmp_path, photos):
-    from btsearch.images import find_images
+    from btsearch.ingest.sync import find_images
 
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)

@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from btsearch.cli.main import main
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
-from btsearch.images import load_rgb
+from btsearch.media.images import load_rgb
+from btsearch.model.encoder import Encoder
 
 QUERY = "a cup of coffee on a red saucer"
 

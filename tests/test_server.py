@@ -10,8 +10,8 @@ from PIL import Image
 
 from btsearch.cli.main import main
 from btsearch.collection import Collection
-from btsearch.encoder import Encoder
-from btsearch.server import MAX_UPLOAD_BYTES, create_app
+from btsearch.model.encoder import Encoder
+from btsearch.serve.app import MAX_UPLOAD_BYTES, create_app
 
 QUERY = "a close up of a tabby cat"
 

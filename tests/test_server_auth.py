@@ -10,11 +10,11 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import btsearch.server
+import btsearch.serve.app
 from btsearch.cli.main import main
-from btsearch.encoder import Encoder
-from btsearch.server import create_app
-from btsearch.server_auth import is_loopback
+from btsearch.model.encoder import Encoder
+from btsearch.serve.app import create_app
+from btsearch.serve.auth import is_loopback
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -111,7 +111,7 @@ def started(monkeypatch):
 
     import uvicorn
 
-    monkeypatch.setattr(btsearch.server, "create_app", fake_create_app)
+    monkeypatch.setattr(btsearch.serve.app, "create_app", fake_create_app)
     monkeypatch.setattr(uvicorn, "run", fake_run)
     monkeypatch.delenv("BTSEARCH_TOKEN", raising=False)
     return calls

@@ -12,9 +12,9 @@ from transformers import (
     BridgeTowerProcessor,
 )
 
-from btsearch.encoder import Encoder
+from btsearch.demo.small_checkpoint import build_small_checkpoint, sample_batch, sample_ranking_misses
 from btsearch.errors import ModelLoadError
-from btsearch.small_checkpoint import build_small_checkpoint, sample_batch, sample_ranking_misses
+from btsearch.model.encoder import Encoder
 
 
 def _keys(folder):

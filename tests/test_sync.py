@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from btsearch.indexers.stored_files import StoredFiles, resolve_path
-from btsearch.sync import FoundFiles, find_files, plan_sync
+from btsearch.ingest.sync import FoundFiles, find_files, plan_sync
 
 
 class FakeDisk:

@@ -13,10 +13,10 @@ import urllib.request
 
 import pytest
 
-from btsearch import server_file
-from btsearch.encoder import Encoder
 from btsearch.indexers.layout import MANIFEST, SERVER_FILE
-from btsearch.server import create_app
+from btsearch.model.encoder import Encoder
+from btsearch.serve import server_file
+from btsearch.serve.app import create_app
 
 from .helpers import free_port, index_with_captions, run, serve_in_thread
 from .test_light_cli import imported_after

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 
-from btsearch.encoder import Encoder
-from btsearch.server import create_app
+from btsearch.model.encoder import Encoder
+from btsearch.serve.app import create_app
 from tests.helpers import index_with_captions, serve_in_thread
 
 CHROMIUM = os.environ.get("BTSEARCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

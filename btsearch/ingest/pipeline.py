@@ -1,0 +1,248 @@
+"""Indexing as a pipeline of named stages, and the local runner that chains them:
+
+    find_files -> plan_sync -> load and prepare -> embed -> write
+    (sync.py)     (sync.py)    (loader.py)        (image_states.py)   (ImageWriter: the re-rank
+                                                                       cache, LanceDB, then FAISS)
+
+Each stage takes and gives plain values (path lists, a plan, arrays), not a collection, so the
+same stages can run in this process or as map stages of a distributed engine. `index_images` is
+the in-process runner; the caller holds the collection's write lock around it, and after any
+engine runs `complete_rerank_cache`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..defaults import DEFAULT_MAX_PIXELS
+from ..indexers.bridge_cache import COMPACT_DEAD_FRACTION
+from ..indexers.layout import lance_folder
+from ..indexers.skip_log import SkipLog
+from ..indexers.write_errors import writing
+from ..media.loader import LoadedImage, SkippedImage
+from ..media.photo_facts import read_photo_facts
+from ..model.image_states import embed_image_files, fill_bridge_cache
+from .sync import SyncPlan, find_files, plan_sync
+
+if TYPE_CHECKING:
+    from ..indexers import BridgeCache, MetadataStore, TableIndexes
+    from ..model.encoder import Encoder
+
+# LanceDB commits at least this often: a crash loses at most this much work. Not after every
+# batch: each commit is a table version, and thousands of them slow every read until optimize.
+COMMIT_INTERVAL_S = float(os.environ.get("BTSEARCH_COMMIT_SECONDS", 5.0))
+INDEX_SAVE_INTERVAL_S = 30.0  # FAISS saves; a stale index is caught up from LanceDB on open
+WRITE_ROWS = 512  # rows per LanceDB append: each append is a file and a table version
+WRITE_BRIDGE_BYTES = 256 * 2**20  # ...or fewer, when their re-rank cache states would fill this
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0  # changed files re-embedded, and moved files followed
+    removed: int = 0  # rows whose files are gone
+    unchanged: int = 0
+    skipped: list[SkippedImage] = field(default_factory=list)
+    seconds: float = 0.0
+    cache_filled: int = 0  # stored images the re-rank cache's catch-up gave their states
+    cache_unreadable: list[SkippedImage] = field(default_factory=list)  # ...and those whose files it could not read
+
+    def count_embedded(self, paths: Iterable[str], replaced_paths: set[str]) -> None:
+        """Count files just stored: changed ones (their old rows were replaced) as updated, the rest as added."""
+        paths = list(paths)
+        changed = sum(path in replaced_paths for path in paths)
+        self.updated += changed
+        self.added += len(paths) - changed
+
+
+class ImageWriter:
+    """Stage 5: embedded images into the collection, in large appends and at least every
+    COMMIT_INTERVAL_S. Ids are reserved first; then the re-rank cache gets their states, then
+    LanceDB (the truth) the rows, whose commit makes them searchable, then FAISS. A crash in
+    between leaves cache rows no image uses (compacted later), never an image without its
+    states; and FAISS behind, which the next open catches up from LanceDB."""
+
+    def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None) -> None:
+        self.store, self.indexes, self.rerank_cache = store, indexes, rerank_cache
+        indexes["images"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
+        self._rows: list[dict] = []
+        self._embeddings: list[np.ndarray] = []
+        self._bridges: list[np.ndarray] = []  # float16 bridge inputs, when the re-rank cache is on
+        self._last_commit = time.monotonic()
+
+    def add(self, images: Sequence[LoadedImage], embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
+        self._rows += [
+            {
+                "path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height,
+                "content_hash": im.content_hash, "taken": im.taken, "camera": im.camera,
+            }
+            for im in images
+        ]
+        self._embeddings.append(embeddings)
+        if bridges is not None:
+            self._bridges.append(bridges)
+
+    def flush_if_due(self) -> None:
+        """Write what waits once it fills an append, or once COMMIT_INTERVAL_S has passed."""
+        full = len(self._rows) >= WRITE_ROWS or sum(b.nbytes for b in self._bridges) >= WRITE_BRIDGE_BYTES
+        if full or time.monotonic() - self._last_commit > COMMIT_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_commit = time.monotonic()
+        if not self._rows:
+            return
+        rows, embeddings = self._rows, np.concatenate(self._embeddings)
+        bridges = np.concatenate(self._bridges) if self._bridges else None
+        self._rows, self._embeddings, self._bridges = [], [], []
+        ids = self.store.reserve_ids("images", len(rows))
+        if bridges is not None and self.rerank_cache is not None:
+            self.rerank_cache.append(ids, bridges)
+        with writing("the images table", self.store.folder / lance_folder("images"), embeddings.nbytes + 512 * len(rows)):
+            self.store.add_images(rows, embeddings, ids)  # type: ignore[arg-type]
+        self.indexes["images"].add(ids, embeddings)
+
+
+def apply_plan(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan) -> None:
+    """Update touched and moved rows in place; delete the rows of gone and changed files
+    (LanceDB first: a crash before FAISS follows is mended on the next open)."""
+    index = indexes["images"]  # loaded (or caught up) before LanceDB changes under it
+    store.update_images(plan.touched)
+    gone = plan.removed + plan.replaced
+    if gone:
+        store.delete_images(gone)
+        index.remove(np.asarray(gone, dtype=np.int64))
+
+
+def index_images(
+    encoder: Encoder,
+    store: MetadataStore,
+    indexes: TableIndexes,
+    rerank_cache: BridgeCache | None,
+    roots: Sequence[str | os.PathLike[str]],
+    batch_size: int = 16,
+    progress: bool = False,
+    keep_missing: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> IndexReport:
+    """The local runner: sync the collection with the image files under `roots`, stage by stage."""
+    started = time.perf_counter()
+    plan, report = start_sync(store, indexes, roots, keep_missing)
+    writer = ImageWriter(store, indexes, rerank_cache)
+    last_save = time.monotonic()
+    with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in embed_image_files(encoder, plan.todo, batch_size, with_bridge=rerank_cache is not None, max_pixels=max_pixels):
+            report.skipped.extend(batch.skipped)
+            if batch.states is not None:
+                writer.add(batch.images, batch.embeddings(), batch.bridges() if rerank_cache is not None else None)
+                report.count_embedded((str(image.path) for image in batch.images), plan.replaced_paths)
+            writer.flush_if_due()
+            bar.update(len(batch.images) + len(batch.skipped))
+            if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
+                indexes.save("images")
+                last_save = time.monotonic()
+    writer.flush()
+    return finish_sync(store, indexes, plan, report, started)
+
+
+def start_sync(
+    store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], keep_missing: bool
+) -> tuple[SyncPlan, IndexReport]:
+    """What every engine does first: find the files, plan the sync, apply its updates and
+    deletions; the report so far."""
+    plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
+    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
+    apply_plan(store, indexes, plan)
+    fill_photo_facts(store)
+    return plan, report
+
+
+def fill_photo_facts(store: MetadataStore) -> int:
+    """Give rows stored before the photo-fact columns existed their folder, capture time and
+    camera (read from the file; from the stored mtime when it cannot be read); returns how many."""
+    changes = []
+    for row in store.images_lacking_facts():
+        try:
+            with open(row["path"], "rb") as f:
+                facts = read_photo_facts(f.read(), row["mtime"])
+        except OSError:
+            facts = read_photo_facts(b"", row["mtime"])
+        changes.append((row["id"], {"path": row["path"], "taken": facts.taken, "camera": facts.camera}))  # the path sets the folder
+    store.update_images(changes)
+    return len(changes)
+
+
+def finish_sync(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan, report: IndexReport, started: float) -> IndexReport:
+    """What every engine does last, once the embedded rows are in LanceDB: count the moved files,
+    save FAISS (retrained if outgrown), update the skip log, compact; `started` from perf_counter."""
+    report.updated += plan.moved
+    indexes.save("images")
+    log_skips(SkipLog(store.folder), plan.found, report.skipped)
+    store.optimize()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> None:
+    """The skip log after a run: files found this time leave it, then the ones skipped go back in."""
+    log.forget(found)
+    for item in skipped:
+        log.record(item.path, item.reason)
+    log.forget_missing()
+    log.save()
+
+
+@dataclass
+class CacheCatchUp:
+    """What `complete_rerank_cache` did."""
+
+    filled: int = 0  # stored images given their states
+    unreadable: list[SkippedImage] = field(default_factory=list)  # stored images whose files could not be read (still uncovered)
+    compacted: int = 0  # dead rows dropped
+
+
+def complete_rerank_cache(model: Callable[[], Encoder], store: MetadataStore, cache: BridgeCache, progress: bool = False) -> CacheCatchUp:
+    """What every `index` run with the re-rank cache on does last, whatever the engine, and what
+    `check --repair` does to the cache: drop what killed writes left, give each stored image the
+    cache lacks (stored before the cache was on, say) its states, and compact once dead rows
+    pass COMPACT_DEAD_FRACTION. `model` is called only when some image lacks states."""
+    cache.remove_leftovers()
+    stored = store.stored_files()
+    ids = stored.ids.tolist()
+    rows = [(item, path) for item, path in zip(ids, stored.paths.to_pylist()) if item not in cache]
+    done = CacheCatchUp()
+    if rows:
+        done.unreadable = fill_bridge_cache(model(), cache, rows, progress, skip_unreadable=True)
+        done.filled = len(rows) - len(done.unreadable)
+    if cache.dead_rows(ids) > COMPACT_DEAD_FRACTION * cache.rows():
+        done.compacted = cache.compact(ids)
+    return done
+
+
+def add_texts(
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, texts: list[str], batch_size: int = 256, progress: bool = False,
+    image_paths: Sequence[str | None] | None = None,
+) -> np.ndarray:
+    """Embed and store texts (LanceDB, then FAISS), in batches; returns their ids in order.
+    `image_paths`: the image each text is a caption of, if any."""
+    index = indexes["texts"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
+    all_ids = []
+    with tqdm(total=len(texts), desc="embedding texts", unit="text", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            embeddings = encoder.embed_texts(chunk)
+            with writing("the texts table", store.folder / lance_folder("texts"), embeddings.nbytes + sum(map(len, chunk))):
+                ids = store.add_texts(chunk, embeddings, None if image_paths is None else image_paths[start : start + batch_size])
+            index.add(ids, embeddings)
+            all_ids.append(ids)
+            bar.update(len(chunk))
+    indexes.save("texts")
+    store.optimize()
+    return np.concatenate(all_ids) if all_ids else np.empty(0, dtype=np.int64)

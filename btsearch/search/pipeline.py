@@ -1,0 +1,165 @@
+"""Search as a pipeline: the query's towers, recall (`recall`), ITM re-ranking of the top
+candidates (`reranker`), and the merge of both orders into one ranking (`ranking`), of which a page
+is a slice. `search` runs one query through it; `batch` re-ranks several together between recall
+(`recall_query`) and the merge (`finish`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BtsearchError, CollectionError
+from ..indexers.layout import TableName
+from ..indexers.sql import FilterError
+from ..media.images import load_rgb, to_rgb
+from ..model.tensors import to_numpy
+from .query import LIBRARY, Query, Spelling, query_vector
+from .ranking import rerank_order, rerank_scores
+from .recall import recall
+from .reranker import Reranker
+from .results import Hit, SearchResult
+
+if TYPE_CHECKING:
+    from ..indexers import BridgeCache, MetadataStore, TableIndexes
+    from ..model.bridgetower import TowerOutput
+    from ..model.encoder import Encoder
+
+
+@dataclass
+class Recalled:
+    """A query after recall, before re-ranking: what the ITM stage and the merge (`finish`) need.
+    `search` runs one alone; `batch` re-ranks several together between the two."""
+
+    target: TableName
+    rerank: bool
+    labels: list[str]
+    notes: list[str]
+    itc: np.ndarray
+    ids: np.ndarray
+    rows: list[Any]
+    pool: int  # rows searched (more hits follow when recall left some)
+    reranked: int  # how many of the top recalled are re-ranked
+    text_query: TowerOutput | None
+    image_query: TowerOutput | None
+    negative_states: list[TowerOutput]
+    query: Query
+    spelling: Spelling
+
+
+def search(
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, query: Query, spelling: Spelling = LIBRARY,
+) -> SearchResult:
+    """Answer a query that has passed its `check` and has its `candidates`. An image finding
+    images (or a text finding texts) ranks by ITC cosine alone, since ITM scores text-image
+    pairs; `min_match` with no hit reaching it answers none, with a note."""
+    found = recall_query(encoder, store, indexes, query, spelling)
+    scored: list[np.ndarray] = []
+    if found.reranked:
+        reranker = Reranker(encoder)
+        if found.target == "images":
+            assert found.text_query is not None
+            paths = [row["path"] for row in found.rows[: found.reranked]]
+            scored = reranker.score_images_many([found.text_query, *found.negative_states], paths, found.ids[: found.reranked], rerank_cache)
+        else:
+            assert found.image_query is not None
+            scored = [reranker.score_texts(found.image_query, [row["text"] for row in found.rows[: found.reranked]])]
+    return finish(found, scored)
+
+
+def recall_query(
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, query: Query, spelling: Spelling = LIBRARY,
+    text_query: TowerOutput | None = None,
+) -> Recalled:
+    """`search` up to re-ranking: the towers of the query, then recall. `text_query`: the text's
+    tower output already computed (one row of a batch, with bridge inputs when re-ranking)."""
+    assert query.candidates is not None, "the collection gives a query its default candidates"
+    text, image, k, candidates, offset, where = query.text, query.image, query.k, query.candidates, query.offset, query.where
+    rerank = query.rerank
+    notes: list[str] = []
+    target = query.searched
+    if target != ("images" if text is not None else "texts") and rerank:
+        notes.append(f"{'image' if image is not None else 'text'}-to-{target[:-1]} search ranks by ITC cosine alone (ITM scores text-image pairs)")
+        rerank = False
+    size = len(indexes[target])
+    if size == 0:
+        hint = "btsearch index PATH" if target == "images" else "btsearch add-texts FILE"
+        raise CollectionError(f"the collection has no {target} to search: add some with `{hint} --db {store.folder}`")
+    if rerank and not encoder.has_itm:
+        notes.append("the checkpoint has no ITM head: hits are ranked by ITC alone")
+    rerank = rerank and encoder.has_itm
+    image_query, labels, positives = None, [], []
+    if text is not None:
+        if encoder.is_truncated(text):
+            notes.append(f"the query was truncated to the model's maximum of {encoder.max_text_length} tokens")
+        if text_query is None:
+            text_query = encoder.text_states([text], with_bridge=rerank)
+        positives.append(to_numpy(text_query.embeds)[0])
+        labels.append(text)
+    if image is not None:
+        picture = image if isinstance(image, Image.Image) else load_rgb(image)
+        # Its bridge inputs are needed only when it is ITM's image side (an image finding texts).
+        image_query = encoder.image_states(encoder.preprocess_image(to_rgb(picture))[None], with_bridge=rerank and text is None)
+        positives.append(to_numpy(image_query.embeds)[0])
+        labels.append("uploaded image" if isinstance(image, Image.Image) else str(image))
+    # One at a time, as each is its own query: no padding to the longest of them.
+    negative_states = [encoder.text_states([negative], with_bridge=rerank) for negative in query.negatives]
+    negative_vectors = [to_numpy(states.embeds)[0] for states in negative_states]
+    if k + offset > size:
+        notes.append(f"only {size} {target} in the collection")
+    wanted = min(max(k + offset, candidates if rerank else 0), size)
+    try:
+        itc, ids, pool = recall(store, indexes, target, query_vector(positives, negative_vectors), wanted, where)
+    except FilterError as error:
+        raise BtsearchError(f"{spelling.where} {where!r} cannot be applied: {error}") from None
+    if where is not None and not len(ids):
+        notes.append(f"no {target[:-1]} satisfies {spelling.where} {where}")
+    rows: list[Any] = list(store.get_images(ids)) if target == "images" else list(store.get_texts(ids))
+    return Recalled(
+        target=target, rerank=rerank, labels=labels, notes=notes, itc=itc, ids=ids, rows=rows, pool=pool,
+        reranked=min(candidates, len(ids)) if rerank else 0, text_query=text_query, image_query=image_query,
+        negative_states=negative_states, query=query, spelling=spelling,
+    )
+
+
+def finish(found: Recalled, scored: Sequence[np.ndarray]) -> SearchResult:
+    """The page of a recalled query from the ITM logits (n, 2) of its top `reranked`: the
+    text's (or the image's) first, then each negative's."""
+    notes, ids, itc, rows = found.notes, found.ids, found.itc, found.rows
+    k, offset, min_match = found.query.k, found.query.offset, found.query.min_match
+    logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
+    rank_score = np.full(len(ids), np.nan, dtype=np.float32)
+    match = np.full(len(ids), np.nan, dtype=np.float32)
+    reranked = found.reranked
+    if reranked:
+        logits[:reranked] = scored[0]
+        rank_score[:reranked], match[:reranked] = rerank_scores(scored[0], scored[1:])
+    itm = logits[:, 1]
+    order = rerank_order(itc[None], reranked, rank_score[None])[0]
+    if min_match is not None:
+        if not found.rerank:
+            notes.append("no hit was re-ranked, so none has a match probability to keep it")
+        order = order[match[order] >= min_match]  # NaN (not re-ranked) never passes
+        if not len(order):
+            best = f" (the best re-ranked hit: {np.nanmax(match):.3f})" if np.isfinite(match).any() else ""
+            notes.append(f"no hit reaches a match probability of {min_match:g}{best}")
+    if offset and offset >= len(order) and len(order):
+        notes.append(f"{found.spelling.offset} {offset} is past the last of the {len(order)} hits")
+    # More hits follow if the order goes on, or (no min_match, which only re-ranked hits pass)
+    # if rows that could rank were not recalled.
+    more = len(order) > offset + k or (min_match is None and found.pool > len(ids))
+    hits = [
+        Hit(
+            rank=rank, id=int(ids[i]), itc_score=float(itc[i]), itm_score=None if np.isnan(itm[i]) else float(itm[i]),
+            path=rows[i].get("path"), text=rows[i].get("text"), match=None if np.isnan(match[i]) else float(match[i]),
+        )
+        for rank, i in enumerate(order[offset : offset + k], start=offset + 1)
+    ]
+    reranked_hits = int(sum(hit.itm_score is not None for hit in hits))
+    return SearchResult(
+        query=" + ".join(found.labels), target=found.target, hits=hits, reranked=reranked_hits, notes=notes, offset=offset, more=more,
+    )

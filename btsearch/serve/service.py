@@ -1,0 +1,162 @@
+"""The server's searches: the collection's snapshots (the latest, and those cursors pinned), the
+batcher that runs searches waiting together as one batch, and the figures /api/metrics reports.
+
+Plain text queries on the same snapshot that wait together share one text-tower call and their
+re-rank batches (`search.batch`); every other query runs alone, in the same batch's turn. The
+model and FAISS are not made for concurrent calls: one batch (or explanation) at a time holds
+`lock`. One query's error is its own: it reaches its caller, and the others are answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from fastapi import HTTPException
+
+from ..collection import Collection
+from ..errors import BtsearchError, CollectionError
+from ..search.batch import search_texts
+from ..search.query import API, Query
+from ..search.results import SearchResult
+from .batching import Batcher
+
+PINNED_SNAPSHOTS = 4  # older snapshots kept open for cursors (each holds its FAISS indexes)
+Answer = tuple[SearchResult, tuple[int, ...]]  # a search's result and the versions of the snapshot it ranked
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One search as the batcher holds it: the snapshot (a cursor's versions), and the query."""
+
+    versions: tuple[int, ...] | None
+    image_id: int | None  # a stored image as the query's image, found in the job's snapshot
+    query: Query
+
+    @property
+    def batchable(self) -> bool:
+        return self.image_id is None and self.query.batchable
+
+
+class SearchService:
+    """The collection snapshot, the model, the batcher, and the figures /api/metrics reports."""
+
+    def __init__(self, collection: Collection, batching: bool = True):
+        self.path = collection.path
+        self.encoder = collection.encoder
+        self.lock = threading.Lock()  # the model and FAISS: one batch (or explanation) at a time
+        self.requests = 0
+        self.errors = 0
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self._figures = threading.Lock()
+        self._collection = collection
+        self._pinned: OrderedDict[tuple[int, ...], Collection] = OrderedDict()  # snapshots cursors page through
+        self.batcher: Batcher[_Job, Answer] | None = Batcher(self._run_batch) if batching else None
+
+    def collection(self) -> Collection:
+        """The latest committed snapshot, reopened only when a writer has committed since."""
+        if not self._collection.is_latest():
+            self._pinned[self._collection.store.versions()] = self._collection  # a cursor may still page through it
+            self._collection = Collection.open(self.path, encoder=self.encoder, read_only=True)
+        return self._collection
+
+    def snapshot(self, versions: tuple[int, ...] | None) -> Collection:
+        """The snapshot a cursor pinned (the latest when None), kept for the next pages."""
+        latest = self.collection()
+        if versions is None or versions == latest.store.versions():
+            return latest
+        if versions not in self._pinned:
+            self._pinned[versions] = Collection.open(self.path, encoder=self.encoder, read_only=True, versions=versions)
+        self._pinned.move_to_end(versions)
+        while len(self._pinned) > PINNED_SNAPSHOTS:
+            self._pinned.popitem(last=False)
+        return self._pinned[versions]
+
+    def search(self, query: Query, versions: tuple[int, ...] | None = None, image_id: int | None = None) -> Answer:
+        """The answer to a checked query, and the versions of the snapshot it was ranked on
+        (`versions`: a cursor's); `image_id`: a stored image as the query's image. With
+        batching, searches that wait together run as one batch (`_run_batch`)."""
+        started = time.perf_counter()
+        job = _Job(versions, image_id, query)
+        try:
+            if self.batcher is not None:
+                return self.batcher.submit(job)
+            answer = self._run_batch([job])[0]
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        except HTTPException as error:
+            if error.status_code == 400:
+                with self._figures:
+                    self.errors += 1
+            raise
+        finally:
+            with self._figures:
+                self.requests += 1
+                self.latencies.append(1000 * (time.perf_counter() - started))
+
+    def _run_batch(self, jobs: list[_Job]) -> list[Answer | BaseException]:
+        """Each job's answer or error: plain text queries on the same snapshot together
+        (`search.batch`), every other query alone; one query's error is its own."""
+        answers: list[Answer | BaseException | None] = [None] * len(jobs)
+        together: dict[tuple[int, ...], list[int]] = {}
+        with self.lock:
+            snapshots: dict[tuple[int, ...] | None, Collection] = {}
+            for n, job in enumerate(jobs):
+                try:
+                    if job.versions not in snapshots:
+                        snapshots[job.versions] = self._snapshot_or_gone(job.versions)
+                    snapshot = snapshots[job.versions]
+                    if job.batchable:
+                        together.setdefault(snapshot.store.versions(), []).append(n)
+                    else:
+                        answers[n] = self._alone(snapshot, job)
+                except Exception as error:  # noqa: BLE001 - the caller raises it; the others go on
+                    answers[n] = _as_http(error)
+            for versions, members in together.items():
+                snapshot = next(s for s in snapshots.values() if s.store.versions() == versions)
+                for n, answer in zip(members, self._together(snapshot, [jobs[n] for n in members])):
+                    answers[n] = answer
+        assert all(answer is not None for answer in answers)
+        return answers  # type: ignore[return-value]
+
+    def _alone(self, snapshot: Collection, job: _Job) -> Answer:
+        query = job.query
+        if job.image_id is not None:
+            try:
+                query = dataclasses.replace(query, image=snapshot.images([job.image_id])[0]["path"])
+            except KeyError:
+                raise HTTPException(status_code=404, detail=f"no image with id {job.image_id}") from None
+        return snapshot.answer(query, API), snapshot.store.versions()
+
+    def _together(self, snapshot: Collection, jobs: list[_Job]) -> list[Answer | BaseException]:
+        if len(jobs) == 1:
+            return [self._answer_alone(snapshot, jobs[0])]
+        queries = [snapshot.with_candidates(job.query) for job in jobs]
+        assert snapshot.encoder is not None
+        try:
+            found = search_texts(snapshot.encoder, snapshot.store, snapshot.indexes, snapshot.rerank_cache, queries, spelling=API)
+        except Exception:  # noqa: BLE001 - a failure of the shared work: each query runs alone and meets its own fate
+            return [self._answer_alone(snapshot, job) for job in jobs]
+        versions = snapshot.store.versions()
+        return [_as_http(answer) if isinstance(answer, BaseException) else (answer, versions) for answer in found]
+
+    def _answer_alone(self, snapshot: Collection, job: _Job) -> Answer | BaseException:
+        try:
+            return self._alone(snapshot, job)
+        except Exception as error:  # noqa: BLE001 - returned to its caller, who raises it
+            return _as_http(error)
+
+    def _snapshot_or_gone(self, versions: tuple[int, ...] | None) -> Collection:
+        try:
+            return self.snapshot(versions)
+        except CollectionError as error:  # a pinned snapshot that optimize has deleted
+            raise HTTPException(status_code=410, detail=f"{error}: start the search again without the cursor") from None
+
+
+def _as_http(error: BaseException) -> BaseException:
+    """What the request answers: a 400 for an error the user can fix; any other error as it is."""
+    return HTTPException(status_code=400, detail=str(error)) if isinstance(error, BtsearchError) else error
