@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, resolve_model_id
 from .errors import BtsearchError, CollectionError
@@ -126,15 +125,23 @@ class Collection:
             raise CollectionError(f"{path} no longer keeps that snapshot: {error}") from error
         except ValueError as error:
             raise CollectionError(f"{path} is damaged: {error}") from error
-        if not load_model:
-            return cls(path, None, manifest, store)
-        encoder = encoder or _load_encoder(manifest.model, device, precision)
-        if encoder.config_hash != manifest.config_hash or encoder.embed_dim != manifest.embed_dim:
-            raise CollectionError(
-                f"the checkpoint at {manifest.model!r} has changed since {path} was built "
-                f"(config {encoder.config_hash} != {manifest.config_hash}): re-index into a new --db"
-            )
-        return cls(path, encoder, manifest, store)
+        collection = cls(path, None, manifest, store)
+        if load_model:
+            collection.load_model(device, precision, encoder)
+        return collection
+
+    def load_model(self, device: str = "auto", precision: str = "auto", encoder: Encoder | None = None) -> Encoder:
+        """The collection's model, loaded now if it was opened without it: what storage and the
+        arguments can tell is told first, before the model's seconds of loading."""
+        if self.encoder is None:
+            encoder = encoder or _load_encoder(self.manifest.model, device, precision)
+            if encoder.config_hash != self.manifest.config_hash or encoder.embed_dim != self.manifest.embed_dim:
+                raise CollectionError(
+                    f"the checkpoint at {self.manifest.model!r} has changed since {self.path} was built "
+                    f"(config {encoder.config_hash} != {self.manifest.config_hash}): re-index into a new --db"
+                )
+            self.encoder = encoder
+        return self.encoder
 
     def is_latest(self) -> bool:
         """Whether this snapshot still shows the newest commit (a writer may have committed since)."""
@@ -309,12 +316,7 @@ class Collection:
 
     def image_ids(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
         """The ids of the images stored for these files, in order; CollectionError if one is not stored."""
-        stored = self.store.stored_files()
-        positions = stored.positions_of(pa.array([resolve_path(path) for path in paths], pa.string()))
-        if (positions < 0).any():
-            missing = paths[int(np.flatnonzero(positions < 0)[0])]
-            raise CollectionError(f"{int((positions < 0).sum())} of the files are not in the collection, e.g. {missing}")
-        return stored.ids[positions]
+        return self.store.stored_files().ids_of([resolve_path(path) for path in paths])
 
     def embeddings(self, table: TableName, ids: Sequence[int]) -> np.ndarray:
         """(n, D) float32 embeddings of these rows, in the order given, in one scan of the table;

@@ -109,6 +109,10 @@ def check(db, repair, model, as_json):
     else:
         for problem in report.problems:
             click.echo(f"{problem.part}: {problem.message}" if problem.fault else f"note: {problem.part}: {problem.message}")
+        mendable = [problem for problem in report.problems if problem.fault and problem.mend]
+        if mendable and not repair:
+            click.echo(f"`btsearch check --db {db} --repair` mends {'it' if len(mendable) == 1 else f'{len(mendable)} of them'}: "
+                       + "; ".join(dict.fromkeys(problem.mend for problem in mendable)))
         for done in report.repaired:
             click.echo(f"repaired: {done}")
         if repair:

@@ -86,10 +86,12 @@ def eval_captions(db, candidates, max_images, latency_queries, as_json, device, 
     the pairs not scored yet.
     """
     from btsearch.collection import Collection
-    from btsearch.evaluate.captions import default_candidates_curve, evaluate_captions, parse_candidates
+    from btsearch.evaluate.captions import caption_pairs, default_candidates_curve, evaluate_captions, parse_candidates
 
     ks = parse_candidates(candidates) if candidates else None  # bad values fail before the model loads
-    collection = Collection.open(db, device=device, precision=precision, read_only=True)
+    collection = Collection.open(db, load_model=False, read_only=True)
+    caption_pairs(collection, max_images)  # ...and so does a collection without caption pairs
+    collection.load_model(device, precision)
     result = evaluate_captions(collection, ks or default_candidates_curve(collection), latency_queries, show_progress(), max_images)
     if result["unmatched_texts"]:
         say(f"note: {result['unmatched_texts']} texts name images the collection does not hold; left out")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,9 +18,24 @@ from btsearch.errors import BtsearchError
 
 from .admin import check, convert, export, info
 from .eval_commands import eval_group
-from .options import ByteSize, db_option, device_option, json_option, model_option, parse_size, quiet_option, say, show_progress, start_invocation
+from .options import (
+    ByteSize,
+    db_option,
+    device_option,
+    invocation_seconds,
+    json_option,
+    model_option,
+    parse_size,
+    quiet_option,
+    say,
+    show_progress,
+    start_invocation,
+)
 from .output import echo_index_line, index_summary, print_search, say_skipped
 from .serve_command import serve
+
+if TYPE_CHECKING:
+    from btsearch.collection import Collection
 
 __all__ = ["main", "parse_size"]
 
@@ -103,6 +118,7 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
     """
     from btsearch.collection import Collection
     from btsearch.indexers.layout import MEDIA
+    from btsearch.media.images import IMAGE_SUFFIXES
     from btsearch.media.sources import expand_inputs
 
     if engine == "ray":  # before a collection is made for nothing
@@ -122,24 +138,19 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         keep_missing=keep_missing, max_pixels=max_pixels, engine=engine, ray_address=address, workers=workers,
     )
     say_skipped(report)
+    if not (report.added or report.updated or report.unchanged or report.kept_unlisted or report.skipped):
+        say(f"no images found under {', '.join(map(str, paths))}: btsearch takes {' '.join(sorted(IMAGE_SUFFIXES))} files, "
+            "webdataset .tar shards and .parquet tables")
     for media, _ in inputs.gone:  # its rows are removed: the emptied folder can go
         shutil.rmtree(media, ignore_errors=True)
-    summary = index_summary(report, collection)
+    summary = index_summary(report, collection, invocation_seconds())
     if not as_json:
         echo_index_line(report, summary)
     if with_captions:
-        from btsearch.indexers.stored_files import resolve_path
-
-        # A caption is its text and the image it came with: the same words under two photos are two captions.
-        known = {(row["text"], row.get("image_path")) for row in collection.texts()}
-        pairs = [(text, None if image is None else resolve_path(image)) for text, image in zip(inputs.captions, inputs.caption_images)]
-        new = list(dict.fromkeys(pair for pair in pairs if pair not in known))
-        new_captions = [text for text, _ in new]
-        if new:
-            collection.add_texts(new_captions, progress=show_progress(), image_paths=[image for _, image in new])
-        summary["captions"] = {"added": len(new_captions), "already_there": len(inputs.captions) - len(new_captions)}
+        added, already = _add_new_texts(collection, inputs.captions, inputs.caption_images)
+        summary["captions"] = {"added": added, "already_there": already}
         if not as_json:
-            click.echo(f"added {len(new_captions)} captions as texts ({len(inputs.captions) - len(new_captions)} already there)")
+            click.echo(f"added {added} captions as texts ({already} already there)")
     if as_json:
         click.echo(json.dumps(summary))
 
@@ -148,26 +159,46 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @db_option
 @model_option
+@click.option("--allow-duplicates", is_flag=True, help="Add every text of FILE, even those the collection holds already.")
 @json_option("the summary")
 @device_option
 @quiet_option
-def add_texts(file, db, model, as_json, device, precision):
-    """Add the texts of FILE to the collection, for image-to-text search.
+def add_texts(file, db, model, allow_duplicates, as_json, device, precision):
+    """Add the texts of FILE to the collection, for image-to-text search. Texts it holds already
+    (the same words for the same image, or for none) are skipped, so a second run adds nothing.
 
-    FILE is .txt (one text a line), .jsonl ({"text": ...} a line), or .csv/.parquet with a
-    `text` column.
+    FILE is .txt (one text a line), .jsonl (an object a line), or .csv/.parquet. A record's text
+    is its `text` (or `caption`) field; a `path` (or `image_path`) field names the image it is a
+    caption of, relative to FILE's folder or absolute: such captions are what `eval captions`
+    measures a collection against.
     """
     from btsearch.collection import Collection
     from btsearch.media.text_files import read_texts_file
 
-    texts = read_texts_file(file)
+    found = read_texts_file(file)
     collection = Collection.create(db, model=model, device=device, precision=precision)
-    ids = collection.add_texts(texts, progress=show_progress())
+    if allow_duplicates:
+        added, already = len(collection.add_texts(found.texts, progress=show_progress(), image_paths=found.image_paths)), 0
+    else:
+        added, already = _add_new_texts(collection, found.texts, found.image_paths)
     total = collection.count("texts")
     if as_json:
-        click.echo(json.dumps({"added": len(ids), "texts": total, "db": str(collection.path)}))
+        click.echo(json.dumps({"added": added, "already_there": already, "captions": found.captions, "texts": total, "db": str(collection.path)}))
     else:
-        click.echo(f"added {len(ids)} texts; {total} texts in {collection.path}")
+        click.echo(f"added {added} texts ({already} already there); {total} texts in {collection.path}")
+
+
+def _add_new_texts(collection: Collection, texts: list[str], image_paths: list[str | None]) -> tuple[int, int]:
+    """Add the texts `collection` does not hold: a text is its words and the image it is a
+    caption of (the same words under two photos are two captions). Returns (added, already there)."""
+    from btsearch.indexers.stored_files import resolve_path
+
+    known = {(row["text"], row.get("image_path")) for row in collection.texts()}
+    pairs = [(text, None if image is None else resolve_path(image)) for text, image in zip(texts, image_paths)]
+    new = [pair for pair in dict.fromkeys(pairs) if pair not in known]
+    if new:
+        collection.add_texts([text for text, _ in new], progress=show_progress(), image_paths=[image for _, image in new])
+    return len(new), len(pairs) - len(new)
 
 
 @main.command()
@@ -188,7 +219,8 @@ def add_texts(file, db, model, as_json, device, precision):
 @click.option(
     "--where", "where", default=None, metavar="SQL",
     help="Search only the rows this SQL predicate selects, e.g. \"width >= 1000 AND taken >= '2024-01-01'\" "
-    "(image columns: path, folder, taken, camera, width, height, size, mtime; text columns: text).",
+    "(image columns: id, path, folder, taken, camera, width, height, size, mtime, content_hash; "
+    "text columns: id, text, image_path, the image a caption is of).",
 )
 @click.option("--not", "negatives", multiple=True, metavar="TEXT", help="Push away images that show TEXT (repeatable).")
 @json_option("the query and its hits")
@@ -221,12 +253,15 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
             print_search(warm, as_json, bare)
             return
     from btsearch.collection import Collection
+    from btsearch.search.pipeline import check_searchable
 
-    collection = Collection.open(db, model=model, device=device, precision=precision, read_only=True)
+    collection = Collection.open(db, model=model, load_model=False, read_only=True)
+    check_searchable(collection.store, query, CLI)  # an empty table or a bad --where answers before the model loads
+    encoder = collection.load_model(device, precision)
     if explain_dir is not None:
         from btsearch.search.explain import prepare_explanations
 
-        prepare_explanations(collection.encoder, text, query.searched, explain_dir)  # before the search: a refusal costs none
+        prepare_explanations(encoder, text, query.searched, explain_dir)  # before the search: a refusal costs none
     result = collection.answer(query, CLI)
     print_search(result, as_json, bare)
     if explain_dir is not None:
@@ -255,7 +290,7 @@ def demo(db, model, device, precision):
     click.echo(f"model: {collection.manifest.model}{' (small local fallback checkpoint)' if note else ''}")
     report = collection.add_images([db / "photos"], progress=show_progress())
     say_skipped(report)
-    echo_index_line(report, index_summary(report, collection))
+    echo_index_line(report, index_summary(report, collection, invocation_seconds()))
     if collection.count("texts") == 0:
         collection.add_texts(DEMO_TEXTS)
     for text in DEMO_QUERIES[:4]:

@@ -7,6 +7,7 @@ Light to import: nothing here loads torch, FAISS or LanceDB (see `btsearch.defau
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,12 +19,19 @@ from btsearch.defaults import DEFAULT_MODEL, DEVICE_CHOICES, PRECISION_CHOICES
 F = TypeVar("F", bound=Callable[..., Any])
 
 _quiet = False
+_started = time.perf_counter()
 
 
 def start_invocation() -> None:
-    """Each invocation starts loud; a subcommand's --quiet sets it while parsing."""
-    global _quiet
+    """Each invocation starts loud (a subcommand's --quiet sets it while parsing), and its clock."""
+    global _quiet, _started
     _quiet = False
+    _started = time.perf_counter()
+
+
+def invocation_seconds() -> float:
+    """Seconds since the command started: what the user waited, the model's loading included."""
+    return time.perf_counter() - _started
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:

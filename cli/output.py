@@ -36,12 +36,13 @@ def print_search(result: SearchResult, as_json: bool = False, bare: bool = False
         click.echo(f"{hit.rank:>4}  {match:>6}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, result.field)}")
 
 
-def index_summary(report: IndexReport, collection: Collection) -> dict[str, Any]:
-    """What `index --json` prints (before captions, which the caller adds)."""
+def index_summary(report: IndexReport, collection: Collection, seconds: float) -> dict[str, Any]:
+    """What `index --json` prints (before captions, which the caller adds); `seconds`: what the
+    user waited, the model's loading included."""
     return {
         "added": report.added, "updated": report.updated, "removed": report.removed, "unchanged": report.unchanged,
-        "skipped": [{"path": str(item.path), "reason": item.reason} for item in report.skipped],
-        "seconds": round(report.seconds, 3), "images": collection.count("images"), "db": str(collection.path),
+        "kept_unlisted": report.kept_unlisted, "skipped": [{"path": str(item.path), "reason": item.reason} for item in report.skipped],
+        "seconds": round(seconds, 3), "images": collection.count("images"), "db": str(collection.path),
     }
 
 
@@ -49,6 +50,8 @@ def say_skipped(report: IndexReport) -> None:
     """The files skipped, and what the re-rank cache's catch-up did beyond this run's files."""
     for skipped in report.skipped:
         say(f"skipped {skipped.path}: {skipped.reason}")
+    if report.kept_unlisted:
+        say(f"kept the {report.kept_unlisted} entries under folders that could not be listed: they stay until a folder is really gone")
     if report.cache_filled:
         say(f"re-rank cache: computed the states of {report.cache_filled} stored images that lacked them")
     for unreadable in report.cache_unreadable:
@@ -58,7 +61,7 @@ def say_skipped(report: IndexReport) -> None:
 def echo_index_line(report: IndexReport, summary: dict[str, Any]) -> None:
     click.echo(
         f"indexed {report.added} new, {report.updated} updated, {report.removed} removed, {report.unchanged} unchanged, "
-        f"{len(report.skipped)} skipped in {report.seconds:.1f}s; {summary['images']} images in {summary['db']}"
+        f"{len(report.skipped)} skipped in {summary['seconds']:.1f}s; {summary['images']} images in {summary['db']}"
     )
 
 

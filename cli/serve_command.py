@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import click
 
 from btsearch.errors import BtsearchError
@@ -44,8 +47,24 @@ def serve(db, host, port, token, no_auth, model, device, precision):
     from btsearch.serve.app import create_app
     from btsearch.serve.schema import MAX_REQUEST_HEAD_BYTES
 
-    app = create_app(Collection.open(db, model=model, load_model=False).path, device=device, precision=precision, token=token)
+    path = Collection.open(db, model=model, load_model=False).path
+    listening = _bound_socket(host, port)  # a busy port answers now, not after the model has loaded
+    app = create_app(path, device=device, precision=precision, token=token)
     say(f"btsearch serving {db} at http://{host}:{port}/" + (" (token required)" if token is not None else ""))
     # While it runs, `btsearch search --db` on this collection sends its queries here (with the token).
     with server_file.announced(db, server_file.local_url(host, port), device, precision, token=token):
-        uvicorn.run(app, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        config = uvicorn.Config(app, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        uvicorn.Server(config).run(sockets=[listening])
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; one line when it cannot be."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        hint = ": another server listens there; choose another --port" if error.errno == errno.EADDRINUSE else ""
+        raise BtsearchError(f"cannot listen on {host}:{port}: {error.strerror or error}{hint}") from None
+    return listening

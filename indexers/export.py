@@ -1,9 +1,9 @@
 """Export a collection in clip-retrieval's layout, which autofaiss and clip-retrieval's tools read.
 
     OUT/img_emb/img_emb_N.npy        float32 (n, dim), unit rows, row i <-> metadata row i
-    OUT/metadata/metadata_N.parquet  image_path, id, width, height, size, mtime
+    OUT/metadata/metadata_N.parquet  image_path, id, width, height, size, mtime, folder, taken, camera
     OUT/text_emb/text_emb_N.npy      the texts table, the same way
-    OUT/text_metadata/text_metadata_N.parquet  caption, id
+    OUT/text_metadata/text_metadata_N.parquet  caption, id, image_path (the image a caption is of)
 
 Shards hold at most `shard_rows` rows (clip-retrieval writes 1M per file). The LanceDB tables
 themselves are Arrow already: pyarrow, pandas and DuckDB read `DIR/images.lance` directly.
@@ -25,8 +25,11 @@ from .metadata_store import MetadataStore
 
 SHARD_ROWS = 1_000_000
 _LAYOUT: dict[TableName, tuple[str, str, dict[str, str]]] = {  # table -> (embedding folder, metadata folder, {our column: their column})
-    "images": ("img_emb", "metadata", {"path": "image_path", "id": "id", "width": "width", "height": "height", "size": "size", "mtime": "mtime"}),
-    "texts": ("text_emb", "text_metadata", {"text": "caption", "id": "id"}),
+    "images": ("img_emb", "metadata", {
+        "path": "image_path", "id": "id", "width": "width", "height": "height", "size": "size", "mtime": "mtime",
+        "folder": "folder", "taken": "taken", "camera": "camera",
+    }),
+    "texts": ("text_emb", "text_metadata", {"text": "caption", "id": "id", "image_path": "image_path"}),
 }
 
 
@@ -47,20 +50,22 @@ def export_collection(
             bar.update(batch.num_rows)
             while sum(b.num_rows for b in pending) >= shard_rows:
                 rows = pa.Table.from_batches(pending)
-                _write_shard(out_dir, emb_folder, meta_folder, shard, rows.slice(0, shard_rows), columns, store.dim)
+                _write_shard(out_dir, emb_folder, meta_folder, shard, rows.slice(0, shard_rows), columns, store.dim, store.table_schema(table))
                 pending, shard = rows.slice(shard_rows).to_batches(), shard + 1
         if pending or shard == 0:
             rows = pa.Table.from_batches(pending) if pending else None
-            _write_shard(out_dir, emb_folder, meta_folder, shard, rows, columns, store.dim)
+            _write_shard(out_dir, emb_folder, meta_folder, shard, rows, columns, store.dim, store.table_schema(table))
         bar.close()
         written[table] = count
     return written
 
 
-def _write_shard(out_dir: Path, emb_folder: str, meta_folder: str, shard: int, rows: pa.Table | None, columns: dict, dim: int) -> None:
+def _write_shard(
+    out_dir: Path, emb_folder: str, meta_folder: str, shard: int, rows: pa.Table | None, columns: dict, dim: int, schema: pa.Schema,
+) -> None:
     if rows is None or rows.num_rows == 0:
         embeddings = np.empty((0, dim), np.float32)
-        metadata = pa.table({theirs: pa.array([], type=pa.string() if theirs in ("image_path", "caption") else pa.int64()) for theirs in columns.values()})
+        metadata = pa.table({theirs: pa.array([], type=schema.field(ours).type) for ours, theirs in columns.items()})
     else:
         embeddings = rows.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim).astype(np.float32)
         metadata = pa.table({theirs: rows.column(ours) for ours, theirs in columns.items()})

@@ -299,6 +299,10 @@ class MetadataStore:
         when it does not parse, names an unknown column, or is not a condition."""
         return np.sort(self._filtered(table, where, ["id"])["id"].to_numpy())
 
+    def check_filter(self, table: TableName, where: str) -> None:
+        """FilterError (one line) unless `where` applies to `table`: planned, and tried until one row."""
+        self._filtered(table, where, ["id"], limit=1)
+
     def filter_embeddings(self, table: TableName, where: str) -> tuple[np.ndarray, np.ndarray]:
         """`(ids, embeddings)` of the rows `where` selects: an exact search of a small subset."""
         found = self._filtered(table, where, ["id", "embedding"])
@@ -309,9 +313,10 @@ class MetadataStore:
         """Image rows stored before the photo-fact columns existed (their `folder` is null)."""
         return self._select("images", self._row_columns["images"], "folder IS NULL")
 
-    def _filtered(self, table: TableName, where: str, columns: list[str]) -> pa.Table:
+    def _filtered(self, table: TableName, where: str, columns: list[str], limit: int | None = None) -> pa.Table:
         try:
-            return self._tables[table].search().where(where).select(columns).to_arrow()
+            query = self._tables[table].search().where(where).select(columns)
+            return (query if limit is None else query.limit(limit)).to_arrow()
         except (ValueError, RuntimeError, OSError) as error:  # LanceDB reports every SQL fault as one of these
             raise FilterError(sql_problem(str(error), self.columns(table))) from None
 

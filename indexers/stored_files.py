@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import CollectionError
+
 
 def resolve_path(path: str | os.PathLike[str]) -> str:
     """The absolute path with every link followed: how paths are found and stored, so the same
@@ -61,6 +63,14 @@ class StoredFiles:
     def positions_of(self, paths: pa.StringArray) -> np.ndarray:
         """Each path's row position, -1 for a path no row has."""
         return pc.fill_null(pc.index_in(paths, value_set=self.paths), -1).to_numpy().astype(np.int64)
+
+    def ids_of(self, paths: Sequence[str]) -> np.ndarray:
+        """The ids of the rows stored for these (resolved) paths, in order; CollectionError if one has none."""
+        positions = self.positions_of(pa.array(list(paths), pa.string()))
+        if (positions < 0).any():
+            missing = paths[int(np.flatnonzero(positions < 0)[0])]
+            raise CollectionError(f"{int((positions < 0).sum())} of the files are not in the collection, e.g. {missing}")
+        return self.ids[positions]
 
     def absent_from(self, positions: np.ndarray, files: Iterable[str] = (), folders: Iterable[str] = ()) -> np.ndarray:
         """Positions of rows that `positions` (what `positions_of` gave for the files found)

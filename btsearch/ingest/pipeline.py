@@ -49,6 +49,7 @@ class IndexReport:
     updated: int = 0  # changed files re-embedded, and moved files followed
     removed: int = 0  # rows whose files are gone
     unchanged: int = 0
+    kept_unlisted: int = 0  # rows kept, not removed, because their folder could not be listed
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
     cache_filled: int = 0  # stored images the re-rank cache's catch-up gave their states
@@ -158,7 +159,7 @@ def start_sync(
     """What every engine does first: find the files, plan the sync, apply its updates and
     deletions; the report so far."""
     plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
-    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, skipped=list(plan.skipped))
+    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, kept_unlisted=plan.kept_unlisted, skipped=list(plan.skipped))
     apply_plan(store, indexes, plan)
     fill_photo_facts(store)
     return plan, report

@@ -28,6 +28,7 @@ class FoundFiles:
 
     paths: list[str]
     skipped: list[SkippedImage] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # folders that could not be listed (resolved): their rows are kept
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SyncPlan:
     touched: list[tuple[int, dict]] = field(default_factory=list)  # rows to update in place: (id, new facts)
     moved: int = 0  # of `touched`, rows that follow their file to a new path
     unchanged: int = 0
+    kept_unlisted: int = 0  # rows kept because their folder could not be listed (unreadable, unmounted)
     skipped: list[SkippedImage] = field(default_factory=list)
     found: list[str] = field(default_factory=list)  # every file found under the roots
 
@@ -88,7 +90,8 @@ def find_files(roots: Sequence[str | os.PathLike[str]]) -> FoundFiles:
     cannot be stored (not UTF-8) are skipped with their reason."""
     unreadable: list[tuple[Path, str]] = []
     paths = find_images(list(roots), unreadable)
-    found = FoundFiles(paths, [SkippedImage(path, f"cannot list folder: {reason}") for path, reason in unreadable])
+    unlisted = [resolve_path(path) for path, _ in unreadable]  # absolute, as every other skip log entry
+    found = FoundFiles(paths, [SkippedImage(Path(path), f"cannot list folder: {reason}") for path, (_, reason) in zip(unlisted, unreadable)], unlisted)
     if not all(is_utf8(path) for path in paths):  # Linux names are bytes; stored rows must be UTF-8
         found.skipped += [SkippedImage(Path(path), "the file name is not valid UTF-8") for path in paths if not is_utf8(path)]
         found.paths = [path for path in paths if is_utf8(path)]
@@ -105,8 +108,10 @@ def plan_sync(
 ) -> SyncPlan:
     """Stage 2: compare the files found under `roots` with the stored rows; hash only where
     size or mtime disagree, or where a new file may be a stored one that moved. Rows under the
-    roots whose files are gone are removed unless `keep_missing`. (`stat` and `hash_file` read
-    the disk; a test gives stand-ins.)
+    roots whose files are gone are removed unless `keep_missing`; rows under a folder that could
+    not be listed are kept, as a file that cannot be read is: the folder may be back (a share
+    remounted, a permission restored) and its images must not be embedded anew under new ids.
+    (`stat` and `hash_file` read the disk; a test gives stand-ins.)
 
     Paths are matched as Arrow columns, so the plan holds a path string and a few numbers per
     file (a few hundred bytes), not an object per row: millions of files plan in a few GB."""
@@ -116,6 +121,11 @@ def plan_sync(
     vanished = set(stored.absent_from(
         positions, files=[root for root in resolved if not os.path.isdir(root)], folders=[root for root in resolved if os.path.isdir(root)],
     ).tolist())
+    if found.unlisted:
+        unlisted = tuple(folder.rstrip(os.sep) + os.sep for folder in found.unlisted)
+        kept = {row for row in vanished if stored.paths[row].as_py().startswith(unlisted)}
+        vanished -= kept
+        plan.kept_unlisted = len(kept)
     # A file that vanished may have moved: match new files to vanished rows by size, then hash.
     vanished_by_size: dict[int, list[int]] = {}
     for row in sorted(vanished):

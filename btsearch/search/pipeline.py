@@ -71,6 +71,23 @@ def search(
     return finish(found, scored)
 
 
+def check_searchable(store: MetadataStore, query: Query, spelling: Spelling = LIBRARY) -> None:
+    """What storage can tell of a checked query before any model loads: the table it searches
+    holds rows, and its `where` applies to that table (planned and tried on one row)."""
+    if store.count_rows(query.searched) == 0:
+        raise _nothing_to_search(store, query.searched)
+    if query.where is not None:
+        try:
+            store.check_filter(query.searched, query.where)
+        except FilterError as error:
+            raise BtsearchError(f"{spelling.where} {query.where!r} cannot be applied: {error}") from None
+
+
+def _nothing_to_search(store: MetadataStore, target: TableName) -> CollectionError:
+    hint = "btsearch index PATH" if target == "images" else "btsearch add-texts FILE"
+    return CollectionError(f"the collection has no {target} to search: add some with `{hint} --db {store.folder}`")
+
+
 def recall_query(
     encoder: Encoder, store: MetadataStore, indexes: TableIndexes, query: Query, spelling: Spelling = LIBRARY,
     text_query: TowerOutput | None = None,
@@ -87,8 +104,7 @@ def recall_query(
         rerank = False
     size = len(indexes[target])
     if size == 0:
-        hint = "btsearch index PATH" if target == "images" else "btsearch add-texts FILE"
-        raise CollectionError(f"the collection has no {target} to search: add some with `{hint} --db {store.folder}`")
+        raise _nothing_to_search(store, target)
     if rerank and not encoder.has_itm:
         notes.append("the checkpoint has no ITM head: hits are ranked by ITC alone")
     rerank = rerank and encoder.has_itm
