@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "Collection": "collection",
-    "Hit": "search",
-    "Query": "search",
-    "IndexReport": "ingest",
-    "SearchResult": "search",
+    "Hit": "search.results",
+    "Query": "search.query",
+    "IndexReport": "ingest.pipeline",
+    "SearchResult": "search.results",
     "DEFAULT_MODEL": "defaults",
-    "Encoder": "encoder",
+    "Encoder": "model.encoder",
     "BtsearchError": "errors",
     "CollectionError": "errors",
     "ModelLoadError": "errors",

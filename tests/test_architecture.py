@@ -131,3 +131,13 @@ def test_the_layers_hold(tmp_path):
 def test_a_broken_rule_breaks_its_contract(tmp_path, plant, broken):
     result = lint_imports(tmp_path, plant)
     assert result.returncode == 1 and broken in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("package", ["btsearch", "btsearch.indexers"])
+def test_every_name_a_package_exports_imports(package):
+    """The lazy re-exports (PEP 562) name their modules as strings, which no import checker reads."""
+    import importlib
+
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, f"{package}.{name}"
