@@ -149,7 +149,7 @@ def test_explanation_words_weights_and_grid_follow_their_definitions(encoder, ra
 
     drawn = render(found)
     assert drawn.size == (384, 384) and drawn.mode == "RGB"
-    assert render_panels(found, words=2).size == (3 * 384 + 2 * 4, 384 + 22)
+    assert render_panels(found, words=2).size == (3 * 384 + 2 * 4, 22 + 384 + 2 * 22)  # title, maps, labels and the colour scale
     with pytest.raises(BtsearchError, match="word must be 0..9"):
         render(found, word=10)
 

@@ -229,3 +229,37 @@ def test_where_help_names_every_column_of_both_tables():
         for name in schema.names:
             if name != "embedding":
                 assert name in help_text, f"search --help does not name the column {name}"
+
+
+def _explanation(text: str, words: list[str], weights: list[float]):
+    import numpy as np
+    from PIL import Image
+
+    from btsearch.search.explain import Explanation
+
+    grid = np.full((4, 4), 1 / 16)
+    return Explanation(
+        text=text, words=words, word_tokens=[[i] for i in range(len(words))], weights=np.array(weights), grid=grid,
+        word_grids=np.repeat(grid[None], len(words), axis=0), patch_share=1.0, itm_score=1.0, match=0.7,
+        picture=Image.new("RGB", (32, 32), "grey"), truncated=False,
+    )
+
+
+def test_the_words_that_weigh_most_pass_over_function_words():
+    explanation = _explanation("a cat on the mat", ["a", "cat", "on", "the", "mat"], [0.5, 0.1, 0.2, 0.15, 0.05])
+    assert [word for _, word, _ in explanation.top_words(2)] == ["cat", "mat"]
+    only = _explanation("on the", ["on", "the"], [0.3, 0.7])
+    assert [word for _, word, _ in only.top_words(2)] == ["the", "on"]  # nothing else to show
+
+
+def test_an_explanation_sheet_names_its_text_and_shows_the_colour_scale():
+    import numpy as np
+
+    from btsearch.search.explain import HEAT_RAMP, render_panels
+
+    sheets = [np.asarray(render_panels(_explanation(text, ["cat"], [1.0]), size=64)) for text in ("a cat", "a dog on a bus")]
+    assert sheets[0].shape == sheets[1].shape
+    title = slice(0, 22)
+    assert (sheets[0][title] < 128).any() and not np.array_equal(sheets[0][title], sheets[1][title])  # the text, written
+    colours = {tuple(pixel) for pixel in sheets[0][-20:].reshape(-1, 3)}
+    assert tuple(HEAT_RAMP[0].astype(np.uint8)) in colours and tuple(np.rint(HEAT_RAMP[-1]).astype(np.uint8)) in colours

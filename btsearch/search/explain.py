@@ -51,6 +51,11 @@ PANEL_WORDS = 3  # word maps drawn beside the whole text's map by `write_explana
 JSON_WORDS = 5  # top words listed per hit in explanations.json
 HEAT_ALPHA = 0.55  # how much of each drawn pixel is the heat colour
 # A dark-to-bright ramp (black, purple, red, orange, pale yellow): low attention is dark.
+# English function words, left out of the "words that weigh most" lists (every word keeps its weight).
+STOP_WORDS = frozenset(
+    "a an the of in on at to for with from by and or but is are was were be been being this that these those it its "
+    "as into onto over under near next some any there here his her their our your my".split()
+)
 HEAT_RAMP = np.array([[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]], dtype=np.float64)
 
 
@@ -73,9 +78,12 @@ class Explanation:
         return int(self.grid.shape[0])
 
     def top_words(self, n: int = JSON_WORDS) -> list[tuple[int, str, float]]:
-        """The n heaviest words, heaviest first: (index in `words`, word, weight)."""
-        order = np.argsort(-self.weights, kind="stable")[:n]
-        return [(int(i), self.words[i], float(self.weights[i])) for i in order]
+        """The n heaviest words, heaviest first: (index in `words`, word, weight). Function words
+        ("a", "the", "of", ...) are passed over unless the text has nothing else: the model often
+        parks attention on them, and they tell a reader nothing about the picture."""
+        order = np.argsort(-self.weights, kind="stable")
+        content = [i for i in order if self.words[i].lower() not in STOP_WORDS]
+        return [(int(i), self.words[i], float(self.weights[i])) for i in (content or list(order))[:n]]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,15 +187,26 @@ def render(explanation: Explanation, word: int | None = None, size: int = DISPLA
 
 
 def render_panels(explanation: Explanation, words: int = PANEL_WORDS, size: int = DISPLAY_SIZE) -> Image.Image:
-    """The whole text's map, then the `words` heaviest words' maps, side by side, each labelled."""
-    label_height = 22
+    """The text explained on top; the whole text's map, then the `words` heaviest words' maps,
+    side by side, each labelled; under them the colour scale (each map stretched to its own range)."""
+    line = 22
     panels = [(render(explanation, size=size), f"all words  match {explanation.match:.3f}")]
     panels += [(render(explanation, index, size), f"{word}  {weight:.2f}") for index, word, weight in explanation.top_words(words)]
-    sheet = Image.new("RGB", (len(panels) * size + (len(panels) - 1) * 4, size + label_height), "white")
+    width = max(len(panels) * size + (len(panels) - 1) * 4, 280)  # room for the scale and its words
+    sheet = Image.new("RGB", (width, line + size + 2 * line), "white")
     draw = ImageDraw.Draw(sheet)
+    fits = max(8, width // 6)  # characters of the default font that fit across the sheet
+    title = explanation.text if len(explanation.text) <= fits else explanation.text[: fits - 3] + "..."
+    draw.text((4, 5), title, fill="black")
     for n, (panel, label) in enumerate(panels):
-        sheet.paste(panel, (n * (size + 4), 0))
-        draw.text((n * (size + 4) + 4, size + 4), label, fill="black")
+        sheet.paste(panel, (n * (size + 4), line))
+        draw.text((n * (size + 4) + 4, line + size + 4), label, fill="black")
+    scale_width = min(size, width - 150)
+    ramp = _heat_colours(np.linspace(0.0, 1.0, scale_width)[None].repeat(10, axis=0))
+    scale_top = line + size + line + 6
+    draw.text((4, scale_top), "least", fill="black")
+    sheet.paste(Image.fromarray(np.rint(ramp).astype(np.uint8)), (48, scale_top + 1))
+    draw.text((56 + scale_width, scale_top), "most attention", fill="black")
     return sheet
 
 
