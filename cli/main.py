@@ -214,7 +214,7 @@ def _add_new_texts(collection: Collection, texts: list[str], image_paths: list[s
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no cross-modal encoder).")
 @click.option(
     "--min-match", type=float, default=None, metavar="P",
-    help="Keep only re-ranked hits whose match probability (the ITM head's softmax) is at least P, 0..1; none, with a note, when none is.",
+    help="Keep only re-ranked hits whose match probability is at least P, 0..1 (a prefix of the ranking); none, with a note, when none is.",
 )
 @click.option(
     "--where", "where", default=None, metavar="SQL",
@@ -238,7 +238,13 @@ def _add_new_texts(collection: Collection, texts: list[str], image_paths: list[s
 def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, negatives, as_json, bare, target, explain_dir, no_server, model, device, precision):
     """Find images matching TEXT, or texts matching --image; TEXT with --image finds images like
     the image that match TEXT. When `btsearch serve` runs for the collection (same model, device
-    and precision), the query is sent there: the same answer, without loading the model."""
+    and precision), the query is sent there: the same answer, without loading the model.
+
+    FAISS recalls --candidates hits by ITC cosine (the itc column); the cross-modal encoder
+    re-ranks them, and they are ordered by their match probability (the match column: the ITM
+    head's softmax, times 1 - P for each --not text); the itm column is the ITM match logit.
+    Hits not re-ranked follow in ITC order. (eval keeps the papers' protocol, which orders by the
+    logit, and reports recall both ways.)"""
     from btsearch.search.query import CLI, Query
 
     query = Query(text, image, k, candidates, not no_rerank, target, min_match, offset, where, negatives)

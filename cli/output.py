@@ -73,6 +73,8 @@ def print_recall(result: dict[str, Any], title: str, split: str, candidates: int
     rows = [("ITC", result["itc"])]
     if result["rerank"] is not None:
         rows.append((f"ITC top-{candidates} + ITM", result["rerank"]))
+    if result.get("rerank_by_match") is not None:  # how `search` orders: by the match probability
+        rows.append(("  ...ordered by match", result["rerank_by_match"]))
     for row_name, table in rows:
         click.echo(_recall_row(row_name, table))
     if result.get("calibration"):

@@ -263,3 +263,76 @@ def test_an_explanation_sheet_names_its_text_and_shows_the_colour_scale():
     assert (sheets[0][title] < 128).any() and not np.array_equal(sheets[0][title], sheets[1][title])  # the text, written
     colours = {tuple(pixel) for pixel in sheets[0][-20:].reshape(-1, 3)}
     assert tuple(HEAT_RAMP[0].astype(np.uint8)) in colours and tuple(np.rint(HEAT_RAMP[-1]).astype(np.uint8)) in colours
+
+
+def _finished(logits, negatives=(), min_match=None):
+    import numpy as np
+
+    from btsearch.search.pipeline import Recalled, finish
+    from btsearch.search.query import LIBRARY, Query
+
+    ids = np.arange(len(logits))
+    found = Recalled(
+        target="images", rerank=True, labels=["q"], notes=[], itc=np.linspace(0.9, 0.6, len(ids)).astype(np.float32), ids=ids,
+        rows=[{"path": f"{i}.jpg"} for i in ids], pool=len(ids), reranked=len(ids), text_query=None, image_query=None,
+        negative_states=[], query=Query(text="q", k=len(ids), candidates=len(ids), min_match=min_match), spelling=LIBRARY,
+    )
+    return finish(found, [np.asarray(logits, np.float32), *(np.asarray(n, np.float32) for n in negatives)])
+
+
+def test_the_order_of_reranked_hits_is_the_order_of_their_match():
+    # By the match logit alone the order would be 0, 2, 1, 3; by the probability (the logits'
+    # difference: 3, 7.5, 1.8, 1) it is 1, 0, 2, 3.
+    logits = [[0.0, 3.0], [-5.0, 2.5], [1.0, 2.8], [0.0, 1.0]]
+    result = _finished(logits)
+    assert [hit.id for hit in result.hits] == [1, 0, 2, 3]
+    matches = [hit.match for hit in result.hits]
+    assert matches == sorted(matches, reverse=True)
+    kept = _finished(logits, min_match=0.9)  # P: 0.9994, 0.953, 0.858, 0.731
+    assert [hit.id for hit in kept.hits] == [1, 0]  # a prefix of the ranking
+    # With a negative the order is still the match shown (P(text) x (1 - P(negative))).
+    negative = [[0.0, 6.0], [0.0, -6.0], [0.0, -6.0], [0.0, -6.0]]  # hit 0 shows the negative
+    pushed = _finished(logits, [negative])
+    assert [hit.id for hit in pushed.hits][-1] == 0
+    assert [hit.match for hit in pushed.hits] == sorted((hit.match for hit in pushed.hits), reverse=True)
+
+
+def test_search_ranks_by_match_and_min_match_keeps_a_prefix(images_only, photo_captions):
+    query = next(iter(photo_captions.values()))[0]
+    args = ("search", query, "--db", images_only, "-k", 2, "--candidates", 2, "--precision", "fp32", "--no-server", "--json")
+    hits = json.loads(run(*args).stdout)["hits"]
+    matches = [hit["match"] for hit in hits]
+    assert matches == sorted(matches, reverse=True)
+    kept = json.loads(run(*args, "--min-match", matches[0]).stdout)["hits"]
+    assert [hit["id"] for hit in kept] == [hit["id"] for hit in hits][: len(kept)] and kept
+
+
+def test_eval_reports_recall_ordered_as_search_orders(tmp_path, folder, trained_checkpoint, photo_captions):
+    """`rerank` is the papers' protocol (ITM logit); `rerank_by_match` orders the same candidates
+    by the match probability, as search does: each equals brute force over transformers' scores."""
+    import numpy as np
+    import torch
+
+    from . import reference
+    from .test_eval import brute_force_recall
+
+    db = tmp_path / "db"
+    index_json(folder, "--db", db, "--model", trained_checkpoint)
+    photos = sorted(folder.rglob("*.*"))
+    rows = [(str(path), caption) for path in photos for caption in photo_captions[path.stem][:2]]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"text": caption, "path": path}) + "\n" for path, caption in rows))
+    run("add-texts", captions, "--db", db, "--precision", "fp32", "-q")
+    out = json.loads(run("eval", "captions", "--db", db, "--candidates", "2", "--latency-queries", 0, "--precision", "fp32", "--json").stdout)
+    stored = Collection.open(db, load_model=False, read_only=True)
+    order = [Path(row["path"]) for row in stored.images(sorted(stored.store.ids("images")))]  # the eval's image order: by id
+    texts = [caption for _, caption in rows]
+    caption_image = np.array([order.index(Path(path).resolve()) for path, _ in rows])
+    text_emb, _ = reference.itc_embeddings(trained_checkpoint, texts, [order[0]] * len(texts))
+    _, image_emb = reference.itc_embeddings(trained_checkpoint, ["x"] * len(order), order)
+    _, _, itm = reference._models(str(trained_checkpoint))
+    with torch.no_grad():  # both logits: the probability's order is their difference's (a float32 softmax would tie at 1.0)
+        logits = np.array([[itm(**reference._inputs(trained_checkpoint, [text], [path])).logits[0].numpy() for path in order] for text in texts])
+    for key, scores in (("rerank", logits[..., 1]), ("rerank_by_match", logits[..., 1] - logits[..., 0])):
+        t2i, i2t = brute_force_recall(text_emb @ image_emb.T, scores, caption_image, 2)
+        assert out[key]["text_to_image"] == pytest.approx(t2i) and out[key]["image_to_text"] == pytest.approx(i2t), key

@@ -125,6 +125,7 @@ def evaluate_captions(
         "itc": last["itc"],
         "candidates": candidates[-1],
         "rerank": last["rerank"],  # at the largest k (None when it is 0)
+        "rerank_by_match": last["rerank_by_match"],  # the same, ordered as `search` orders: by the match probability
         "calibration": last["calibration"],
         "curve": curve,
         "latency_queries": len(queries),

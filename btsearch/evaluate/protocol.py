@@ -131,11 +131,15 @@ def evaluate_collection(
         itm[pairs[:, 0], pairs[:, 1]] = logits[:, 1]
         result["rerank"] = recall_table(itc, caption_image, candidates, itm)
         result["rerank_union"] = recall_table(itc, caption_image, candidates, itm, union=True)
+        # As `search` orders re-ranked hits: by the match probability, i.e. the logits' difference.
+        by_match = np.full(itc.shape, np.nan, dtype=np.float64)
+        by_match[pairs[:, 0], pairs[:, 1]] = logits[:, 1].astype(np.float64) - logits[:, 0]
+        result["rerank_by_match"] = recall_table(itc, caption_image, candidates, by_match)
         # Every scored pair is a labelled example: the caption shows the image or it does not.
         result["calibration"] = calibration(match_probability(logits), np.asarray(caption_image)[pairs[:, 0]] == pairs[:, 1])
     else:
         itm = None
-        result["rerank"] = result["rerank_union"] = result["calibration"] = None
+        result["rerank"] = result["rerank_union"] = result["rerank_by_match"] = result["calibration"] = None
     if details:
         result["details"] = ranking_details(itc, caption_image, candidates, itm)
     result.update(

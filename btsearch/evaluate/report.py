@@ -70,6 +70,8 @@ def _recall_table(result: dict, published: list) -> str:
     rows = [("btsearch: ITC alone", result["itc"])]
     if result.get("rerank"):
         rows.append((f"btsearch: ITC top-{result['candidates']} + ITM", result["rerank"]))
+    if result.get("rerank_by_match"):
+        rows.append(("btsearch: + ITM, ordered by match probability (as search)", result["rerank_by_match"]))
     if result.get("rerank_union"):
         rows.append(("btsearch: + ITM, either direction (authors' code)", result["rerank_union"]))
     cells = ["<table><tr><th>model</th><th>text→image R@1 / 5 / 10</th><th>image→text R@1 / 5 / 10</th><th>RSUM</th></tr>"]

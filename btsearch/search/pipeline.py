@@ -148,7 +148,7 @@ def finish(found: Recalled, scored: Sequence[np.ndarray]) -> SearchResult:
     notes, ids, itc, rows = found.notes, found.ids, found.itc, found.rows
     k, offset, min_match = found.query.k, found.query.offset, found.query.min_match
     logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
-    rank_score = np.full(len(ids), np.nan, dtype=np.float32)
+    rank_score = np.full(len(ids), np.nan, dtype=np.float64)
     match = np.full(len(ids), np.nan, dtype=np.float32)
     reranked = found.reranked
     if reranked:

@@ -9,10 +9,11 @@ match the text. Composed and negative queries, exactly (`query_vector` here, `re
   sum of cosines with unit x is the inner product with the sum of the query vectors;
 - re-ranking (a text is present) gives each candidate match = P(x matches the text) x the
   product over the negatives of (1 - P(x matches n)), each P the ITM head's softmax: the
-  probability that x shows the text and none of the negatives, taken as independent. With
-  negatives, candidates rank by it; without, by the text's ITM match logit, as transformers'
-  retrieval model scores. The image of a composed query acts through recall (ITM scores
-  text-image pairs only).
+  probability that x shows the text and none of the negatives, taken as independent, and
+  candidates rank by it, so the order and the `match` shown agree (without negatives that is the
+  softmax of the ITM head's two logits, the quantity its two-class training fits; the papers rank
+  by the match logit alone, which `eval` keeps as the protocol and reports beside it). The image
+  of a composed query acts through recall (ITM scores text-image pairs only).
 """
 
 from __future__ import annotations

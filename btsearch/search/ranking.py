@@ -16,21 +16,25 @@ import numpy as np
 def match_probability(logits: np.ndarray) -> np.ndarray:
     """P(match) from the ITM head's two logits (n, 2): their softmax's second entry, computed as
     a sigmoid of the difference (stable for any logits); NaN rows stay NaN."""
-    with np.errstate(over="ignore"):  # exp overflows to inf for a hopeless pair: P = 0, as it should
-        return (1.0 / (1.0 + np.exp(logits[:, 0].astype(np.float64) - logits[:, 1]))).astype(np.float32)
+    return np.exp(_log_sigmoid(logits[:, 1].astype(np.float64) - logits[:, 0])).astype(np.float32)
 
 
 def rerank_scores(text_logits: np.ndarray, negative_logits: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(rank score, match) of re-ranked candidates from the text's ITM logits (n, 2) and each
-    negative's (n, 2): without negatives the text's match logit ranks; with them, the log of
-    the combined match probability (module docstring)."""
-    match = match_probability(text_logits).astype(np.float64)
+    negative's (n, 2): match = P(text) x the product of (1 - P(negative)) (`query`'s docstring),
+    and candidates rank by its log, so the order and the match shown agree and a min_match keeps
+    a prefix of the ranking. The log comes from the logits' differences, in float64: a float32
+    probability rounds every clear match to 1.0, which would tie them. (The papers' protocol,
+    which `eval` keeps, ranks by the match logit alone; `eval` reports both.)"""
+    log_match = _log_sigmoid(text_logits[:, 1].astype(np.float64) - text_logits[:, 0])
     for logits in negative_logits:
-        match = match * (1.0 - match_probability(logits))
-    if not len(negative_logits):
-        return text_logits[:, 1].astype(np.float32), match.astype(np.float32)
-    with np.errstate(divide="ignore"):  # P = 0 ranks last among the scored, as -inf
-        return np.log(match).astype(np.float32), match.astype(np.float32)
+        log_match = log_match + _log_sigmoid(logits[:, 0].astype(np.float64) - logits[:, 1])
+    return log_match, np.exp(log_match).astype(np.float32)
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # NaN (a pair not scored) stays NaN
+        return -np.logaddexp(0.0, -x)
 
 
 def rerank_order(itc: np.ndarray, candidates: int, itm: np.ndarray | None) -> np.ndarray:
