@@ -59,30 +59,52 @@ def converted(original_checkpoint, tmp_path_factory):
     return out
 
 
-def test_itm_scores_equal_transformers_on_the_converted_folder(converted, photos):
+def test_every_original_tensor_lands_under_its_documented_name(converted, original_checkpoint):
+    """Name by name through the authors' layout (helpers.to_original_layout, written from their
+    code): each tensor of the source checkpoint is the converted folder's tensor of that name, so
+    a swap of two same-shaped weights (text and image cross-modal layers, ITC heads) fails."""
+    ckpt, _ = original_checkpoint
+    source = torch.load(ckpt, weights_only=True)["state_dict"]
+    back = to_original_layout(load_file(converted / "model.safetensors"), body="bridgetower.")
+    assert sorted(back) == sorted(source)
+    assert float(back.pop("temperature")) == pytest.approx(float(source["temperature"]), rel=1e-5)
+    differ = [key for key, tensor in back.items() if not torch.equal(tensor, source[key])]
+    assert not differ, f"{len(differ)} converted tensors are not the source's of that name: {differ[:10]}"
+
+
+def test_itm_scores_equal_transformers_on_the_source_model(converted, original_checkpoint, photos):
+    """The converted folder's ITM logits equal the source's own forward: transformers' classes on
+    the folder the original checkpoint was written from (its tensors, under transformers' names)."""
+    _, source = original_checkpoint
     encoder = Encoder.from_pretrained(str(converted), device="cpu", precision="fp32")
     texts = encoder.text_states(CAPTIONS, with_bridge=True)
     images = encoder.image_states(np.stack([encoder.preprocess_image(reference.load_rgb(p)) for p in photos[:2]]), with_bridge=True)
+    logits = []
     for t, caption in enumerate(CAPTIONS):
         for i, photo in enumerate(photos[:2]):
             ours = encoder.match(
                 type(texts)(embeds=None, bridge=texts.bridge[t : t + 1], mask=texts.mask[t : t + 1]),
                 type(images)(embeds=None, bridge=images.bridge[i : i + 1]),
             )
-            assert float(ours[0]) == pytest.approx(reference.itm_logit(converted, caption, photo), abs=1e-4)
+            theirs = reference.itm_logit(source, caption, photo)
+            assert float(ours[0]) == pytest.approx(theirs, abs=1e-4)
+            logits.append(theirs)
+    assert np.ptp(logits) > 1e-3  # the pairs score apart: equal logits would not tell a swapped weight
 
 
 def test_itc_follows_the_original_convention_and_text_equals_transformers(converted, original_checkpoint, photos):
     config = json.loads((converted / "config.json").read_text())
     assert config["itc_image_head_input"] == "ln_post"
+    _, source = original_checkpoint  # the folder the original checkpoint was written from
     encoder = Encoder.from_pretrained(str(converted), device="cpu", precision="fp32")
-    ref_text, ref_image = reference.itc_embeddings(converted, CAPTIONS, photos[:2])
+    ref_text, ref_image = reference.itc_embeddings(source, CAPTIONS, photos[:2])
     np.testing.assert_allclose(encoder.embed_texts(CAPTIONS), ref_text, atol=1e-5)
 
-    # The original: the image ITC head on ln_post of the last image layer's [CLS], nothing between.
-    model = BridgeTowerForContrastiveLearning.from_pretrained(converted).eval()
+    # The original: the image ITC head on ln_post of the last image layer's [CLS], nothing between,
+    # computed from the source's weights.
+    model = BridgeTowerForContrastiveLearning.from_pretrained(source).eval()
     visual = model.bridgetower.vision_model.visual
-    pixels = reference.pixel_values(converted, photos[:2])
+    pixels = reference.pixel_values(source, photos[:2])
     with torch.no_grad():
         hidden = visual.forward_pre(pixels)
         for block in visual.transformer.resblocks:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from transformers import BridgeTowerProcessor
 
 from btsearch.cli.main import main
@@ -24,7 +25,8 @@ CAPTIONS = ["a close up of a tabby cat", "a cup of coffee on a red saucer on a w
 
 @pytest.fixture(scope="module", params=["AAUE", "SAUE"])
 def converted(request, random_checkpoint, tmp_path_factory):
-    """A random small ManagerTower (managers randomised too), saved in the original layout and converted."""
+    """A random small ManagerTower (managers randomised too), saved in the original layout and
+    converted: (converted folder, manager type, the source model, the original checkpoint)."""
     processor = BridgeTowerProcessor.from_pretrained(random_checkpoint)
     config = managertower_config(small_config(len(processor.tokenizer), num_hidden_layers=3), request.param, managed_layers=2)
     torch.manual_seed(7)
@@ -45,7 +47,7 @@ def converted(request, random_checkpoint, tmp_path_factory):
     result = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--tokenizer", str(random_checkpoint)])
     assert result.exit_code == 0, result.output
     assert "ManagerTower" in result.stdout and "dropped 1 weights of heads retrieval does not use: mlm_score" in result.stderr
-    return out, request.param
+    return out, request.param, model, ckpt
 
 
 def plain_forward(model: ManagerTowerRetrievalModel, ids, mask, pixels):
@@ -93,8 +95,22 @@ def plain_forward(model: ManagerTowerRetrievalModel, ids, mask, pixels):
     return text_itc, image_itc, model.itm_score(pooled)[0, 1]
 
 
-def test_batched_rerank_equals_the_plain_one_pair_forward(converted, photos):
-    folder, manager_type = converted
+def test_every_original_tensor_lands_under_its_documented_name(converted):
+    """Name by name through the authors' layout (helpers.to_original_layout): a swap of two
+    same-shaped weights in the converter (text and image managers or layers) fails here."""
+    folder, _, _, ckpt = converted
+    source = {key: value for key, value in torch.load(ckpt, weights_only=True)["state_dict"].items() if not key.startswith("mlm_score.")}
+    back = to_original_layout(load_file(folder / "model.safetensors"), itc_prefix="cross_modal_")
+    assert sorted(back) == sorted(source)
+    assert float(back.pop("temperature")) == pytest.approx(float(source["temperature"]), rel=1e-5)
+    differ = [key for key, tensor in back.items() if not torch.equal(tensor, source[key])]
+    assert not differ, f"{len(differ)} converted tensors are not the source's of that name: {differ[:10]}"
+
+
+def test_batched_rerank_equals_the_plain_one_pair_forward_of_the_source(converted, photos):
+    """The converted model's batched scores against the plain forward run on the SOURCE model's
+    weights (the model the original checkpoint was saved from), not on the converted ones."""
+    folder, manager_type, source, _ = converted
     encoder = Encoder.from_pretrained(str(folder), device="cpu", precision="fp32")
     assert isinstance(encoder.model, ManagerTowerRetrievalModel) and encoder.model.config.manager_type == manager_type
     pixels = np.stack([encoder.preprocess_image(reference.load_rgb(p)) for p in photos[:3]])
@@ -106,7 +122,7 @@ def test_batched_rerank_equals_the_plain_one_pair_forward(converted, photos):
     ids, mask = encoder.tokenize(CAPTIONS)
     with torch.no_grad():
         for n, (t, i) in enumerate(zip(t_index, i_index)):
-            text_itc, image_itc, logit = plain_forward(encoder.model, ids[t : t + 1], mask[t : t + 1], torch.as_tensor(pixels[i : i + 1]))
+            text_itc, image_itc, logit = plain_forward(source, ids[t : t + 1], mask[t : t + 1], torch.as_tensor(pixels[i : i + 1]))
             assert batched[n] == pytest.approx(float(logit), abs=1e-4)
             np.testing.assert_allclose(texts.embeds[t].numpy(), text_itc[0].numpy(), atol=1e-5)
             np.testing.assert_allclose(images.embeds[i].numpy(), image_itc[0].numpy(), atol=1e-5)
@@ -116,14 +132,14 @@ def test_batched_rerank_equals_the_plain_one_pair_forward(converted, photos):
 
 
 def test_texts_pad_to_the_training_length_so_scores_ignore_the_batch(converted):
-    folder, _ = converted
+    folder = converted[0]
     encoder = Encoder.from_pretrained(str(folder), device="cpu", precision="fp32")
     ids, _ = encoder.tokenize(["a cat"])
     assert ids.shape[1] == encoder.max_text_length == 24  # max_text_len of the checkpoint's config
 
 
 def test_converted_managertower_round_trips_and_searches(converted, photos, tmp_path):
-    folder, _ = converted
+    folder = converted[0]
     config = json.loads((folder / "config.json").read_text())
     assert config["model_family"] == "managertower" and config["managed_layers"] == 2
     first = Encoder.from_pretrained(str(folder), device="cpu", precision="fp32")
