@@ -293,28 +293,89 @@ def snapshot(db: Path) -> dict[str, np.ndarray]:
     return {path: by_id[row["id"]] for path, row in files.items()}
 
 
-def test_sigkill_at_random_points_then_resume_equals_a_clean_build(tmp_path, random_checkpoint, photos):
-    folder = many_photos(tmp_path / "photos", photos, 24)
-    env = {**os.environ, "BTSEARCH_COMMIT_SECONDS": "0", "HF_HUB_OFFLINE": "1"}  # commit every batch
-    clean = tmp_path / "clean"
-    started = time.monotonic()
-    subprocess.run(index_command(folder, clean, random_checkpoint), env=env, check=True, capture_output=True)
-    duration = time.monotonic() - started
-    expected = snapshot(clean)
-    assert len(expected) == 24
+# The writer in a child process, each LanceDB commit followed by a pause (before FAISS follows it):
+# without one, the whole write of a small collection takes a quarter of a second after seconds
+# of model loading, and no kill or reader timed from outside would land in it. With TEST_GATE,
+# the writer also waits after its first commit until that file exists (the lock held, the run
+# part-way), so that the test acts on a state it has seen, not on a guess of when it comes.
+PACED_INDEX_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from btsearch.cli.main import main
+    from btsearch.indexers import MetadataStore
+    add_images, pace, gate = MetadataStore.add_images, float(os.environ["TEST_PACE_S"]), os.environ.get("TEST_GATE")
+    def paced(self, *args, **kwargs):
+        ids = add_images(self, *args, **kwargs)
+        deadline = time.monotonic() + 120
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(pace)
+        return ids
+    MetadataStore.add_images = paced
+    sys.exit(main())
+    """
+)
 
+
+def paced_index_command(folder: Path, db: Path, checkpoint: Path, batch_size: int) -> list[str]:
+    command = index_command(folder, db, checkpoint)
+    command[2] = PACED_INDEX_SCRIPT
+    command[command.index("--batch-size") + 1] = str(batch_size)
+    return command
+
+
+def committed_rows(db: Path) -> int:
+    """Images a reader opening the collection now sees (0 before it exists)."""
+    if not (db / "manifest.json").exists():
+        return 0
+    return Collection.open(db, load_model=False, read_only=True).store.count_rows("images")
+
+
+def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 90.0, what: str = "") -> None:
+    """Poll `condition` until true; fail at `timeout`, or if `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (exit {process.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_sigkill_part_way_then_resume_equals_a_clean_build(tmp_path, random_checkpoint, photos):
+    total = 24
+    folder = many_photos(tmp_path / "photos", photos, total)
+    clean = tmp_path / "clean"
+    run("index", folder, "--db", clean, "--model", random_checkpoint, "--batch-size", 1, "--precision", "fp32", "-q")
+    expected = snapshot(clean)
+    assert len(expected) == total
+
+    # One image a commit, a pause of 0.1 s after each: killed at a random moment within the two
+    # commits after the run was seen to commit, a kill lands after some rows and before all, at
+    # any step of a commit (ids reserved, LanceDB written or committed, FAISS behind, the
+    # manifest); three kills store at most 3 x 4 of the 24.
+    env = {**os.environ, "BTSEARCH_COMMIT_SECONDS": "0", "HF_HUB_OFFLINE": "1", "TEST_PACE_S": "0.1"}
     db = tmp_path / "killed"
     rng = random.Random(1234)
-    for _ in range(4):
-        process = subprocess.Popen(index_command(folder, db, random_checkpoint), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if (db / "manifest.json").exists():
-            partial = snapshot(db)  # opens and is consistent after every kill
-            assert set(partial) <= set(expected)
-    result = subprocess.run(index_command(folder, db, random_checkpoint), env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    stored = 0
+    for _ in range(3):
+        log = tmp_path / "killed.log"
+        with log.open("w") as err:
+            process = subprocess.Popen(paced_index_command(folder, db, random_checkpoint, 1), env=env, stdout=err, stderr=err)
+        try:
+            wait_for(lambda before=stored: committed_rows(db) > before, process, what="the run committed rows")
+            time.sleep(rng.uniform(0.0, 0.25))
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        assert process.returncode == -signal.SIGKILL, log.read_text()  # killed, not finished
+        partial = snapshot(db)  # opens and is consistent after every kill
+        assert stored < len(partial) < total, f"the kill did not land part-way: {stored} then {len(partial)} of {total} stored"
+        assert set(partial) <= set(expected)
+        for path, vector in partial.items():
+            np.testing.assert_allclose(vector, expected[path], atol=1e-5)
+        stored = len(partial)
+    result = run("index", folder, "--db", db, "--batch-size", 2, "--precision", "fp32")
+    assert counts(result.output).startswith(f"{total - stored} new,")
     resumed = snapshot(db)
     assert sorted(resumed) == sorted(expected)
     for path, vector in expected.items():
@@ -328,10 +389,11 @@ READER_SCRIPT = textwrap.dedent(
     import json, sys, time
     from btsearch.collection import Collection
     from btsearch.model.encoder import Encoder
-    db, checkpoint, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    db, checkpoint, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
     encoder = Encoder.from_pretrained(checkpoint, precision="fp32")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 180  # a bound; it ends once it has seen every image
+    count = 0
+    while count < total and time.monotonic() < deadline:
         collection = Collection.open(db, encoder=encoder, read_only=True)
         count = collection.store.count_rows("images")
         paths = set(collection.store.image_files())
@@ -339,43 +401,67 @@ READER_SCRIPT = textwrap.dedent(
         hits = result.hits
         print(json.dumps({
             "count": count,
+            "paths": len(paths),
             "hits": len(hits),
             "ok": len(hits) == min(8, count)
             and len({h.id for h in hits}) == len(hits)
             and all(h.path in paths for h in hits)
             and [h.itc_score for h in hits[3:]] == sorted((h.itc_score for h in hits[3:]), reverse=True),
         }), flush=True)
+        time.sleep(0.05)  # leaves the writer the cores now and then
     """
 )
 
 
+def answers_in(path: Path) -> list[dict]:
+    """The complete lines a reader has written so far."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
 def test_readers_see_consistent_snapshots_while_one_writer_indexes(tmp_path, random_checkpoint, photos):
-    folder = many_photos(tmp_path / "photos", photos, 24)
+    total = 24
+    folder = many_photos(tmp_path / "photos", photos, total)
     db = tmp_path / "db"
-    run("index", folder / "photo 000.jpg", "--db", db, "--model", random_checkpoint, "--precision", "fp32")
-    env = {**os.environ, "BTSEARCH_COMMIT_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
-    writer = subprocess.Popen(index_command(folder, db, random_checkpoint), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    readers = [
-        subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(db), str(random_checkpoint), "12"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    time.sleep(2)
-    second = subprocess.run(index_command(folder, db, random_checkpoint), env=env, capture_output=True, text=True)
-    outputs = [reader.communicate(timeout=240) for reader in readers]
-    _, writer_err = writer.communicate(timeout=240)
-    # Whichever writer takes the lock first indexes; the other is refused with the lock's
-    # message, or runs after it (then finding everything indexed).
-    outcomes = [(writer.returncode, writer_err), (second.returncode, second.stderr)]
-    assert any(code == 0 for code, _ in outcomes), outcomes
-    for code, err in outcomes:
-        assert code == 0 or "being written by another btsearch process" in err, err
-    answers = []
-    for reader, (out, err) in zip(readers, outputs):
-        assert reader.returncode == 0, err
-        answers += [json.loads(line) for line in out.splitlines()]
-    assert len(answers) >= 4 and all(answer["ok"] for answer in answers), answers
-    assert len(snapshot(db)) == 24
+    run("index", folder / "photo 000.jpg", "--db", db, "--model", random_checkpoint, "--precision", "fp32", "-q")
+    gate = tmp_path / "go-on"
+    env = {**os.environ, "BTSEARCH_COMMIT_SECONDS": "0", "HF_HUB_OFFLINE": "1", "TEST_PACE_S": "0.05", "TEST_GATE": str(gate)}
+    outputs = [tmp_path / f"reader-{n}.jsonl" for n in range(2)]
+    logs = [output.with_suffix(".log") for output in outputs]
+    processes: list[subprocess.Popen] = []
+    try:
+        for output, log in zip(outputs, logs):
+            with output.open("w") as out, log.open("w") as err:
+                processes.append(subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(db), str(random_checkpoint), str(total)],
+                                                  env=env, stdout=out, stderr=err))
+        writer = subprocess.Popen(paced_index_command(folder, db, random_checkpoint, 2), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(writer)
+        # The writer waits after its first commit; a reader must see that part-way snapshot.
+        wait_for(lambda: any(1 < a["count"] < total for output in outputs for a in answers_in(output)), writer,
+                 what="a reader saw a count between the first image and all of them")
+        # A second writer meanwhile is refused: the first holds the lock.
+        second = run("index", folder, "--db", db, "--batch-size", 2, "--precision", "fp32", ok=False)
+        assert second.exit_code == 1 and "being written by another btsearch process" in second.stderr, second.output
+        gate.touch()
+        _, writer_err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, writer_err
+        for reader in processes[:2]:
+            reader.wait(timeout=120)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for reader, log in zip(processes, logs):
+        assert reader.returncode == 0, log.read_text()
+    answers = [answers_in(output) for output in outputs]
+    for mine in answers:
+        assert mine[-1]["count"] == total  # each reader went on until it saw the whole collection
+        assert [a["count"] for a in mine] == sorted(a["count"] for a in mine)  # snapshots only move forward
+    everything = [a for mine in answers for a in mine]
+    assert all(a["ok"] and a["paths"] == a["count"] for a in everything), everything
+    assert any(1 < a["count"] < total for a in everything)
+    assert len(snapshot(db)) == total
 
 
 def test_folder_symlinks_are_followed_once(tmp_path, photos):
