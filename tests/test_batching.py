@@ -13,8 +13,10 @@ from btsearch.errors import BtsearchError
 from btsearch.model.encoder import Encoder
 from btsearch.search.batch import search_texts
 from btsearch.search.query import Query
+from btsearch.serve import service as service_module
 from btsearch.serve.app import create_app
 from btsearch.serve.batching import Batcher
+from btsearch.serve.service import _Job
 
 from .helpers import index_with_captions
 
@@ -90,11 +92,20 @@ def image_id_of(collection, stem):
     return next(row["id"] for row in collection.store.get_images(collection.store.ids("images")) if row["path"].endswith(f"/{stem}.jpg"))
 
 
-def test_concurrent_requests_through_the_app_equal_sequential_searches(collection):
-    """Mixed requests arrive together while a batch runs: the plain text ones are batched, the
-    rest run alone in the same turn, a bad one fails alone, and every answer is the sequential one."""
+def test_concurrent_requests_through_the_app_equal_sequential_searches(collection, monkeypatch, caplog):
+    """Mixed requests arrive together while a batch runs: the plain text ones are batched (one
+    shared `search_texts` call, no fallback to one at a time), the rest run alone in the same
+    turn, a bad one fails alone, and every answer is the sequential one."""
     app = create_app(collection.path, encoder=collection.encoder)
     service = app.state.search_service
+    shared: list[int] = []  # the number of searches in each shared batch the service ran
+    batched = service_module.search_texts
+
+    def counted(encoder, store, indexes, cache, queries, *args, **kwargs):
+        shared.append(len(queries))
+        return batched(encoder, store, indexes, cache, queries, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "search_texts", counted)
     client = TestClient(app)
     chelsea = image_id_of(collection, "chelsea")
     requests = [({"q": text, **{name: value for name, value in options.items()}}, (text, None, options)) for text, options in TEXT_QUERIES]
@@ -128,6 +139,10 @@ def test_concurrent_requests_through_the_app_equal_sequential_searches(collectio
     for thread in threads:
         thread.join()
     assert service.batcher.batches == 2 and service.batcher.jobs == len(requests)
+    # The first text alone; the five other plain texts of the second batch as one shared batch,
+    # which did not fail over to one search at a time (the answers would be the same).
+    assert shared == [len(TEXT_QUERIES) - 1]
+    assert service.fallbacks == 0 and "failed as one" not in caplog.text
     # A where the schema forbids (no such column) is refused before it reaches a batch.
     assert client.get("/api/search", params={"q": "a cat", "where": "lens = 1"}).status_code == 422
     for response, (_, reference) in zip(answers, requests):
@@ -146,7 +161,26 @@ def test_concurrent_requests_through_the_app_equal_sequential_searches(collectio
     assert answers[-1].status_code == 404 and "no image with id 999999" in answers[-1].json()["detail"]
     metrics = client.get("/api/metrics").json()
     assert metrics["requests"] == len(requests)
-    assert metrics["batching"] == {"batches": 2, "searches": len(requests), "waiting": 0}
+    figures = service.batching_figures()
+    assert figures == {"batches": 2, "searches": len(requests), "waiting": 0, "fallbacks": 0}
+    assert metrics["batching"] == {name: figures[name] for name in metrics["batching"]}
+
+
+def test_a_failed_shared_batch_is_counted_and_logged_and_each_search_answered(collection, monkeypatch, caplog):
+    app = create_app(collection.path, encoder=collection.encoder)
+    service = app.state.search_service
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the shared batch broke")
+
+    monkeypatch.setattr(service_module, "search_texts", broken)
+    jobs = [_Job(None, None, collection.with_candidates(Query(text=text, **options))) for text, options in TEXT_QUERIES[:3]]
+    with caplog.at_level("WARNING", logger="btsearch.serve.service"):
+        answers = service._run_batch(jobs)
+    for (found, _), (text, options) in zip(answers, TEXT_QUERIES[:3], strict=True):  # each answered alone, as if batched
+        assert_same_answer(found, collection.search(text=text, **options))
+    assert service.fallbacks == 1 and service.batching_figures()["fallbacks"] == 1  # type: ignore[index]
+    assert "a batch of 3 searches failed as one (RuntimeError: the shared batch broke); running each alone" in caplog.text
 
 
 def test_the_batcher_hands_each_caller_its_own_answer_or_error():

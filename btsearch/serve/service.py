@@ -10,6 +10,7 @@ model and FAISS are not made for concurrent calls: one batch (or explanation) at
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -23,6 +24,8 @@ from ..search.batch import search_texts
 from ..search.query import API, Query
 from ..search.results import SearchResult
 from .batching import Batcher
+
+log = logging.getLogger(__name__)
 
 PINNED_SNAPSHOTS = 4  # older snapshots kept open for cursors (each holds its FAISS indexes)
 Answer = tuple[SearchResult, tuple[int, ...]]  # a search's result and the versions of the snapshot it ranked
@@ -50,11 +53,21 @@ class SearchService:
         self.lock = threading.Lock()  # the model and FAISS: one batch (or explanation) at a time
         self.requests = 0
         self.errors = 0
+        self.fallbacks = 0  # batches whose shared work failed, each of their searches then run alone
         self.latencies: deque[float] = deque(maxlen=1000)
         self._figures = threading.Lock()
         self._collection = collection
         self._pinned: OrderedDict[tuple[int, ...], Collection] = OrderedDict()  # snapshots cursors page through
         self.batcher: Batcher[_Job, Answer] | None = Batcher(self._run_batch) if batching else None
+
+    def batching_figures(self) -> dict[str, int] | None:
+        """/api/metrics' `batching` (None without a batcher): batches taken, the searches in them,
+        searches waiting, and fallbacks (batches whose shared work failed, run one search at a time)."""
+        if self.batcher is None:
+            return None
+        with self._figures:
+            fallbacks = self.fallbacks
+        return {"batches": self.batcher.batches, "searches": self.batcher.jobs, "waiting": self.batcher.waiting, "fallbacks": fallbacks}
 
     def collection(self) -> Collection:
         """The latest committed snapshot, reopened only when a writer has committed since."""
@@ -139,7 +152,12 @@ class SearchService:
         assert snapshot.encoder is not None
         try:
             found = search_texts(snapshot.encoder, snapshot.store, snapshot.indexes, snapshot.rerank_cache, queries, spelling=API)
-        except Exception:  # noqa: BLE001 - a failure of the shared work: each query runs alone and meets its own fate
+        except Exception as error:  # noqa: BLE001 - a failure of the shared work: each query runs alone and meets its own fate
+            # Answers stay right, but batching is lost for this batch: counted (`batching_figures`) and
+            # logged, so that a fault breaking every batch shows, not only as a slower server.
+            with self._figures:
+                self.fallbacks += 1
+            log.warning("a batch of %d searches failed as one (%s: %s); running each alone", len(jobs), type(error).__name__, error, exc_info=True)
             return [self._answer_alone(snapshot, job) for job in jobs]
         versions = snapshot.store.versions()
         return [_as_http(answer) if isinstance(answer, BaseException) else (answer, versions) for answer in found]
