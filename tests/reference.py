@@ -43,6 +43,16 @@ def itm_logit(checkpoint, text, image, device="cpu") -> float:
     return float(itm(**_inputs(checkpoint, [text], [image], device)).logits[0, 1])
 
 
+@torch.no_grad()
+def match_log_odds(checkpoint, text, image, device="cpu") -> float:
+    """logits[:, 1] - logits[:, 0] of BridgeTowerForImageAndTextRetrieval for one pair: what
+    search ranks re-ranked hits by (the match probability is its sigmoid; in float32 that rounds
+    clear matches to 1.0, this does not)."""
+    _, _, itm = _models(str(checkpoint), device)
+    logits = itm(**_inputs(checkpoint, [text], [image], device)).logits[0]
+    return float(logits[1]) - float(logits[0])
+
+
 def pixel_values(checkpoint, images):
     processor, _, _ = _models(str(checkpoint))
     pictures = [image if isinstance(image, Image.Image) else load_rgb(image) for image in images]

@@ -15,9 +15,13 @@ from btsearch.serve.app import create_app
 
 from . import reference
 from .helpers import run
+from .orders import assert_ranked_by, assert_top
 
 QUERY = "a close up of a tabby cat"
 NEGATIVE = "a photo of the moon"
+# btsearch's scores equal transformers' to these (fp32); two items closer than that may rank in
+# either order, so orders are checked with them (tests/orders.py).
+ITC_TOL, MATCH_TOL, LOGIT_TOL = 1e-5, 1e-5, 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +49,18 @@ def test_negatives_follow_their_definition_in_transformers_scores(db, trained_ch
     hits = out["hits"]
     for hit in hits:
         assert math.isclose(hit["itc_score"], recall_score[hit["path"]], abs_tol=1e-5)
-    by_recall = sorted(recall_score, key=recall_score.get, reverse=True)
-    assert {hit["path"] for hit in hits[:4]} == set(by_recall[:4])  # the candidates: the best 4 by s(x)
-    assert [hit["path"] for hit in hits[4:]] == by_recall[4:8]  # the rest in recall order
+    candidates = [hit["path"] for hit in hits[:4]]
+    assert_top(candidates, recall_score, ITC_TOL)  # the candidates: the best 4 by s(x)
+    assert len(hits) == 8
+    assert_ranked_by([hit["path"] for hit in hits[4:]], {path: s for path, s in recall_score.items() if path not in candidates}, ITC_TOL)  # the rest in recall order
     match = {
         path: reference.match_probability(trained_checkpoint, QUERY, path) * (1 - reference.match_probability(trained_checkpoint, NEGATIVE, path))
-        for path in by_recall[:4]
+        for path in candidates
     }
     for hit in hits[:4]:
-        assert math.isclose(hit["match"], match[hit["path"]], abs_tol=1e-5)
-        assert math.isclose(hit["itm_score"], reference.itm_logit(trained_checkpoint, QUERY, hit["path"]), abs_tol=1e-4)
-    assert [hit["path"] for hit in hits[:4]] == sorted(match, key=match.get, reverse=True)
+        assert math.isclose(hit["match"], match[hit["path"]], abs_tol=MATCH_TOL)
+        assert math.isclose(hit["itm_score"], reference.itm_logit(trained_checkpoint, QUERY, hit["path"]), abs_tol=LOGIT_TOL)
+    assert_ranked_by(candidates, match, MATCH_TOL)
 
 
 def test_a_composed_query_recalls_by_both_and_ranks_by_the_text(db, trained_checkpoint, photos):
@@ -68,12 +73,13 @@ def test_a_composed_query_recalls_by_both_and_ranks_by_the_text(db, trained_chec
     hits = out["hits"]
     for hit in hits:
         assert math.isclose(hit["itc_score"], recall_score[hit["path"]], abs_tol=1e-5)
-    by_recall = sorted(recall_score, key=recall_score.get, reverse=True)
-    assert {hit["path"] for hit in hits[:3]} == set(by_recall[:3])
-    logits = {path: reference.itm_logit(trained_checkpoint, QUERY, path) for path in by_recall[:3]}
-    assert [hit["path"] for hit in hits[:3]] == sorted(logits, key=logits.get, reverse=True)
+    candidates = [hit["path"] for hit in hits[:3]]
+    assert_top(candidates, recall_score, ITC_TOL)
+    # Ranked by the text's match probability, i.e. by its two logits' difference.
+    log_odds = {path: reference.match_log_odds(trained_checkpoint, QUERY, path) for path in candidates}
+    assert_ranked_by(candidates, log_odds, 2 * LOGIT_TOL)
     for hit in hits[:3]:
-        assert math.isclose(hit["match"], reference.match_probability(trained_checkpoint, QUERY, hit["path"]), abs_tol=1e-5)
+        assert math.isclose(hit["match"], reference.match_probability(trained_checkpoint, QUERY, hit["path"]), abs_tol=MATCH_TOL)
 
 
 def test_an_image_and_negatives_without_a_text_rank_by_itc(db, trained_checkpoint, photos):
@@ -83,7 +89,8 @@ def test_an_image_and_negatives_without_a_text_rank_by_itc(db, trained_checkpoin
     n, _ = reference_itc(trained_checkpoint, photos, NEGATIVE)
     q = images[str(like)]
     recall_score = {path: float(q @ x - NEGATIVE_WEIGHT * (n @ x)) for path, x in images.items()}
-    assert [hit["path"] for hit in out["hits"]] == sorted(recall_score, key=recall_score.get, reverse=True)[:4]
+    assert len(out["hits"]) == 4
+    assert_ranked_by([hit["path"] for hit in out["hits"]], recall_score, ITC_TOL)
     assert all(hit["match"] is None for hit in out["hits"])
 
 
