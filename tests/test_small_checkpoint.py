@@ -81,21 +81,24 @@ def test_trained_checkpoint_ranks_each_photo_first_for_its_captions(trained_chec
         first_texts = {key: value[:num_photos] for key, value in texts.items()}
         image_embeds = itc_model(**first_texts, pixel_values=pixel_values).image_embeds
         text_embeds = itc_model(**texts, pixel_values=pixel_values[owners]).text_embeds
-        itc_recall = ((text_embeds @ image_embeds.T).argmax(dim=1) == owners).float().mean().item()
+        itc = text_embeds @ image_embeds.T
 
         caption_ids = torch.arange(num_captions).repeat_interleave(num_photos)
         photo_ids = torch.arange(num_photos).repeat(num_captions)
-        match = itm_model(
+        itm = itm_model(
             input_ids=texts["input_ids"][caption_ids],
             attention_mask=texts["attention_mask"][caption_ids],
             pixel_values=pixel_values[photo_ids],
-        ).logits[:, 1]
-        itm_recall = (match.view(num_captions, num_photos).argmax(dim=1) == owners).float().mean().item()
-    # The fixture trains until the sample ranks perfectly (max_train_steps), so every caption
-    # finds its photo first, and the factory's own check agrees on the reloaded folder.
-    assert itc_recall == 1.0, itc_recall
-    assert itm_recall == 1.0, itm_recall
+        ).logits[:, 1].view(num_captions, num_photos)
+    # The fixture trains until the sample ranks perfectly (max_train_steps): the factory's own
+    # check agrees on the reloaded folder (the computation it trained with, so to the bit) ...
     assert sample_ranking_misses(itc_model, itm_model, (pixel_values, texts, owners)) == 0
+    # ... and here, batched otherwise, every caption's own photo scores the best, by ITC and by
+    # ITM. Training guarantees only a margin above zero, which float rounding may eat where it is
+    # tiny: the own photo must score within the tolerance of the best, not strictly above it.
+    for scores, tolerance in ((itc, 1e-5), (itm, 1e-4)):
+        own = scores[torch.arange(num_captions), owners]
+        assert (own >= scores.max(dim=1).values - tolerance).all(), (own, scores.max(dim=1))
 
 
 def test_untrained_checkpoint_is_counted_as_missing(random_checkpoint):
