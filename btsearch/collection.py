@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, resolve_model_id
+from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, PIXEL_FORMAT, resolve_model_id
 from .errors import BtsearchError, CollectionError
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
 from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TABLES, TableName, lance_folder
 from .indexers.metadata_store import SnapshotGone
+from .indexers.pixel_store import PixelStore
 from .indexers.skip_log import SkipLog
 from .indexers.stored_files import resolve_path
 from .indexers.table_indexes import IndexBudgetError, default_index_memory
@@ -58,15 +59,19 @@ class Collection:
         self._lock = WriteLock(path)
         cache_folder = path / RERANK_CACHE
         self.rerank_cache = BridgeCache(cache_folder) if BridgeCache.exists(cache_folder) else None
+        # The images' model inputs; a collection made before the store existed gains it on its next `index`.
+        self.pixels = PixelStore.open(path) if manifest.pixels and PixelStore.exists(path) else None
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], model: str | None = None, device: str = "auto", encoder: Encoder | None = None, precision: str = "auto"
+        cls, path: str | os.PathLike[str], model: str | None = None, device: str = "auto", encoder: Encoder | None = None, precision: str = "auto",
+        pixels: bool = True,
     ) -> Collection:
         """Create a collection (with `model`, else the default), or open it if it exists; a
-        `model` given for an existing collection must be the one it was built with."""
+        `model` given for an existing collection must be the one it was built with. `pixels=False`
+        makes one without a pixel store (re-ranking then reads the cache or the image files)."""
         path = Path(path)
         if Manifest.exists(path):
             return cls.open(path, model=model, device=device, encoder=encoder, precision=precision)
@@ -82,6 +87,7 @@ class Collection:
             manifest = Manifest(
                 format_version=FORMAT_VERSION, model=encoder.model_id, config_hash=encoder.config_hash,
                 embed_dim=encoder.embed_dim, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                pixels=PIXEL_FORMAT if pixels else None,
             )
             store = MetadataStore.open(path, encoder.embed_dim)
             manifest.save(path)  # last: a folder with a manifest is a complete collection
@@ -165,10 +171,12 @@ class Collection:
         drop rows whose files are gone from under `roots` (unless `keep_missing`), and follow
         touched and moved files without re-embedding them (their content hash tells).
 
-        Work is committed every few seconds, LanceDB first: a run killed at any point leaves a
-        consistent collection, and the next run picks up where it stopped.
-        `rerank_cache=True` turns the re-rank cache on (it stays on): each image's bridge inputs
-        are kept on disk in float16, so re-ranking reads them instead of the image file.
+        Work is committed every few seconds (LanceDB's commit makes an image searchable, after its
+        states and pixels are written, before FAISS): a run killed at any point leaves a
+        consistent collection, and the next run picks up where it stopped. Each image's crop goes
+        into the pixel store (unless the collection was made without one), so re-ranking needs no
+        source file. `rerank_cache=True` turns the re-rank cache on (it stays on): each image's
+        bridge inputs are kept on disk in float16, so re-ranking skips the image tower.
         `engine="ray"` embeds on a Ray cluster (`ray_engine`; at `ray_address`, with `workers`
         embedding actors): the same rows, skips and summary as the local engine."""
         from .ingest import pipeline
@@ -182,23 +190,12 @@ class Collection:
         with self._writing():
             if rerank_cache and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
-            if engine == "ray":
-                from .ingest.ray_engine import sync_on_ray
-
-                report = sync_on_ray(
-                    self._model(), self.store, self.indexes, roots, batch_size=batch_size, keep_missing=keep_missing,
-                    max_pixels=max_pixels, workers=workers, address=ray_address, progress=progress,
-                    rerank_cache=None if self.rerank_cache is None else self.rerank_cache.folder,
-                )
-            else:
-                report = pipeline.index_images(
-                    self._model(), self.store, self.indexes, self.rerank_cache, roots,
-                    batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
-                )
-            if self.rerank_cache is not None:  # whole after every run: images stored earlier, or by Ray, get theirs
-                catch_up = pipeline.complete_rerank_cache(self._model, self.store, self.rerank_cache, progress)
-                report.cache_filled, report.cache_unreadable = catch_up.filled, catch_up.unreadable
-            return report
+            if self.manifest.pixels and self.pixels is None:
+                self.pixels = PixelStore.open(self.path, create=True)
+            return pipeline.sync(
+                self._model, self.store, self.indexes, self.rerank_cache, self.pixels, roots, engine=engine, ray_address=ray_address,
+                workers=workers, batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
+            )
 
     def add_texts(
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = False, image_paths: Sequence[str | os.PathLike[str] | None] | None = None,
@@ -250,6 +247,8 @@ class Collection:
                 self.indexes.forget()
                 if BridgeCache.exists(self.path / RERANK_CACHE):
                     self.rerank_cache = BridgeCache(self.path / RERANK_CACHE)
+                if self.manifest.pixels and PixelStore.exists(self.path):
+                    self.pixels = PixelStore.open(self.path)
             try:
                 yield
             except IndexBudgetError as error:
@@ -290,12 +289,12 @@ class Collection:
 
         spelling = spelling or LIBRARY
         query.check(spelling)
-        return search(self._model(), self.store, self.indexes, self.rerank_cache, self.with_candidates(query), spelling)
+        return search(self._model(), self.store, self.indexes, self.rerank_cache, self.with_candidates(query), spelling, self.pixels)
 
     def explain(self, text: str, image_id: int) -> Explanation:
         """Why image `image_id` is a hit for `text`: its words' attention over the image (`explain`)."""
         from .search.explain import explain_stored_image
-        return explain_stored_image(self._model(), self.store, text, image_id)
+        return explain_stored_image(self._model(), self.store, text, image_id, self.pixels)
 
     def index(self, table: TableName) -> VectorIndex | ShardedIndex:
         """The FAISS index of `table`, in step with LanceDB."""
@@ -353,7 +352,7 @@ class Collection:
         """What the collection holds, as `info` prints it, or (`as_data`) as `info --json` gives it."""
         from .indexers.summary import describe
 
-        return describe(self.path, self.manifest, self.indexes, self.rerank_cache, self.index_memory, as_data)
+        return describe(self.path, self.manifest, self.indexes, self.rerank_cache, self.index_memory, as_data, self.pixels)
 
     def evaluate(
         self, caption_image: np.ndarray, text_ids: np.ndarray, image_ids: np.ndarray, candidates: int = 128, progress: bool = False, details: bool = False

@@ -21,6 +21,11 @@ DEFAULT_MAX_PIXELS = 180_000_000  # a 16,000 x 11,000 panorama passes; a 50K x 5
 # keeps a query within seconds (README, Speed), where 128 would take minutes.
 GPU_CANDIDATES, CPU_CANDIDATES = 128, 16
 
+# How the pixel store keeps each image's model input (the processor's uint8 crop): JPEG at
+# quality 90 without chroma subsampling, about 28 kB at 288 px (docs/speed.md has the measurement
+# that chose it). A collection records it; `index --no-pixels` records none.
+PIXEL_FORMAT = "jpeg-q90-444"
+
 
 def resolve_model_id(source: str) -> str:
     """A hub id stays as it is; a local folder becomes its absolute path."""

@@ -1,13 +1,16 @@
 """Whether a collection's parts agree: `check` with `--repair`, over the storage checks of
 `indexers.check`. A repair runs under the write lock:
 the manifest's lost fields are written back (from LanceDB, the model), FAISS is rebuilt from
-LanceDB, the re-rank cache loses its unreadable and half-written files, is filled (this alone
-loads the model) and compacted. Nothing here loads torch unless a repair needs the model.
+LanceDB, the re-rank cache loses its unreadable and half-written files, is filled and compacted,
+and the pixel store loses its crops that do not decode or belong to no image and gains the
+crops images lack (filling alone loads the model). Nothing here loads torch unless a repair
+needs the model.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,12 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CollectionError
 from .indexers.bridge_cache import BridgeCache
-from .indexers.check import Problem, check_faiss, check_lancedb, check_manifest, check_rerank_cache, readable_manifest_fields, table_dim
+from .indexers.check import EXAMPLES, Problem, check_faiss, check_lancedb, check_manifest, check_rerank_cache, readable_manifest_fields, table_dim
 from .indexers.layout import TABLES
+from .indexers.pixel_store import PixelStore
 from .indexers.write_errors import storage_errors
 from .indexers.write_lock import CollectionLockedError, WriteLock
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from .collection import Collection
     from .indexers import MetadataStore
     from .model.encoder import Encoder
 
@@ -78,7 +85,41 @@ def _find(path: Path) -> list[Problem]:
     if problems and any("cannot be read" in problem.message for problem in problems):
         return problems
     stored = collection.store.stored_files()
-    return problems + check_faiss(collection.indexes) + check_rerank_cache(collection.rerank_cache, stored.ids, stored.paths.to_pylist())
+    paths = stored.paths.to_pylist()
+    return problems + check_faiss(collection.indexes) + check_rerank_cache(collection.rerank_cache, stored.ids, paths) + _check_pixels(collection, stored.ids, paths)
+
+
+def _check_pixels(collection: Collection, image_ids: np.ndarray, paths: list[str]) -> list[Problem]:
+    """With the pixel store on: every image has a crop, every crop decodes, no row is of an id no
+    image has. An image kept by --keep-missing whose file is gone and that has no crop is a note:
+    no repair can compute it."""
+    if not collection.manifest.pixels or (collection.pixels is None and not len(image_ids)):
+        return []
+    if collection.pixels is None:
+        return [Problem("pixels", f"the collection has no pixel store yet (it predates it): {len(image_ids)} images have no stored crop",
+                        "made, each image's crop computed from its file")]
+    problems = []
+    damaged = _damaged_pixels(collection.pixels)
+    if damaged:
+        problems.append(Problem("pixels", f"{len(damaged)} stored crops do not decode, e.g. ids {damaged[:EXAMPLES]}", "computed again from their files"))
+    path_of = dict(zip(image_ids.tolist(), paths))
+    lacking = collection.pixels.missing(image_ids).tolist()
+    gone = [item for item in lacking if not os.path.exists(path_of[item])]
+    if gone:
+        problems.append(Problem("pixels", f"{len(gone)} images kept after their files went (--keep-missing) have no stored crop and cannot be "
+                                f"re-ranked until their files are back, e.g. {path_of[gone[0]]}", "", fault=False))
+    if len(lacking) > len(gone):
+        problems.append(Problem("pixels", f"{len(lacking) - len(gone)} of {len(image_ids)} images have no stored crop", "computed from their files"))
+    dead = collection.pixels.dead_ids(image_ids)
+    if len(dead):
+        problems.append(Problem("pixels", f"{len(dead)} stored crops belong to no image (deleted ones, or a killed run's)", "deleted"))
+    return problems
+
+
+def _damaged_pixels(pixels: PixelStore) -> list[int]:
+    from .media.crops import decode_crops
+
+    return [item for ids, blobs in pixels.iter_rows() for item, crop in zip(ids, decode_crops(blobs)) if isinstance(crop, str)]
 
 
 def _repair(path: Path, problems: list[Problem], model: str | None, report: CheckReport, progress: bool) -> None:
@@ -97,6 +138,8 @@ def _repair(path: Path, problems: list[Problem], model: str | None, report: Chec
         if any(problem.part == "faiss" and f"{table} table" in problem.message for problem in problems):
             index = collection.indexes.rebuild(table)
             report.repaired.append(f"rebuilt the FAISS index of the {table} table from LanceDB ({len(index)} vectors)")
+    if "pixels" in parts and collection.manifest.pixels:
+        _repair_pixels(path, collection, report, progress)
     cache = collection.rerank_cache
     if "rerank-cache" in parts and cache is not None:
         removed = cache.remove_leftovers()
@@ -105,16 +148,38 @@ def _repair(path: Path, problems: list[Problem], model: str | None, report: Chec
         _repair_cache(path, collection.store, BridgeCache(cache.folder), report, progress)
 
 
-def _repair_cache(path: Path, store: MetadataStore, cache: BridgeCache, report: CheckReport, progress: bool) -> None:
+def _repair_pixels(path: Path, collection: Collection, report: CheckReport, progress: bool) -> None:
+    from .ingest.catch_up import complete_pixels
+
+    pixels = collection.pixels or PixelStore.open(path, create=True)
+    damaged = _damaged_pixels(pixels)
+    if damaged:
+        pixels.delete(damaged)
+        report.repaired.append(f"removed {len(damaged)} stored crops that did not decode")
+    done = complete_pixels(_model_of(path), collection.store, pixels, progress)  # what `index` does, so both mend alike
+    if done.filled or done.unreadable:
+        report.repaired.append(f"computed the stored crops of {done.filled} images"
+                               + (f" ({len(done.unreadable)} image files could not be read)" if done.unreadable else ""))
+    if done.compacted:
+        report.repaired.append(f"deleted {done.compacted} stored crops of no image")
+
+
+def _model_of(path: Path) -> Callable[[], Encoder]:
+    """The collection's model, loaded when a repair first needs it."""
     from .collection import Collection
-    from .ingest.pipeline import complete_rerank_cache
 
     def model() -> Encoder:
         encoder = Collection.open(path, load_model=True).encoder
         assert encoder is not None
         return encoder
 
-    done = complete_rerank_cache(model, store, cache, progress)  # what `index` does, so both mend alike
+    return model
+
+
+def _repair_cache(path: Path, store: MetadataStore, cache: BridgeCache, report: CheckReport, progress: bool) -> None:
+    from .ingest.catch_up import complete_rerank_cache
+
+    done = complete_rerank_cache(_model_of(path), store, cache, progress)  # what `index` does, so both mend alike
     if done.filled or done.unreadable:
         report.repaired.append(f"computed the re-rank cache states of {done.filled} images"
                                + (f" ({len(done.unreadable)} image files could not be read)" if done.unreadable else ""))

@@ -91,6 +91,11 @@ def main() -> None:
     help="Memory the FAISS indexes may take, e.g. 2GiB; kept by the collection [default: a quarter of RAM]. "
     "Search is exact up to ~256K vectors, then IVF, with PQ codes when vectors would not fit.",
 )
+@click.option(
+    "--no-pixels", is_flag=True,
+    help="Make the collection without a pixel store (each image's model input, about 28 kB, kept so re-ranking needs no source file); "
+    "applies when the collection is created.",
+)
 @click.option("--keep-missing", is_flag=True, help="Keep the entries of files gone from under PATHS (by default they are removed).")
 @click.option(
     "--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
@@ -106,7 +111,10 @@ def main() -> None:
 @json_option("the summary (counts, skipped files with reasons, seconds)")
 @device_option
 @quiet_option
-def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing, max_pixels, engine, address, workers, with_captions, as_json, device, precision):
+def index(
+    paths, db, model, batch_size, rerank_cache, index_memory, no_pixels, keep_missing, max_pixels, engine, address, workers, with_captions, as_json,
+    device, precision,
+):
     """Sync the collection with the images under PATHS: folders (recursively), image files,
     webdataset .tar shards, or parquet files with a path or image-bytes column (shards and
     parquet files inside a folder count too).
@@ -125,7 +133,9 @@ def index(paths, db, model, batch_size, rerank_cache, index_memory, keep_missing
         from btsearch.ingest.ray_engine import require_ray
 
         require_ray()
-    collection = Collection.create(db, model=model, device=device, precision=precision)
+    collection = Collection.create(db, model=model, device=device, precision=precision, pixels=not no_pixels)
+    if no_pixels and collection.manifest.pixels:
+        raise BtsearchError(f"{db} keeps a pixel store: --no-pixels applies when a collection is created")
     if index_memory is not None:
         collection.set_index_memory(index_memory)
     inputs = expand_inputs(list(paths), collection.path / MEDIA, keep_missing=keep_missing)

@@ -56,6 +56,10 @@ def say_skipped(report: IndexReport) -> None:
         say(f"re-rank cache: computed the states of {report.cache_filled} stored images that lacked them")
     for unreadable in report.cache_unreadable:
         say(f"re-rank cache: no states for {unreadable.path}: {unreadable.reason}")
+    if report.pixels_filled:
+        say(f"pixel store: kept the crops of {report.pixels_filled} stored images that lacked them")
+    for unreadable in report.pixels_unreadable:
+        say(f"pixel store: no crop for {unreadable.path}: {unreadable.reason}")
 
 
 def echo_index_line(report: IndexReport, summary: dict[str, Any]) -> None:

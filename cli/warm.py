@@ -109,7 +109,7 @@ def _result(body: dict[str, Any], image_label: str | None, offset: int, where: s
             Hit(
                 rank=int(hit["rank"]), id=int(hit["id"]), itc_score=float(hit["itc_score"]),
                 itm_score=None if hit["itm_score"] is None else float(hit["itm_score"]),
-                match=None if hit["match"] is None else float(hit["match"]), **{field: hit[field]},
+                match=None if hit["match"] is None else float(hit["match"]), rerank_from=hit.get("rerank_from"), **{field: hit[field]},
             )
             for hit in body["hits"]
         ]

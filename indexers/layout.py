@@ -12,6 +12,7 @@ WRITE_LOCK = "write.lock"
 ID_RESERVATION = "next-ids.json"  # the smallest id never handed out, per table
 SKIP_LOG = "skipped.json"
 RERANK_CACHE = "rerank-cache"  # the images' bridge inputs, when `index --rerank-cache` is on
+PIXELS = "pixels"  # the LanceDB table of the images' model inputs (`pixel_store`), unless `index --no-pixels`
 MEDIA = "media"  # images extracted from tar shards and parquet bytes
 RAY_WAVES = "ray-waves"  # the Ray engine's run plan (ids, paths), saved before it is submitted
 SERVER_FILE = "server.json"  # where a running `serve` answers (`btsearch.serve.server_file`): absent when none does
@@ -44,4 +45,4 @@ def eval_bridges_folder(storage: str) -> str:
 
 
 # What a creation killed before writing its manifest (the last step) leaves behind.
-CREATION_LEFTOVERS = frozenset({*(lance_folder(table) for table in TABLES), WRITE_LOCK, ID_RESERVATION})
+CREATION_LEFTOVERS = frozenset({*(lance_folder(table) for table in TABLES), f"{PIXELS}.lance", WRITE_LOCK, ID_RESERVATION})

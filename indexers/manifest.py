@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
+from ..defaults import PIXEL_FORMAT
 from .atomic import atomic_write
 from .layout import MANIFEST
 from .write_errors import writing
@@ -35,6 +36,9 @@ class Manifest:
     embed_dim: int
     created: str = field(default_factory=_now)  # ISO 8601, UTC
     index_memory: int | None = None  # bytes the FAISS indexes may take; None: a share of the machine's memory
+    # How the pixel store encodes the images' model inputs; None: no pixel store (`index --no-pixels`).
+    # A manifest written before the store existed lacks the field: its collection gains one.
+    pixels: str | None = PIXEL_FORMAT
 
     @staticmethod
     def exists(folder: str | os.PathLike[str]) -> bool:

@@ -10,14 +10,20 @@ from typing import Any
 from .bridge_cache import BridgeCache
 from .layout import TABLES
 from .manifest import Manifest
+from .pixel_store import PixelStore
 from .skip_log import SkipLog
 from .table_indexes import TableIndexes
 
 
-def describe(folder: Path, manifest: Manifest, indexes: TableIndexes, cache: BridgeCache | None, index_memory: int, as_data: bool = False) -> dict[str, Any]:
+def describe(
+    folder: Path, manifest: Manifest, indexes: TableIndexes, cache: BridgeCache | None, index_memory: int, as_data: bool = False,
+    pixels: PixelStore | None = None,
+) -> dict[str, Any]:
     """The lines `info` prints (`as_data=False`), or the object `info --json` prints."""
     image_ids = indexes.store.ids("images")
     covered = cache.covered(image_ids.tolist()) if cache is not None else 0
+    with_pixels = len(image_ids) - len(pixels.missing(image_ids)) if pixels is not None else 0
+    pixel_bytes = pixels.nbytes() if pixels is not None else 0
     head = {
         "path": str(folder), "model": manifest.model, "config_hash": manifest.config_hash,
         "embed_dim": manifest.embed_dim, "created": manifest.created,
@@ -31,7 +37,8 @@ def describe(folder: Path, manifest: Manifest, indexes: TableIndexes, cache: Bri
         return {
             **head, "skipped": len(SkipLog(folder)), "index": plans,
             "index_memory": index_memory, "index_memory_set": manifest.index_memory is not None,
-            "rerank_cache": None if cache is None else {"images": covered, "bytes": cache.nbytes()},
+            "rerank_cache": None if cache is None else {"images": covered, "bytes": cache.nbytes(), "max_bytes": None},
+            "pixels": None if not manifest.pixels else {"images": with_pixels, "bytes": pixel_bytes, "format": manifest.pixels},
         }
     return {
         **head,
@@ -39,4 +46,5 @@ def describe(folder: Path, manifest: Manifest, indexes: TableIndexes, cache: Bri
         "index": "; ".join(f"{table} {description}" for table, description in indexes.describe().items()),
         "index_memory": f"{index_memory / 2**30:.2f} GiB" + ("" if manifest.index_memory else " (a quarter of RAM)"),
         "rerank_cache": "off" if cache is None else f"{covered} images, {cache.nbytes() / 2**20:.1f} MiB (float16)",
+        "pixels": "off" if not manifest.pixels else f"{with_pixels} images, {pixel_bytes / 2**20:.1f} MiB ({manifest.pixels})",
     }

@@ -72,7 +72,7 @@ def test_a_batch_of_text_queries_answers_each_as_alone_with_one_tower_call(colle
     text_calls = counting(monkeypatch, collection.encoder, "text_states")
     match_calls = counting(monkeypatch, collection.encoder, "match")
     queries = [Query(text=text, **options) for text, options in TEXT_QUERIES]
-    found = search_texts(collection.encoder, collection.store, collection.indexes, collection.rerank_cache, queries)
+    found = search_texts(collection.encoder, collection.store, collection.indexes, collection.rerank_cache, queries, pixels=collection.pixels)
     for got, want in zip(found, expected, strict=True):
         assert_same_answer(got, want)
     assert len(text_calls) == 1 and len(text_calls[0][0]) == len(TEXT_QUERIES)
@@ -83,7 +83,7 @@ def test_a_batch_of_text_queries_answers_each_as_alone_with_one_tower_call(colle
 
 def test_an_error_in_a_batch_is_that_query_s_alone(collection):
     queries = [Query("a close up of a tabby cat", k=3, candidates=3), Query("a cat", k=3, candidates=3, where="lens = 1")]
-    good, bad = search_texts(collection.encoder, collection.store, collection.indexes, None, queries)
+    good, bad = search_texts(collection.encoder, collection.store, collection.indexes, None, queries, pixels=collection.pixels)
     assert isinstance(bad, BtsearchError) and "no column named lens" in str(bad)
     assert_same_answer(good, collection.search(text="a close up of a tabby cat", k=3, candidates=3))
 

@@ -14,6 +14,7 @@ from btsearch.indexers import VectorIndex
 from btsearch.model.encoder import Encoder
 
 from .helpers import run
+from .orders import assert_ranked_by
 from .test_reliability import many_photos
 
 QUERIES = ["a close up of a tabby cat", "a cup of coffee"]
@@ -36,21 +37,30 @@ def encoder(random_checkpoint) -> Encoder:
     return Encoder.from_pretrained(str(random_checkpoint), precision="fp32")
 
 
-def answers(db: Path, encoder: Encoder) -> list[list[tuple[int, float, float | None]]]:
-    """Text -> images (re-ranked from the cache) and image -> texts: (id, itc, itm) per hit."""
+def answers(db: Path, encoder: Encoder) -> list[list[tuple[int, float, float | None, float | None]]]:
+    """Text -> images (re-ranked from the cache) and image -> texts: (id, itc, itm, match) per hit."""
     collection = Collection.open(db, encoder=encoder, read_only=True)
     image = collection.store.image_files()
     results = [collection.search(text=query, k=6, candidates=4) for query in QUERIES]
     results.append(collection.search(image=sorted(image)[0], k=3, candidates=3))
-    return [[(hit.id, hit.itc_score, hit.itm_score) for hit in result.hits] for result in results]
+    return [[(hit.id, hit.itc_score, hit.itm_score, hit.match) for hit in result.hits] for result in results]
 
 
 def assert_same_answers(got, expected) -> None:
     for hits, wanted in zip(got, expected):
-        assert [h[0] for h in hits] == [w[0] for w in wanted]
-        np.testing.assert_allclose([h[1] for h in hits], [w[1] for w in wanted], atol=1e-6)
-        # float16 states computed again in other batches: close, not bit-equal (as in test_rerank_cache)
-        np.testing.assert_allclose([h[2] or 0.0 for h in hits], [w[2] or 0.0 for w in wanted], atol=1e-2)
+        assert len(hits) == len(wanted)
+        head, rest = [h for h in hits if h[2] is not None], [h for h in hits if h[2] is None]
+        wanted_head = {w[0]: w for w in wanted if w[2] is not None}
+        assert hits == head + rest and len(head) == len(wanted_head)
+        # The candidates, ranked by their match. float16 states computed again in other batches are
+        # close, not bit-equal (as in test_rerank_cache): two candidates closer than that may swap.
+        assert_ranked_by([h[0] for h in head], {id_: w[3] for id_, w in wanted_head.items()}, atol=1e-2)
+        for h in head:
+            np.testing.assert_allclose([h[1], h[2], h[3]], wanted_head[h[0]][1:], atol=1e-2)
+            np.testing.assert_allclose(h[1], wanted_head[h[0]][1], atol=1e-6)
+        # The rest in ITC order, from the same stored embeddings: the same hits, the same scores.
+        assert [h[0] for h in rest] == [w[0] for w in wanted if w[2] is None]
+        np.testing.assert_allclose([h[1] for h in rest], [w[1] for w in wanted if w[2] is None], atol=1e-6)
 
 
 def chunks(db: Path) -> list[Path]:
@@ -121,7 +131,7 @@ def test_a_healthy_collection_passes_and_info_json_says_what_it_holds(healthy):
     assert json.loads(run("check", "--db", healthy, "--json").output) == {"ok": True, "problems": [], "repaired": [], "remaining": []}
     info = json.loads(run("info", "--db", healthy, "--json").output)
     assert (info["images"], info["texts"], info["skipped"]) == (6, 3, 0)
-    assert info["rerank_cache"] == {"images": 6, "bytes": sum(path.stat().st_size for path in (healthy / "rerank-cache").glob("chunk-*.npy"))}
+    assert info["rerank_cache"] == {"images": 6, "bytes": sum(path.stat().st_size for path in (healthy / "rerank-cache").glob("chunk-*.npy")), "max_bytes": None}
     assert info["index"]["images"]["kind"] == "flat" and info["index"]["images"]["vectors"] == 6 and info["index"]["texts"]["vectors"] == 3
     assert info["embed_dim"] == Collection.open(healthy, load_model=False).manifest.embed_dim
     assert "rerank_cache 6 images" in run("info", "--db", healthy).output  # the plain output stays

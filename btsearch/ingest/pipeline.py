@@ -1,13 +1,13 @@
 """Indexing as a pipeline of named stages, and the local runner that chains them:
 
     find_files -> plan_sync -> load and prepare -> embed -> write
-    (sync.py)     (sync.py)    (loader.py)        (image_states.py)   (ImageWriter: the re-rank
-                                                                       cache, LanceDB, then FAISS)
+    (sync.py)     (sync.py)    (loader.py)        (image_states.py)   (ImageWriter: the re-rank cache,
+                                                                       the pixel store, LanceDB, then FAISS)
 
 Each stage takes and gives plain values (path lists, a plan, arrays), not a collection, so the
 same stages can run in this process or as map stages of a distributed engine. `index_images` is
-the in-process runner; the caller holds the collection's write lock around it, and after any
-engine runs `complete_rerank_cache`.
+the in-process runner; `sync` runs an engine under the caller's write lock, then the catch-ups
+that leave the re-rank cache and the pixel store whole (`catch_up`).
 """
 
 from __future__ import annotations
@@ -16,23 +16,23 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_MAX_PIXELS
-from ..indexers.bridge_cache import COMPACT_DEAD_FRACTION
 from ..indexers.layout import lance_folder
 from ..indexers.skip_log import SkipLog
 from ..indexers.write_errors import writing
 from ..media.loader import LoadedImage, SkippedImage
 from ..media.photo_facts import read_photo_facts
-from ..model.image_states import embed_image_files, fill_bridge_cache
+from ..model.image_states import embed_image_files
 from .sync import SyncPlan, find_files, plan_sync
 
 if TYPE_CHECKING:
     from ..indexers import BridgeCache, MetadataStore, TableIndexes
+    from ..indexers.pixel_store import PixelStore
     from ..model.encoder import Encoder
 
 # LanceDB commits at least this often: a crash loses at most this much work. Not after every
@@ -54,6 +54,8 @@ class IndexReport:
     seconds: float = 0.0
     cache_filled: int = 0  # stored images the re-rank cache's catch-up gave their states
     cache_unreadable: list[SkippedImage] = field(default_factory=list)  # ...and those whose files it could not read
+    pixels_filled: int = 0  # stored images the pixel store's catch-up gave their pixels
+    pixels_unreadable: list[SkippedImage] = field(default_factory=list)  # ...and those whose files it could not read
 
     def count_embedded(self, paths: Iterable[str], replaced_paths: set[str]) -> None:
         """Count files just stored: changed ones (their old rows were replaced) as updated, the rest as added."""
@@ -65,17 +67,19 @@ class IndexReport:
 
 class ImageWriter:
     """Stage 5: embedded images into the collection, in large appends and at least every
-    COMMIT_INTERVAL_S. Ids are reserved first; then the re-rank cache gets their states, then
-    LanceDB (the truth) the rows, whose commit makes them searchable, then FAISS. A crash in
-    between leaves cache rows no image uses (compacted later), never an image without its
-    states; and FAISS behind, which the next open catches up from LanceDB."""
+    COMMIT_INTERVAL_S. Ids are reserved first; then the re-rank cache gets their states and the
+    pixel store their crops, then LanceDB (the truth) the rows, whose commit makes them
+    searchable, then FAISS. A crash in between leaves cache and pixel rows no image uses (dropped
+    later), never a searchable image without its states or pixels; and FAISS behind, which the
+    next open catches up from LanceDB."""
 
-    def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None) -> None:
-        self.store, self.indexes, self.rerank_cache = store, indexes, rerank_cache
+    def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, pixels: PixelStore | None = None) -> None:
+        self.store, self.indexes, self.rerank_cache, self.pixels = store, indexes, rerank_cache, pixels
         indexes["images"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
         self._rows: list[dict] = []
         self._embeddings: list[np.ndarray] = []
         self._bridges: list[np.ndarray] = []  # float16 bridge inputs, when the re-rank cache is on
+        self._crops: list[bytes | None] = []  # encoded crops, when the pixel store is on
         self._last_commit = time.monotonic()
 
     def add(self, images: Sequence[LoadedImage], embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
@@ -89,6 +93,7 @@ class ImageWriter:
         self._embeddings.append(embeddings)
         if bridges is not None:
             self._bridges.append(bridges)
+        self._crops += [im.crop for im in images]
 
     def flush_if_due(self) -> None:
         """Write what waits once it fills an append, or once COMMIT_INTERVAL_S has passed."""
@@ -100,26 +105,68 @@ class ImageWriter:
         self._last_commit = time.monotonic()
         if not self._rows:
             return
-        rows, embeddings = self._rows, np.concatenate(self._embeddings)
+        rows, embeddings, crops = self._rows, np.concatenate(self._embeddings), self._crops
         bridges = np.concatenate(self._bridges) if self._bridges else None
-        self._rows, self._embeddings, self._bridges = [], [], []
+        self._rows, self._embeddings, self._bridges, self._crops = [], [], [], []
         ids = self.store.reserve_ids("images", len(rows))
         if bridges is not None and self.rerank_cache is not None:
             self.rerank_cache.append(ids, bridges)
+        if self.pixels is not None:  # a crop is None only where the processor gave no uint8 pixels
+            kept = [n for n, crop in enumerate(crops) if crop is not None]
+            self.pixels.append(ids[kept], [crops[n] for n in kept])  # type: ignore[misc]
         with writing("the images table", self.store.folder / lance_folder("images"), embeddings.nbytes + 512 * len(rows)):
             self.store.add_images(rows, embeddings, ids)  # type: ignore[arg-type]
         self.indexes["images"].add(ids, embeddings)
 
 
-def apply_plan(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan) -> None:
+def apply_plan(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan, pixels: PixelStore | None = None) -> None:
     """Update touched and moved rows in place; delete the rows of gone and changed files
-    (LanceDB first: a crash before FAISS follows is mended on the next open)."""
+    (LanceDB first: a crash before FAISS or the pixel store follows is mended on the next run)."""
     index = indexes["images"]  # loaded (or caught up) before LanceDB changes under it
     store.update_images(plan.touched)
     gone = plan.removed + plan.replaced
     if gone:
         store.delete_images(gone)
         index.remove(np.asarray(gone, dtype=np.int64))
+        if pixels is not None:
+            pixels.delete(gone)
+
+
+def sync(
+    model: Callable[[], Encoder],
+    store: MetadataStore,
+    indexes: TableIndexes,
+    rerank_cache: BridgeCache | None,
+    pixels: PixelStore | None,
+    roots: Sequence[str | os.PathLike[str]],
+    engine: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    **options: Any,
+) -> IndexReport:
+    """A whole `index` run, under the caller's write lock: the engine's sync (this process, or a
+    Ray cluster at `ray_address` with `workers` embedding actors), then the catch-ups that leave
+    the re-rank cache and the pixel store whole, whichever engine wrote (`catch_up`). `options`:
+    batch_size, progress, keep_missing, max_pixels."""
+    from .catch_up import complete_pixels, complete_rerank_cache
+
+    if engine == "ray":
+        from .ray_engine import sync_on_ray
+
+        report = sync_on_ray(
+            model(), store, indexes, roots, address=ray_address, workers=workers, pixels=pixels,
+            rerank_cache=None if rerank_cache is None else rerank_cache.folder, **options,
+        )
+    else:
+        report = index_images(model(), store, indexes, rerank_cache, roots, pixels=pixels, **options)
+    progress = bool(options.get("progress"))
+    if rerank_cache is not None:  # images stored earlier, or by Ray, get theirs
+        cache_done = complete_rerank_cache(model, store, rerank_cache, progress)
+        report.cache_filled, report.cache_unreadable = cache_done.filled, cache_done.unreadable
+    if pixels is not None:
+        pixels_done = complete_pixels(model, store, pixels, progress)
+        report.pixels_filled, report.pixels_unreadable = pixels_done.filled, pixels_done.unreadable
+    return report
 
 
 def index_images(
@@ -132,14 +179,18 @@ def index_images(
     progress: bool = False,
     keep_missing: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    pixels: PixelStore | None = None,
 ) -> IndexReport:
     """The local runner: sync the collection with the image files under `roots`, stage by stage."""
     started = time.perf_counter()
-    plan, report = start_sync(store, indexes, roots, keep_missing)
-    writer = ImageWriter(store, indexes, rerank_cache)
+    plan, report = start_sync(store, indexes, roots, keep_missing, pixels)
+    writer = ImageWriter(store, indexes, rerank_cache, pixels)
     last_save = time.monotonic()
     with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in embed_image_files(encoder, plan.todo, batch_size, with_bridge=rerank_cache is not None, max_pixels=max_pixels):
+        batches = embed_image_files(
+            encoder, plan.todo, batch_size, with_bridge=rerank_cache is not None, max_pixels=max_pixels, keep_crops=pixels is not None,
+        )
+        for batch in batches:
             report.skipped.extend(batch.skipped)
             if batch.states is not None:
                 writer.add(batch.images, batch.embeddings(), batch.bridges() if rerank_cache is not None else None)
@@ -154,13 +205,13 @@ def index_images(
 
 
 def start_sync(
-    store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], keep_missing: bool
+    store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], keep_missing: bool, pixels: PixelStore | None = None,
 ) -> tuple[SyncPlan, IndexReport]:
     """What every engine does first: find the files, plan the sync, apply its updates and
     deletions; the report so far."""
     plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
     report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, kept_unlisted=plan.kept_unlisted, skipped=list(plan.skipped))
-    apply_plan(store, indexes, plan)
+    apply_plan(store, indexes, plan, pixels)
     fill_photo_facts(store)
     return plan, report
 
@@ -198,33 +249,6 @@ def log_skips(log: SkipLog, found: list[str], skipped: list[SkippedImage]) -> No
         log.record(item.path, item.reason)
     log.forget_missing()
     log.save()
-
-
-@dataclass
-class CacheCatchUp:
-    """What `complete_rerank_cache` did."""
-
-    filled: int = 0  # stored images given their states
-    unreadable: list[SkippedImage] = field(default_factory=list)  # stored images whose files could not be read (still uncovered)
-    compacted: int = 0  # dead rows dropped
-
-
-def complete_rerank_cache(model: Callable[[], Encoder], store: MetadataStore, cache: BridgeCache, progress: bool = False) -> CacheCatchUp:
-    """What every `index` run with the re-rank cache on does last, whatever the engine, and what
-    `check --repair` does to the cache: drop what killed writes left, give each stored image the
-    cache lacks (stored before the cache was on, say) its states, and compact once dead rows
-    pass COMPACT_DEAD_FRACTION. `model` is called only when some image lacks states."""
-    cache.remove_leftovers()
-    stored = store.stored_files()
-    ids = stored.ids.tolist()
-    rows = [(item, path) for item, path in zip(ids, stored.paths.to_pylist()) if item not in cache]
-    done = CacheCatchUp()
-    if rows:
-        done.unreadable = fill_bridge_cache(model(), cache, rows, progress, skip_unreadable=True)
-        done.filled = len(rows) - len(done.unreadable)
-    if cache.dead_rows(ids) > COMPACT_DEAD_FRACTION * cache.rows():
-        done.compacted = cache.compact(ids)
-    return done
 
 
 def add_texts(

@@ -97,12 +97,15 @@ def sync_on_ray(
 ) -> IndexReport:
     """What `Collection.add_images(engine="ray")` runs under the write lock: `index_images_on_ray`
     with actors in the driver's precision. (With the re-rank cache on, the Embed actors write each
-    batch's states before its rows are committed; `ingest.complete_rerank_cache` then fills
+    batch's states before its rows are committed; `catch_up.complete_rerank_cache` then fills
     whatever is still missing, as after the local engine.)"""
     from ..model.device import PRECISIONS
 
     precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
-    return index_images_on_ray(encoder.model_id, store, indexes, roots, precision=precision, progress=progress, **options)
+    pixels = options.pop("pixels", None)
+    return index_images_on_ray(
+        encoder.model_id, store, indexes, roots, precision=precision, progress=progress, pixels=None if pixels is None else pixels.folder, **options,
+    )
 
 
 def index_images_on_ray(
@@ -120,14 +123,19 @@ def index_images_on_ray(
     progress: bool = False,
     prepare_workers: int | None = None,
     rerank_cache: str | os.PathLike[str] | None = None,
+    pixels: str | os.PathLike[str] | None = None,
 ) -> IndexReport:
     """Sync the collection with the files under `roots` on a Ray cluster: the same plan, rows,
     skip reasons and summary as the local engine (`ingest.index_images`). `prepare_workers`
     caps the Prepare actors [default: 4 per GPU, within the cluster's cores]; `rerank_cache`:
-    the cache's folder, when it is on (the Embed actors write the states there)."""
+    the cache's folder, when it is on (the Embed actors write the states there); `pixels`: the
+    collection folder, when its pixel store is on (the Prepare actors encode the crops, the Embed
+    actors append them before the driver commits their rows)."""
+    from ..indexers.pixel_store import PixelStore
+
     ray = start_ray(address)
     started = time.perf_counter()
-    plan, report = start_sync(store, indexes, roots, keep_missing)
+    plan, report = start_sync(store, indexes, roots, keep_missing, None if pixels is None else PixelStore.open(pixels))
     waves = store.folder / RAY_WAVES
     waves.mkdir(exist_ok=True)
     for stale in [*waves.glob("run-*.json"), *waves.glob("fence-*")]:  # a killed run's plan (its files were planned again above), old fences
@@ -137,7 +145,7 @@ def index_images_on_ray(
         saved = waves / f"run-{int(ids[0]):012d}.json"
         with atomic_write(saved) as f:  # the plan (id, path), saved before anything is submitted
             f.write(json.dumps({"ids": ids.tolist(), "paths": plan.todo}).encode())
-        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers), prepare_workers, rerank_cache)
+        stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers), prepare_workers, rerank_cache, pixels)
         landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), plan.todo)), progress)
         saved.unlink()
         report.skipped += skipped
@@ -153,7 +161,7 @@ class _Stages:
 
     def __init__(
         self, model_id: str, store: MetadataStore, batch_size: int, max_pixels: int, device: str, precision: str, embed_workers: int,
-        prepare_workers: int | None = None, rerank_cache: str | os.PathLike[str] | None = None,
+        prepare_workers: int | None = None, rerank_cache: str | os.PathLike[str] | None = None, pixels: str | os.PathLike[str] | None = None,
     ) -> None:
         import ray
 
@@ -163,6 +171,7 @@ class _Stages:
         self.model_id, self.batch_size, self.max_pixels = model_id, batch_size, max_pixels
         self.device, self.precision, self.embed_workers = device, precision, embed_workers
         self.rerank_cache = None if rerank_cache is None else str(rerank_cache)
+        self.pixels = None if pixels is None else str(pixels)
         self.gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.prepare_workers = prepare_workers or max(1, min(4 * max(self.gpus, 1), cpus - 1))
@@ -177,12 +186,14 @@ class _Stages:
         # Fractional CPUs and capped pools: actors that reserve every core leave none for the
         # write stage, and a small machine deadlocks (ray-project/ray#44687).
         prepared = self.ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-            Prepare, fn_constructor_kwargs={"model_id": self.model_id, "max_pixels": self.max_pixels},
+            Prepare, fn_constructor_kwargs={"model_id": self.model_id, "max_pixels": self.max_pixels, "keep_crops": self.pixels is not None},
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=self.prepare_workers), num_cpus=0.25,
         )
         embed_resources = {"num_gpus": 1} if self.gpus else {"num_cpus": 0.5}
         embedded = prepared.map_batches(
-            Embed, fn_constructor_kwargs={"model_id": self.model_id, "device": self.device, "precision": self.precision, "rerank_cache": self.rerank_cache},
+            Embed, fn_constructor_kwargs={
+                "model_id": self.model_id, "device": self.device, "precision": self.precision, "rerank_cache": self.rerank_cache, "pixels": self.pixels,
+            },
             batch_size=self.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=self.embed_workers), **embed_resources,
         )
         written = embedded.map_batches(

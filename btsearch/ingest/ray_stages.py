@@ -28,18 +28,18 @@ FILE_FACTS = ("size", "mtime", "width", "height", "content_hash", "taken", "came
 class Prepare:
     """Read, hash and prepare each file as the local loader does; a row per file, with its skip reason."""
 
-    def __init__(self, model_id: str, max_pixels: int) -> None:
+    def __init__(self, model_id: str, max_pixels: int, keep_crops: bool = False) -> None:
         from transformers import AutoProcessor
 
         from ..model.pixels import ImagePreparer
 
         self.prepare = ImagePreparer(AutoProcessor.from_pretrained(model_id).image_processor)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.keep_crops = max_pixels, keep_crops
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", "folder", *FILE_FACTS, "pixels", "shape", "error")}
+        columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", "folder", *FILE_FACTS, "pixels", "shape", "crop", "error")}
         for item, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
-            done = load_one(path, self.prepare, self.max_pixels)
+            done = load_one(path, self.prepare, self.max_pixels, self.keep_crops)
             columns["id"].append(item)
             columns["path"].append(path)
             columns["folder"].append(folder_of(path))
@@ -48,26 +48,29 @@ class Prepare:
                     columns[name].append(getattr(done, name))
                 columns["pixels"].append(np.ascontiguousarray(done.pixels).tobytes())
                 columns["shape"].append(list(done.pixels.shape))
+                columns["crop"].append(done.crop)
                 columns["error"].append(None)
             else:
-                for name in (*FILE_FACTS, "pixels", "shape"):
+                for name in (*FILE_FACTS, "pixels", "shape", "crop"):
                     columns[name].append(None)
                 columns["error"].append(done.reason)
-        return pa.table(columns)
+        return pa.table({**columns, "crop": pa.array(columns["crop"], pa.binary())})
 
 
 class Embed:
     """The image tower on the prepared pixels of the rows that loaded; with the re-rank cache on,
-    their bridge inputs go into it here, before the driver commits the rows that make them
-    searchable (a stream that fails after this leaves cache rows no image uses, never an image
-    without its states)."""
+    their bridge inputs go into it here, and with the pixel store on, their crops, before the
+    driver commits the rows that make them searchable (a stream that fails after this leaves
+    rows no image uses, never an image without its states or pixels)."""
 
-    def __init__(self, model_id: str, device: str, precision: str, rerank_cache: str | None = None) -> None:
+    def __init__(self, model_id: str, device: str, precision: str, rerank_cache: str | None = None, pixels: str | None = None) -> None:
         from ..indexers.bridge_cache import BridgeCache
+        from ..indexers.pixel_store import PixelStore
         from ..model.encoder import Encoder
 
         self.encoder = Encoder.from_pretrained(model_id, device=device, precision=precision)
         self.cache = BridgeCache(rerank_cache, read=False) if rerank_cache is not None else None
+        self.pixels = PixelStore.open(pixels) if pixels is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..model.tensors import to_numpy
@@ -80,12 +83,16 @@ class Embed:
             pixels = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(shapes[i]) for i in good])
             states = self.encoder.image_states(pixels, with_bridge=self.cache is not None)
             embeddings[good] = to_numpy(states.embeds)
+            ids = np.asarray(batch["id"].to_pylist(), np.int64)[good]
             if self.cache is not None:
                 assert states.bridge is not None
-                ids = np.asarray(batch["id"].to_pylist(), np.int64)[good]
                 self.cache.append(ids, to_numpy(states.bridge, self.cache.dtype))
+            if self.pixels is not None:
+                crops = [batch["crop"][i].as_py() for i in good]
+                kept = [n for n, crop in enumerate(crops) if crop is not None]
+                self.pixels.append(ids[kept], [crops[n] for n in kept])
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
-        return batch.drop_columns(["pixels", "shape"]).append_column("embedding", embedding)
+        return batch.drop_columns(["pixels", "shape", "crop"]).append_column("embedding", embedding)
 
 
 class StreamFence:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageReadError
+from .crops import encode_crop
 from .images import DEFAULT_MAX_PIXELS, content_hash, load_rgb
 from .photo_facts import read_photo_facts
 
@@ -34,6 +35,7 @@ class LoadedImage:
     content_hash: str
     taken: str  # photo_facts: EXIF capture time, else mtime
     camera: str | None
+    crop: bytes | None = None  # the uint8 pixels encoded for the pixel store (`crops`), when asked for
 
 
 @dataclass
@@ -51,7 +53,11 @@ class ImageBatch:
         return np.stack([image.pixels for image in self.images])
 
 
-def load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int) -> LoadedImage | SkippedImage:
+def load_one(
+    path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int, keep_crop: bool = False,
+) -> LoadedImage | SkippedImage:
+    """One file read, decoded and prepared; `keep_crop`: its uint8 pixels also encoded for the
+    pixel store (here, on the loader's thread, not where the model waits)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:  # read once: the bytes are both hashed and decoded
@@ -61,8 +67,10 @@ def load_one(path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], 
             return SkippedImage(path, "empty file")
         image = load_rgb(io.BytesIO(data), max_pixels=max_pixels, name=str(path))
         facts = read_photo_facts(data, stat.st_mtime)
+        pixels = preprocess(image)
+        crop = encode_crop(pixels) if keep_crop and pixels.dtype == np.uint8 else None
         return LoadedImage(
-            path, preprocess(image), stat.st_size, stat.st_mtime, image.width, image.height, content_hash(data), facts.taken, facts.camera,
+            path, pixels, stat.st_size, stat.st_mtime, image.width, image.height, content_hash(data), facts.taken, facts.camera, crop,
         )
     except ImageReadError as error:
         return SkippedImage(path, str(error).removeprefix(f"cannot read image {path}: "))
@@ -88,8 +96,10 @@ def iter_image_batches(
     workers: int | None = None,
     prefetch: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_crops: bool = False,
 ) -> Iterator[ImageBatch]:
-    """Yield batches of loaded images (and the files that failed), in the order of `paths`."""
+    """Yield batches of loaded images (and the files that failed), in the order of `paths`;
+    `keep_crops`: each with its pixels encoded for the pixel store."""
     workers = workers or default_workers(model_on_gpu=False)
     paths = iter(paths)
     pending: deque[list[Future]] = deque()
@@ -99,7 +109,7 @@ def iter_image_batches(
         def submit_next() -> bool:
             chunk = list(islice(paths, batch_size))
             if chunk:
-                pending.append([pool.submit(load_one, path, preprocess, max_pixels) for path in chunk])
+                pending.append([pool.submit(load_one, path, preprocess, max_pixels, keep_crops) for path in chunk])
             return bool(chunk)
 
         for _ in range(prefetch + 1):

@@ -109,6 +109,11 @@ class Encoder:
         return self.model.embed_dim
 
     @property
+    def crop_size(self) -> int:
+        """Pixels a side of the image tower's input (the processor's crop)."""
+        return int(self.model.config.vision_config.image_size)
+
+    @property
     def loader_workers(self) -> int:
         """Threads that decode and prepare images ahead of this encoder."""
         return default_workers(model_on_gpu=self.device.type == "cuda")

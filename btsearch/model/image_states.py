@@ -57,11 +57,13 @@ class EmbeddedBatch:
 
 
 def embed_image_files(
-    encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 16, with_bridge: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+    encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 16, with_bridge: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_crops: bool = False,
 ) -> Iterator[EmbeddedBatch]:
-    """Stages 3 and 4 of ingest: load and prepare the files on background threads, and run the
-    image tower on each batch (with its bridge inputs when asked), in the order of `paths`."""
-    batches = iter_image_batches(paths, encoder.prepare_image, batch_size, encoder.loader_workers, max_pixels=max_pixels)
+    """Stages 3 and 4 of ingest: load and prepare the files on background threads (encoding each
+    crop for the pixel store when asked), and run the image tower on each batch (with its bridge
+    inputs when asked), in the order of `paths`."""
+    batches = iter_image_batches(paths, encoder.prepare_image, batch_size, encoder.loader_workers, max_pixels=max_pixels, keep_crops=keep_crops)
     for batch in batches:
         states = encoder.image_states(batch.pixels(), with_bridge=with_bridge) if batch.images else None
         yield EmbeddedBatch(batch.images, batch.skipped, states)

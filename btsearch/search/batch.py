@@ -13,22 +13,21 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..errors import BtsearchError
 from .pipeline import Recalled, finish, recall_query
 from .query import LIBRARY, Query, Spelling
-from .reranker import Reranker
+from .reranker import Reranker, Scored
 from .results import SearchResult
 
 if TYPE_CHECKING:
     from ..indexers import BridgeCache, MetadataStore, TableIndexes
+    from ..indexers.pixel_store import PixelStore
     from ..model.encoder import Encoder
 
 
 def search_texts(
     encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, queries: Sequence[Query],
-    spelling: Spelling = LIBRARY,
+    spelling: Spelling = LIBRARY, pixels: PixelStore | None = None,
 ) -> list[SearchResult | BtsearchError]:
     """Each query's answer, or its own error, in order: `batchable` queries that have passed
     their `check` and have their `candidates`."""
@@ -59,10 +58,15 @@ def search_texts(
                 slot_of[item] = len(paths)
                 paths.append(found.rows[position]["path"])
             pairs.append((n, slot_of[item]))
-    logits = Reranker(encoder).score_pairs(states, pairs, paths, list(slot_of), rerank_cache) if pairs else np.empty((0, 2), np.float32)
+    scored = Reranker(encoder, cache=rerank_cache, pixels=pixels).score_pairs(states, pairs, paths, list(slot_of)) if pairs else None
     start = 0
     for n, found in recalled.items():
-        answers[n] = finish(found, [logits[start : start + found.reranked]] if found.reranked else [])
+        if scored is None or not found.reranked:
+            answers[n] = finish(found, Scored([], []))
+            continue
+        slots = [slot_of[int(item)] for item in found.ids[: found.reranked]]
+        damaged = [slot for slot in slots if slot in scored.damaged]
+        answers[n] = finish(found, Scored([scored.logits[0][start : start + found.reranked]], [scored.tiers[slot] for slot in slots], damaged))
         start += found.reranked
     assert all(answer is not None for answer in answers)
     return answers  # type: ignore[return-value]

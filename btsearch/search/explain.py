@@ -36,13 +36,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from ..errors import BtsearchError, CollectionError
+from ..errors import BtsearchError, CollectionError, ImageReadError
+from ..media.crops import decode_crop
 from ..media.images import load_rgb
 from .ranking import match_probability
 from .results import Hit, SearchResult
 
 if TYPE_CHECKING:
     from ..indexers import MetadataStore
+    from ..indexers.pixel_store import PixelStore
     from ..model.bridgetower import TowerOutput
     from ..model.encoder import Encoder
 
@@ -158,13 +160,29 @@ def explain_file(encoder: Encoder, text: str, path: str | Path) -> Explanation:
     return explain(encoder, text, load_rgb(path))
 
 
-def explain_stored_image(encoder: Encoder, store: MetadataStore, text: str, image_id: int) -> Explanation:
-    """Explain (text, the collection's image `image_id`), read from its file."""
+def explain_crop(encoder: Encoder, text: str, crop: np.ndarray) -> Explanation:
+    """Explain (text, a stored crop: the model's uint8 input, (3, S, S))."""
+    return explain(encoder, text, Image.fromarray(crop.transpose(1, 2, 0)), encoder.image_states(crop[None], with_bridge=True))
+
+
+def explain_stored_image(encoder: Encoder, store: MetadataStore, text: str, image_id: int, pixels: PixelStore | None = None) -> Explanation:
+    """Explain (text, the collection's image `image_id`) as search re-ranks it: from its stored
+    crop where the pixel store has one that decodes, else from its file."""
     try:
         row = store.get_images([image_id])[0]
     except KeyError:
         raise CollectionError(f"no image with id {image_id} in the collection") from None
-    return explain_file(encoder, text, row["path"])
+    return _explain_image(encoder, text, row["path"], image_id, pixels)
+
+
+def _explain_image(encoder: Encoder, text: str, path: str, image_id: int, pixels: PixelStore | None) -> Explanation:
+    stored = pixels.get([image_id]).get(image_id) if pixels is not None else None
+    if stored is not None:
+        try:
+            return explain_crop(encoder, text, decode_crop(stored, encoder.crop_size))
+        except ImageReadError:
+            pass  # a damaged row: the file, as re-ranking does
+    return explain_file(encoder, text, path)
 
 
 # -- drawing ------------------------------------------------------------------------------------
@@ -220,9 +238,10 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 class _WithModel(Protocol):
-    """What `write_explanations` needs of a collection: its model."""
+    """What `write_explanations` needs of a collection: its model and its pixel store."""
 
     encoder: Encoder | None
+    pixels: PixelStore | None
 
 
 def prepare_explanations(encoder: Encoder | None, text: str | None, target: str, folder: str | Path) -> Path:
@@ -268,7 +287,7 @@ def write_explanations(collection: _WithModel, result: SearchResult, text: str |
             if query_picture is not None:
                 explanation = explain(encoder, pair_text, query_picture, query_states)
             else:
-                explanation = explain_file(encoder, pair_text, image_path)
+                explanation = _explain_image(encoder, pair_text, image_path, hit.id, collection.pixels)
         except BtsearchError as error:
             lines.append(f"skipped hit #{hit.rank} (id {hit.id}): {error}")
             continue

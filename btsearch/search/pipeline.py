@@ -6,7 +6,6 @@ is a slice. `search` runs one query through it; `batch` re-ranks several togethe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +20,12 @@ from ..model.tensors import to_numpy
 from .query import LIBRARY, Query, Spelling, query_vector
 from .ranking import rerank_order, rerank_scores
 from .recall import recall
-from .reranker import Reranker
+from .reranker import Reranker, Scored
 from .results import Hit, SearchResult
 
 if TYPE_CHECKING:
     from ..indexers import BridgeCache, MetadataStore, TableIndexes
+    from ..indexers.pixel_store import PixelStore
     from ..model.bridgetower import TowerOutput
     from ..model.encoder import Encoder
 
@@ -53,22 +53,26 @@ class Recalled:
 
 def search(
     encoder: Encoder, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, query: Query, spelling: Spelling = LIBRARY,
+    pixels: PixelStore | None = None,
 ) -> SearchResult:
     """Answer a query that has passed its `check` and has its `candidates`. An image finding
     images (or a text finding texts) ranks by ITC cosine alone, since ITM scores text-image
-    pairs; `min_match` with no hit reaching it answers none, with a note."""
+    pairs; `min_match` with no hit reaching it answers none, with a note. Candidates re-rank
+    from the re-rank cache, else the pixel store, else their files (`reranker`)."""
     found = recall_query(encoder, store, indexes, query, spelling)
-    scored: list[np.ndarray] = []
-    if found.reranked:
-        reranker = Reranker(encoder)
-        if found.target == "images":
-            assert found.text_query is not None
-            paths = [row["path"] for row in found.rows[: found.reranked]]
-            scored = reranker.score_images_many([found.text_query, *found.negative_states], paths, found.ids[: found.reranked], rerank_cache)
-        else:
-            assert found.image_query is not None
-            scored = [reranker.score_texts(found.image_query, [row["text"] for row in found.rows[: found.reranked]])]
-    return finish(found, scored)
+    if not found.reranked:
+        return finish(found, Scored([], []))
+    reranker = Reranker(encoder, cache=rerank_cache, pixels=pixels)
+    if found.target == "images":
+        assert found.text_query is not None
+        paths = [row["path"] for row in found.rows[: found.reranked]]
+        return finish(found, reranker.score_images_many([found.text_query, *found.negative_states], paths, found.ids[: found.reranked]))
+    assert found.image_query is not None
+    logits = reranker.score_texts(found.image_query, [row["text"] for row in found.rows[: found.reranked]])
+    return finish(found, Scored([logits], [QUERY_TIER] * found.reranked))
+
+
+QUERY_TIER = "query"  # a text hit re-ranks against the query's own image
 
 
 def check_searchable(store: MetadataStore, query: Query, spelling: Spelling = LIBRARY) -> None:
@@ -142,18 +146,21 @@ def recall_query(
     )
 
 
-def finish(found: Recalled, scored: Sequence[np.ndarray]) -> SearchResult:
-    """The page of a recalled query from the ITM logits (n, 2) of its top `reranked`: the
-    text's (or the image's) first, then each negative's."""
+def finish(found: Recalled, scored: Scored) -> SearchResult:
+    """The page of a recalled query from the ITM logits (n, 2) of its top `reranked` (the
+    text's, or the image's, first, then each negative's) and the tier each came from."""
     notes, ids, itc, rows = found.notes, found.ids, found.itc, found.rows
+    if scored.damaged:
+        notes.append(f"{len(scored.damaged)} candidates' stored pixels did not decode: re-ranked from their files where they could be read "
+                     f"(`btsearch check --db DIR --repair` mends the pixel store)")
     k, offset, min_match = found.query.k, found.query.offset, found.query.min_match
     logits = np.full((len(ids), 2), np.nan, dtype=np.float32)
     rank_score = np.full(len(ids), np.nan, dtype=np.float64)
     match = np.full(len(ids), np.nan, dtype=np.float32)
     reranked = found.reranked
     if reranked:
-        logits[:reranked] = scored[0]
-        rank_score[:reranked], match[:reranked] = rerank_scores(scored[0], scored[1:])
+        logits[:reranked] = scored.logits[0]
+        rank_score[:reranked], match[:reranked] = rerank_scores(scored.logits[0], scored.logits[1:])
     itm = logits[:, 1]
     order = rerank_order(itc[None], reranked, rank_score[None])[0]
     if min_match is not None:
@@ -172,6 +179,7 @@ def finish(found: Recalled, scored: Sequence[np.ndarray]) -> SearchResult:
         Hit(
             rank=rank, id=int(ids[i]), itc_score=float(itc[i]), itm_score=None if np.isnan(itm[i]) else float(itm[i]),
             path=rows[i].get("path"), text=rows[i].get("text"), match=None if np.isnan(match[i]) else float(match[i]),
+            rerank_from=scored.tiers[i] if i < reranked and not np.isnan(itm[i]) else None,
         )
         for rank, i in enumerate(order[offset : offset + k], start=offset + 1)
     ]

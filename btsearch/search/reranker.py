@@ -1,73 +1,83 @@
 """ITM re-ranking of FAISS candidates: for one query, or for the pairs of several at once.
 
-The query's tower runs once (its bridge inputs come in with the query); the candidates' bridge
-inputs come from the re-rank cache, or else from their files through the image tower, and each
-batch of pairs goes through the cross-modal encoder at once, with the query's states broadcast
-over it (one query) or gathered per pair (several: `score_pairs`).
+The query's tower runs once (its bridge inputs come in with the query). Each candidate image's
+bridge inputs come from the fastest tier that has them (`TIERS`): the re-rank cache (no tower at
+all), else the pixel store (its stored crop, decoded, through the image tower), else its source
+file (read, decoded and prepared, then the tower). A damaged pixel row falls back to the file.
+Each batch of pairs goes through the cross-modal encoder at once, with the query's states
+broadcast over it (one query) or gathered per pair (several: `score_pairs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..media.crops import decode_crops
 from ..model.image_states import embed_image_files
 
 if TYPE_CHECKING:
     from ..indexers import BridgeCache
+    from ..indexers.pixel_store import PixelStore
     from ..model.bridgetower import TowerOutput
     from ..model.encoder import Encoder
 
+TIERS = ("cache", "pixels", "file")  # where a candidate's model input comes from, fastest first
+
+
+@dataclass
+class Scored:
+    """ITM logits (n, 2) (no match, match), NaN where an image could not be scored; for each
+    image, the tier its input came from (None: not scored); images whose stored pixels did not
+    decode (re-ranked from their file where it could be read)."""
+
+    logits: list[np.ndarray]
+    tiers: list[str | None]
+    damaged: list[int] = field(default_factory=list)
+
 
 class Reranker:
-    def __init__(self, encoder: Encoder, batch_size: int = 32):
+    def __init__(self, encoder: Encoder, batch_size: int = 32, cache: BridgeCache | None = None, pixels: PixelStore | None = None):
         if not encoder.has_itm:
             raise ValueError("this checkpoint has no ITM head to re-rank with")
         self.encoder = encoder
         self.batch_size = batch_size
+        self.cache, self.pixels = cache, pixels
 
-    def score_images(
-        self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = (), cache: BridgeCache | None = None
-    ) -> np.ndarray:
-        """Both ITM logits (n, 2) of (query text, image) for each path; NaN where the file cannot be read.
+    def score_images(self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = ()) -> Scored:
+        """Both ITM logits of (query text, image) for each image (its path, and its id where the
+        cache or the pixel store may hold it): `Scored.logits[0]`."""
+        return self.score_images_many([query], paths, ids)
 
-        Images whose id is in the re-rank cache take their bridge inputs from it; the others
-        are read and run through the image tower."""
-        return self.score_images_many([query], paths, ids, cache)[0]
-
-    def score_images_many(
-        self, queries: Sequence[TowerOutput], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = (), cache: BridgeCache | None = None
-    ) -> list[np.ndarray]:
+    def score_images_many(self, queries: Sequence[TowerOutput], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = ()) -> Scored:
         """`score_images` for several text queries at once (a query and its negatives): each
         image's bridge inputs are read or computed once, for all of them."""
-        scores = [np.full((len(paths), 2), np.nan, dtype=np.float32) for _ in queries]
-        for rows, states in self._image_states(paths, ids, cache):
-            for query, out in zip(queries, scores):
+        scored = Scored([np.full((len(paths), 2), np.nan, dtype=np.float32) for _ in queries], [None] * len(paths))
+        for rows, states in self._image_states(paths, ids, scored):
+            for query, out in zip(queries, scored.logits):
                 out[rows] = self.encoder.match(query, states, both=True)
-        return scores
+        return scored
 
-    def score_pairs(
-        self, texts: TowerOutput, pairs: Sequence[tuple[int, int]], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = (),
-        cache: BridgeCache | None = None,
-    ) -> np.ndarray:
-        """Both ITM logits (len(pairs), 2) of (text t, image i) for each pair (t, i): `texts` is a
-        batch of text queries (one tower call, with bridge inputs), i indexes `paths` (and `ids`);
-        NaN where the file cannot be read. Each image's bridge inputs are read or computed once,
-        and the pairs of a batch of images go through the cross-modal encoder together, whatever
-        query each belongs to."""
+    def score_pairs(self, texts: TowerOutput, pairs: Sequence[tuple[int, int]], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = ()) -> Scored:
+        """Both ITM logits (len(pairs), 2) of (text t, image i) for each pair (t, i), as
+        `Scored.logits[0]`: `texts` is a batch of text queries (one tower call, with bridge
+        inputs), i indexes `paths` (and `ids`). Each image's bridge inputs are read or computed
+        once, and the pairs of a batch of images go through the cross-modal encoder together,
+        whatever query each belongs to."""
         import torch
 
         from ..model.bridgetower import TowerOutput  # torch's, loaded by then: this module stays light to import
 
         assert texts.bridge is not None and texts.mask is not None, "score_pairs needs the texts' bridge inputs"
         device = texts.bridge.device
-        scores = np.full((len(pairs), 2), np.nan, dtype=np.float32)
+        scored = Scored([np.full((len(pairs), 2), np.nan, dtype=np.float32)], [None] * len(paths))
         text_of = np.array([t for t, _ in pairs], dtype=np.int64)
         image_of = np.array([i for _, i in pairs], dtype=np.int64)
-        for rows, states in self._image_states(paths, ids, cache):
+        for rows, states in self._image_states(paths, ids, scored):
             assert states.bridge is not None
             slot = np.full(len(paths), -1, dtype=np.int64)
             slot[rows] = np.arange(len(rows))  # where each image of this batch sits in `states`
@@ -77,24 +87,45 @@ class Reranker:
                 text_rows = torch.as_tensor(text_of[chunk], device=device)
                 pair_texts = TowerOutput(embeds=None, bridge=texts.bridge[text_rows], mask=texts.mask[text_rows])
                 pair_images = TowerOutput(embeds=None, bridge=states.bridge[torch.as_tensor(slot[image_of[chunk]], device=device)])
-                scores[chunk] = self.encoder.match(pair_texts, pair_images, both=True)
-        return scores
+                scored.logits[0][chunk] = self.encoder.match(pair_texts, pair_images, both=True)
+        return scored
 
-    def _image_states(
-        self, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray, cache: BridgeCache | None
-    ) -> Iterator[tuple[list[int], TowerOutput]]:
-        """Batches of (positions in `paths`, their images' bridge inputs): from the cache for the
-        ids it holds, else through the image tower; unreadable files are left out."""
+    def _image_states(self, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray, scored: Scored) -> Iterator[tuple[list[int], TowerOutput]]:
+        """Batches of (positions in `paths`, their images' bridge inputs), tier by tier (each
+        position's tier noted in `scored.tiers`); unreadable files are left out."""
+        ids = [int(item) for item in ids]
+        cache = self.cache
         cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
         for start in range(0, len(cached), self.batch_size):
             where = cached[start : start + self.batch_size]
             assert cache is not None
+            self._note(scored, where, "cache")
             yield where, self.encoder.states_from_cache(cache.get([ids[i] for i in where]))
         todo = sorted(set(range(len(paths))) - set(cached))
+        if self.pixels is not None and ids and todo:
+            stored = self.pixels.get(ids[i] for i in todo)
+            held = [i for i in todo if ids[i] in stored]
+            for start in range(0, len(held), self.batch_size):
+                chunk = held[start : start + self.batch_size]
+                crops = decode_crops([stored[ids[i]] for i in chunk], self.encoder.crop_size, self.encoder.loader_workers)
+                where = [i for i, crop in zip(chunk, crops) if not isinstance(crop, str)]
+                scored.damaged += [i for i, crop in zip(chunk, crops) if isinstance(crop, str)]
+                if where:
+                    self._note(scored, where, "pixels")
+                    yield where, self.encoder.image_states(np.stack([crop for crop in crops if not isinstance(crop, str)]), with_bridge=True)
+            done = set(held) - set(scored.damaged)
+            todo = [i for i in todo if i not in done]
         position = {Path(paths[i]): i for i in todo}
         for batch in embed_image_files(self.encoder, [Path(paths[i]) for i in todo], self.batch_size, with_bridge=True):
             if batch.states is not None:
-                yield [position[image.path] for image in batch.images], batch.states
+                where = [position[image.path] for image in batch.images]
+                self._note(scored, where, "file")
+                yield where, batch.states
+
+    @staticmethod
+    def _note(scored: Scored, where: list[int], tier: str) -> None:
+        for i in where:
+            scored.tiers[i] = tier
 
     def score_texts(self, query: TowerOutput, texts: Sequence[str]) -> np.ndarray:
         """Both ITM logits (n, 2) of (text, query image) for each text."""

@@ -16,6 +16,9 @@ class Hit:
     path: str | None = None  # image hits
     text: str | None = None  # text hits
     match: float | None = None  # P(match): softmax of the ITM head's two logits; None when not re-ranked
+    # Where the re-ranked image's model input came from: "cache", "pixels" or "file" ("query": a
+    # text hit, whose image is the query's); None when not re-ranked.
+    rerank_from: str | None = None
 
 
 @dataclass
@@ -41,7 +44,7 @@ def result_json(result: SearchResult, image_links: bool = False) -> dict[str, An
     for hit in result.hits:
         item: dict[str, Any] = {
             "rank": hit.rank, "id": hit.id, result.field: getattr(hit, result.field), "itc_score": hit.itc_score, "itm_score": hit.itm_score,
-            "match": hit.match,
+            "match": hit.match, "rerank_from": hit.rerank_from,
         }
         if image_links and result.target == "images":
             item["thumbnail"] = f"/api/images/{hit.id}/thumbnail"

@@ -32,7 +32,7 @@ from ..indexers import ImageRow
 from ..indexers.layout import TABLES
 from ..media.images import load_rgb
 from ..model.encoder import Encoder
-from ..search.explain import Explanation, explain_file, png_bytes, render
+from ..search.explain import Explanation, explain_stored_image, png_bytes, render
 from ..search.query import API
 from ..search.query import Query as SearchQuery  # fastapi has its Query
 from ..search.results import result_json
@@ -205,18 +205,20 @@ def create_app(
             raise HTTPException(status_code=404, detail=str(error)) from None
 
     @lru_cache(maxsize=32)
-    def explanation_of(text: str, file: str, mtime: float) -> Explanation:
+    def explanation_of(text: str, image_id: int, file: str, mtime: float) -> Explanation:
         # The page asks for an explanation's JSON and its picture together: one pass serves both.
+        # As search re-ranks it: from its stored crop, else its file (`file`, `mtime`: the cache's key).
         assert service.encoder is not None  # the server's collection is opened with its model
+        collection = service.collection()
         with service.lock:
-            return explain_file(service.encoder, text, file)
+            return explain_stored_image(service.encoder, collection.store, text, image_id, collection.pixels)
 
     def explanation(q: str, image_id: int) -> Explanation:
         if not q.strip():  # FastAPI checks the pattern with Rust's idea of a blank; Python's is the one that counts
             raise HTTPException(status_code=422, detail=[{"loc": ["query", "q"], "msg": "q is blank", "type": "value_error"}])
         row = image_row(image_id)
         try:
-            return explanation_of(q, row["path"], row["mtime"])
+            return explanation_of(q, image_id, row["path"], row["mtime"])
         except BtsearchError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
 

@@ -106,6 +106,9 @@ class SearchHit(BaseModel):
     itc_score: float
     itm_score: float | None
     match: float | None
+    # Where a re-ranked image's model input came from: the re-rank cache, the pixel store, its file
+    # ("query" for a text hit: its image is the query's); null when not re-ranked.
+    rerank_from: Literal["cache", "pixels", "file", "query"] | None
     thumbnail: str | None = None  # image hits: the API's addresses
     image: str | None = None
 

@@ -151,7 +151,7 @@ class SearchService:
         queries = [snapshot.with_candidates(job.query) for job in jobs]
         assert snapshot.encoder is not None
         try:
-            found = search_texts(snapshot.encoder, snapshot.store, snapshot.indexes, snapshot.rerank_cache, queries, spelling=API)
+            found = search_texts(snapshot.encoder, snapshot.store, snapshot.indexes, snapshot.rerank_cache, queries, spelling=API, pixels=snapshot.pixels)
         except Exception as error:  # noqa: BLE001 - a failure of the shared work: each query runs alone and meets its own fate
             # Answers stay right, but batching is lost for this batch: counted (`batching_figures`) and
             # logged, so that a fault breaking every batch shows, not only as a slower server.

@@ -1,0 +1,176 @@
+"""The pixel store (issue 24): each image's model input kept at index time, so re-ranking reads
+the fastest tier it has (the re-rank cache, the pixel store, the source file), says which, and
+keeps working when the source files are gone."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from btsearch.collection import Collection
+from btsearch.indexers.pixel_store import PixelStore
+
+from . import reference
+from .helpers import run
+
+QUERY = "a close up of a tabby cat"
+# The pixel store keeps JPEG q90 crops: scores move a little from the exact path. Measured on the
+# suite's checkpoints: ITM logits within 0.01 and match within 2e-4 of transformers on the files.
+ITM_TOLERANCE, MATCH_TOLERANCE = 0.05, 0.01
+
+
+def index(*args, ok=True):
+    return run("index", *args, "--precision", "fp32", "-q", ok=ok)
+
+
+def search(db, *args, k=6):
+    out = run("search", QUERY, "--db", db, "-k", k, "--candidates", k, "--precision", "fp32", "--no-server", "--json", *args)
+    return json.loads(out.stdout)
+
+
+@pytest.fixture()
+def album(tmp_path, photos):
+    folder = tmp_path / "album"
+    folder.mkdir()
+    for photo in photos[:6]:
+        shutil.copy(photo, folder / photo.name)
+    return folder
+
+
+def test_the_pixel_tier_stays_close_to_transformers_on_the_original_files(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint)
+    out = search(db)
+    assert [hit["rerank_from"] for hit in out["hits"]] == ["pixels"] * 6
+    for hit in out["hits"]:
+        assert hit["itm_score"] == pytest.approx(reference.itm_logit(trained_checkpoint, QUERY, hit["path"]), abs=ITM_TOLERANCE)
+        assert hit["match"] == pytest.approx(reference.match_probability(trained_checkpoint, QUERY, hit["path"]), abs=MATCH_TOLERANCE)
+    info = json.loads(run("info", "--db", db, "--json").stdout)
+    assert info["pixels"]["images"] == 6 and 0 < info["pixels"]["bytes"] and info["rerank_cache"] is None
+
+
+def test_files_moved_away_keep_their_rerank(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint)
+    before = search(db)["hits"]
+    album.rename(tmp_path / "elsewhere")  # the disk is unmounted, the folder moved
+    after = search(db)["hits"]
+    assert [hit["rerank_from"] for hit in after] == ["pixels"] * 6
+    assert [hit["id"] for hit in after] == [hit["id"] for hit in before]
+    np.testing.assert_allclose([hit["itm_score"] for hit in after], [hit["itm_score"] for hit in before], atol=1e-5)
+
+
+def test_without_pixels_reranking_reads_the_files_exactly(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint, "--no-pixels")
+    assert not PixelStore.exists(db) and json.loads(run("info", "--db", db, "--json").stdout)["pixels"] is None
+    hits = search(db)["hits"]
+    assert [hit["rerank_from"] for hit in hits] == ["file"] * 6
+    for hit in hits:
+        assert hit["itm_score"] == pytest.approx(reference.itm_logit(trained_checkpoint, QUERY, hit["path"]), abs=1e-4)
+    index(album, "--db", db)  # a later run without the flag keeps it as it was made
+    assert not PixelStore.exists(db)
+    with_pixels = tmp_path / "db2"
+    index(album, "--db", with_pixels, "--model", trained_checkpoint)
+    late = index(album, "--db", with_pixels, "--no-pixels", ok=False)
+    assert late.exit_code == 1 and "--no-pixels applies when a collection is created" in late.stderr
+    shutil.rmtree(album)  # no pixels, no file: those candidates are not re-ranked
+    gone = search(db)["hits"]
+    assert all(hit["rerank_from"] is None and hit["itm_score"] is None for hit in gone)
+
+
+def test_the_cache_is_the_fastest_tier(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint, "--rerank-cache")
+    assert [hit["rerank_from"] for hit in search(db)["hits"]] == ["cache"] * 6
+    image_to_text = tmp_path / "texts.txt"
+    image_to_text.write_text("a cat\na rocket\n")
+    run("add-texts", image_to_text, "--db", db, "-q")
+    texts = json.loads(run("search", "--image", album / "chelsea.jpg", "--db", db, "--no-server", "--json").stdout)["hits"]
+    assert [hit["rerank_from"] for hit in texts] == ["query", "query"]  # a text hit re-ranks against the query's image
+
+
+def test_an_old_collection_gains_its_pixels_on_the_next_index(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint)
+    shutil.rmtree(db / "pixels.lance")  # as a collection made before the store existed
+    manifest = json.loads((db / "manifest.json").read_text())
+    del manifest["pixels"]
+    (db / "manifest.json").write_text(json.dumps(manifest))
+    assert [hit["rerank_from"] for hit in search(db)["hits"]] == ["file"] * 6
+    found = run("check", "--db", db, ok=False)
+    assert found.exit_code == 1 and "pixels: the collection has no pixel store yet" in found.stdout
+    again = run("index", album, "--db", db, "--precision", "fp32")
+    assert "pixel store: kept the crops of 6 stored images that lacked them" in again.stderr
+    assert [hit["rerank_from"] for hit in search(db)["hits"]] == ["pixels"] * 6
+    assert run("check", "--db", db).exit_code == 0
+
+
+def test_a_damaged_crop_falls_back_to_the_file_and_check_repairs_it(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint)
+    before = {hit["id"]: hit for hit in search(db)["hits"]}
+    victim = sorted(before)[0]
+    store = PixelStore.open(db)
+    store.delete([victim])
+    store.append(np.array([victim]), [b"\xff\xd8 not a jpeg"])
+    out = search(db)
+    hits = {hit["id"]: hit for hit in out["hits"]}
+    assert hits[victim]["rerank_from"] == "file" and all(hit["rerank_from"] == "pixels" for item, hit in hits.items() if item != victim)
+    assert any("stored pixels did not decode" in note for note in out["notes"])
+    assert hits[victim]["itm_score"] == pytest.approx(reference.itm_logit(trained_checkpoint, QUERY, hits[victim]["path"]), abs=1e-4)
+    found = run("check", "--db", db, ok=False)
+    assert found.exit_code == 1 and "1 stored crops do not decode" in found.stdout
+    repaired = run("check", "--db", db, "--repair")
+    assert "computed the stored crops of 1 images" in repaired.stdout
+    assert [hit["rerank_from"] for hit in search(db)["hits"]] == ["pixels"] * 6
+
+
+def test_images_gone_take_their_pixels_and_a_crash_leaves_no_image_without_them(tmp_path, album, trained_checkpoint, monkeypatch):
+    from btsearch.indexers.metadata_store import MetadataStore
+    from btsearch.ingest import pipeline
+
+    db = tmp_path / "db"
+    monkeypatch.setattr(pipeline, "WRITE_ROWS", 2)  # three flushes for six photos
+    real_add = MetadataStore.add_images
+    calls = []
+
+    def dies_on_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the pixels of this flush are written: the process dies before its rows
+            raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(MetadataStore, "add_images", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        Collection.create(db, model=str(trained_checkpoint), precision="fp32").add_images([album], batch_size=2)
+    collection = Collection.open(db, load_model=False, read_only=True)
+    ids = collection.store.ids("images")
+    assert len(ids) == 2 and not len(collection.pixels.missing(ids))  # what is searchable has its pixels
+    assert len(collection.pixels.dead_ids(ids)) == 2  # the dead flush's crops, no image's
+    monkeypatch.setattr(MetadataStore, "add_images", real_add)
+    index(album, "--db", db)
+    (album / "coffee.jpg").unlink()
+    index(album, "--db", db)
+    collection = Collection.open(db, load_model=False, read_only=True)
+    ids = collection.store.ids("images")
+    assert len(ids) == 5 and not len(collection.pixels.missing(ids)) and not len(collection.pixels.dead_ids(ids))
+    assert run("check", "--db", db).exit_code == 0
+
+
+@pytest.mark.skipif(not os.environ.get("BTSEARCH_REQUIRE_RAY") and __import__("importlib").util.find_spec("lance_ray") is None,
+                    reason="pip install 'btsearch[ray]'")
+def test_the_ray_engine_writes_the_pixels_before_the_rows(tmp_path, album, trained_checkpoint):
+    db = tmp_path / "db"
+    run("index", album, "--db", db, "--model", trained_checkpoint, "--precision", "fp32", "--engine", "ray", "--workers", 2, "-q")
+    local = tmp_path / "local"
+    index(album, "--db", local, "--model", trained_checkpoint)
+    collection = Collection.open(db, load_model=False, read_only=True)
+    ids = collection.store.ids("images")
+    assert len(ids) == 6 and not len(collection.pixels.missing(ids)) and not len(collection.pixels.dead_ids(ids))
+    on_ray, here = search(db)["hits"], search(local)["hits"]
+    assert [hit["rerank_from"] for hit in on_ray] == ["pixels"] * 6
+    scores_here = {hit["path"]: hit["itm_score"] for hit in here}
+    assert {hit["path"]: hit["itm_score"] for hit in on_ray} == pytest.approx(scores_here, abs=1e-5)
