@@ -79,16 +79,19 @@ def protocol_order(itc: Sequence[float], rerank: Sequence[float] | None, candida
     return sorted(head, key=lambda j: (-rerank[j], head.index(j))) + by_itc[candidates:]
 
 
-def possible_orders(itc: Sequence[float], rerank: Sequence[float] | None, candidates: int, atol: float) -> set[tuple[int, ...]]:
-    """Every `protocol_order` the query may get when its ITC scores, and its re-rank scores among
-    those that may be candidates, are known to `atol`."""
+def possible_orders(
+    itc: Sequence[float], rerank: Sequence[float] | None, candidates: int, atol: float, rerank_atol: float | None = None
+) -> set[tuple[int, ...]]:
+    """Every `protocol_order` the query may get when its ITC scores are known to `atol`, and its
+    re-rank scores among those that may be candidates to `rerank_atol` (`atol` unless given)."""
+    rerank_atol = atol if rerank_atol is None else rerank_atol
     orders = set()
     for itc_keys in tie_resolutions(itc, atol):
         if rerank is None or candidates == 0:
             orders.add(tuple(protocol_order(itc_keys, None, 0)))
             continue
         head = protocol_order(itc_keys, None, 0)[:candidates]
-        for head_keys in tie_resolutions([rerank[j] for j in head], atol):
+        for head_keys in tie_resolutions([rerank[j] for j in head], rerank_atol):
             keys = np.full(len(itc), -np.inf)
             keys[head] = head_keys
             orders.add(tuple(protocol_order(itc_keys, keys, candidates)))
