@@ -19,7 +19,9 @@ QUERY = "a close up of a tabby cat"
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, trained_checkpoint, photos, photo_captions):
     db = tmp_path_factory.mktemp("cli") / "db"
-    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--batch-size", 4, "--precision", "fp32")
+    # --no-pixels: re-ranking reads the photos themselves, as transformers does in the checks below
+    # (the pixel store's JPEG crops are tested to their own tolerance in test_pixels).
+    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--batch-size", 4, "--precision", "fp32", "--no-pixels")
     captions = tmp_path_factory.mktemp("texts") / "captions.txt"
     captions.write_text("\n".join(c for cs in photo_captions.values() for c in cs) + "\n", encoding="utf-8")
     run("add-texts", captions, "--db", db)

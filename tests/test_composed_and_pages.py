@@ -27,7 +27,9 @@ ITC_TOL, MATCH_TOL, LOGIT_TOL = 1e-5, 1e-5, 1e-4
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, trained_checkpoint, photos):
     db = tmp_path_factory.mktemp("composed") / "db"
-    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--precision", "fp32", "--batch-size", 4)
+    # --no-pixels: re-ranking reads the photos themselves, as transformers does in the checks below
+    # (the pixel store's JPEG crops are tested to their own tolerance in test_pixels).
+    run("index", photos[0].parent, "--db", db, "--model", trained_checkpoint, "--precision", "fp32", "--batch-size", 4, "--no-pixels")
     return db
 
 
