@@ -19,6 +19,7 @@ from btsearch.serve.batching import Batcher
 from btsearch.serve.service import _Job
 
 from .helpers import index_with_captions
+from .orders import assert_ranked_by
 
 # (text, options): plain text queries the batch answers together, each with its own options.
 TEXT_QUERIES = [
@@ -39,20 +40,46 @@ def collection(tmp_path_factory, random_checkpoint, photos, photo_captions):
     return Collection.open(db, encoder=encoder, read_only=True)
 
 
+TOLERANCE = 1e-5  # a batch pads texts to its longest: scores differ from a query alone by float rounding
+
+
+def _value(hit, name):
+    return hit.get(name) if isinstance(hit, dict) else getattr(hit, name)
+
+
+def assert_same_hits(found, expected) -> None:
+    """Hits (`Hit`s or their JSON) of two code paths: the same ranks, as many re-ranked; each
+    part in the order of `expected`'s scores (the match probability of re-ranked hits, the ITC
+    score of the rest) but where two differ by less than both paths' rounding (`orders`); and
+    each item's scores within that rounding."""
+    assert [_value(h, "rank") for h in found] == [_value(h, "rank") for h in expected]
+    for part, key in (("re-ranked", "match"), ("by ITC", "itc_score")):
+        got = [h for h in found if (_value(h, "itm_score") is not None) == (part == "re-ranked")]
+        want = [h for h in expected if (_value(h, "itm_score") is not None) == (part == "re-ranked")]
+        assert len(got) == len(want), part
+        scores = {_value(h, "id"): _value(h, key) for h in got}  # an item that came in at the cut, with its own score ...
+        scores.update({_value(h, "id"): _value(h, key) for h in want})  # ... beside the expected ones
+        assert_ranked_by([_value(h, "id") for h in got], scores, atol=2 * TOLERANCE, what=part)
+    wanted = {_value(h, "id"): h for h in expected}
+    for hit in found:
+        want = wanted.get(_value(hit, "id"))
+        if want is None:  # in at the cut, level with the one it displaced (checked above)
+            continue
+        assert (_value(hit, "path"), _value(hit, "text")) == (_value(want, "path"), _value(want, "text"))
+        for name in ("itc_score", "itm_score", "match"):
+            if _value(want, name) is None:
+                assert _value(hit, name) is None
+            else:
+                assert _value(hit, name) == pytest.approx(_value(want, name), abs=TOLERANCE)
+
+
 def assert_same_answer(found, expected):
-    """Ids and ranks equal; scores to float rounding (a batch pads texts to its longest)."""
+    """The same answer up to float rounding: `assert_same_hits`, and the rest equal."""
     assert (found.query, found.target, found.offset, found.more, found.reranked) == (
         expected.query, expected.target, expected.offset, expected.more, expected.reranked,
     )
     assert found.notes == expected.notes
-    assert [(h.rank, h.id, h.path, h.text) for h in found.hits] == [(h.rank, h.id, h.path, h.text) for h in expected.hits]
-    for got, want in zip(found.hits, expected.hits):
-        assert got.itc_score == pytest.approx(want.itc_score, abs=1e-5)
-        for name in ("itm_score", "match"):
-            if getattr(want, name) is None:
-                assert getattr(got, name) is None
-            else:
-                assert getattr(got, name) == pytest.approx(getattr(want, name), abs=1e-5)
+    assert_same_hits(found.hits, expected.hits)
 
 
 def counting(monkeypatch, encoder, name):
@@ -153,11 +180,7 @@ def test_concurrent_requests_through_the_app_equal_sequential_searches(collectio
         text, image_id, options = reference
         image = collection.images([image_id])[0]["path"] if image_id is not None else None
         expected = collection.search(text=text, image=image, **options)
-        body = response.json()
-        assert [(h["rank"], h["id"]) for h in body["hits"]] == [(h.rank, h.id) for h in expected.hits]
-        assert [h["itc_score"] for h in body["hits"]] == pytest.approx([h.itc_score for h in expected.hits], abs=1e-5)
-        assert [h["itm_score"] for h in body["hits"]] == pytest.approx([h.itm_score for h in expected.hits], abs=1e-5)
-        assert [h["match"] for h in body["hits"]] == pytest.approx([h.match for h in expected.hits], abs=1e-5)
+        assert_same_hits(response.json()["hits"], expected.hits)
     assert answers[-1].status_code == 404 and "no image with id 999999" in answers[-1].json()["detail"]
     metrics = client.get("/api/metrics").json()
     assert metrics["requests"] == len(requests)

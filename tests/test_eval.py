@@ -10,7 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from btsearch.cli.main import main
+from btsearch.collection import Collection
 from btsearch.evaluate.calibration import calibration
+from btsearch.search.ranking import match_probability
 
 from . import reference
 
@@ -69,25 +71,67 @@ def reference_itc(test, image_dir, checkpoint):
     return captions, caption_image, paths, text_emb @ image_emb.T
 
 
+def eval_scores(cache, captions, paths):
+    """What the eval ranked by, read back from its cache: the ITC matrix (captions x images) as
+    the eval computes it (the same embeddings, in the same order, the same product), and the ITM
+    logits (2,) of every pair it scored, by (caption, image) index."""
+    (manifest,) = cache.glob("*/manifest.json")
+    collection = Collection.open(manifest.parent, load_model=False, read_only=True)
+    image_ids = collection.image_ids(paths)
+    by_text = {row["text"]: row["id"] for row in collection.texts()}
+    text_ids = np.array([by_text[caption] for caption in captions])
+    itc = collection.embeddings("texts", text_ids) @ collection.embeddings("images", image_ids).T
+    caption_of = {int(t): n for n, t in enumerate(text_ids)}
+    image_of = {int(i): n for n, i in enumerate(image_ids)}
+    (scores,) = manifest.parent.glob("eval-itm-scores-*.npz")
+    with np.load(scores) as saved:
+        logits = {(caption_of[int(t)], image_of[int(i)]): row for t, i, row in zip(saved["text_id"], saved["image_id"], saved["logits"])}
+    return itc, logits
+
+
+def scored_pairs(itc, k):
+    """The pairs either direction re-ranks: each caption's top k images, each image's top k captions."""
+    pairs = {(t, int(i)) for t, row in enumerate(itc) for i in np.argsort(-row, kind="stable")[:k]}
+    return pairs | {(int(t), i) for i, column in enumerate(itc.T) for t in np.argsort(-column, kind="stable")[:k]}
+
+
+# Two code paths (btsearch's and transformers') agree on scores to float rounding, never on the
+# order of two scores nearer than that: so each test below holds btsearch's scores to
+# transformers' within a tolerance, and its rankings, recall and calibration to brute force
+# over btsearch's own scores, exactly (the same numbers, the same order).
+ITC_TOLERANCE, ITM_TOLERANCE = 1e-5, 1e-4
+
+
 def test_eval_matches_brute_force_on_both_annotation_formats(flickr, trained_checkpoint, tmp_path):
     root, image_dir, test = flickr
-    captions, caption_image, paths, itc = reference_itc(test, image_dir, trained_checkpoint)  # transformers' own classes
-    itm = np.array([[reference.itm_logit(trained_checkpoint, c, p) for p in paths] for c in captions])
-    expected = {
-        "itc": brute_force_recall(itc, None, caption_image, CANDIDATES),
-        "rerank": brute_force_recall(itc, itm, caption_image, CANDIDATES),
-    }
+    captions, caption_image, paths, reference_matrix = reference_itc(test, image_dir, trained_checkpoint)  # transformers' own classes
     for annotations in ("dataset_flickr30k.json", "flickr_annotations_30k.csv"):
+        cache = tmp_path / annotations
         args = ["eval", "flickr30k", "--annotations", root / annotations, "--images", image_dir, "--model", trained_checkpoint,
-                "--candidates", CANDIDATES, "--cache-dir", tmp_path / "cache", "--precision", "fp32", "--json"]
+                "--candidates", CANDIDATES, "--cache-dir", cache, "--precision", "fp32", "--json"]
         result = CliRunner().invoke(main, [str(a) for a in args])
         assert result.exit_code == 0, result.output
         out = json.loads(result.output)
         assert out["num_images"] == len(paths) and out["num_texts"] == len(captions) and out["candidates"] == CANDIDATES
+        itc, logits = eval_scores(cache, captions, paths)
+        np.testing.assert_allclose(itc, reference_matrix, atol=ITC_TOLERANCE)
+        assert set(logits) == scored_pairs(itc, CANDIDATES)  # each pair either direction re-ranks, once; no other
+        itm = np.full(itc.shape, np.nan)
+        by_match = np.full(itc.shape, np.nan)
+        for (t, i), (no, yes) in logits.items():
+            itm[t, i], by_match[t, i] = yes, np.float64(yes) - no
+        expected = {
+            "itc": brute_force_recall(itc, None, caption_image, CANDIDATES),
+            "rerank": brute_force_recall(itc, itm, caption_image, CANDIDATES),  # the papers' protocol: the match logit
+            "rerank_by_match": brute_force_recall(itc, by_match, caption_image, CANDIDATES),  # as search orders hits
+        }
         for protocol, (t2i, i2t) in expected.items():
             assert out[protocol]["text_to_image"] == pytest.approx(t2i)
             assert out[protocol]["image_to_text"] == pytest.approx(i2t)
             assert out[protocol]["rsum"] == pytest.approx(sum(t2i.values()) + sum(i2t.values()))
+    # The logits it ranked by are transformers' (BridgeTowerForImageAndTextRetrieval's, pair by pair).
+    for (t, i), (_, yes) in logits.items():
+        assert float(yes) == pytest.approx(reference.itm_logit(trained_checkpoint, captions[t], paths[i]), abs=ITM_TOLERANCE)
     # The trained checkpoint knows these photos: re-ranking keeps recall high.
     assert out["rerank"]["text_to_image"]["R@5"] >= 80
 
@@ -287,28 +331,35 @@ def _eval_args(root, image_dir, checkpoint, cache, *extra):
 
 def test_calibration_is_over_every_scored_pair_with_transformers_probabilities(flickr, trained_checkpoint, tmp_path):
     root, image_dir, test = flickr
-    captions, caption_image, paths, itc = reference_itc(test, image_dir, trained_checkpoint)
-    # The pairs either direction re-ranks (each caption's top k images, each image's top k captions), once each.
-    scored = {(t, int(i)) for t, row in enumerate(itc) for i in np.argsort(-row, kind="stable")[:CANDIDATES]}
-    scored |= {(int(t), i) for i, column in enumerate(itc.T) for t in np.argsort(-column, kind="stable")[:CANDIDATES]}
-    scored_pairs = sorted(scored)
-    probabilities = np.array([reference.match_probability(trained_checkpoint, captions[t], paths[i]) for t, i in scored_pairs])
-    labels = np.array([caption_image[t] == i for t, i in scored_pairs])
-    expected = calibration(probabilities, labels)
-
+    captions, caption_image, paths, reference_matrix = reference_itc(test, image_dir, trained_checkpoint)
     result = CliRunner().invoke(main, _eval_args(root, image_dir, trained_checkpoint, tmp_path / "cache", "--json"))
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)["calibration"]
-    assert got["pairs"] == len(scored_pairs) == sum(b["count"] for b in got["bins"])
+
+    itc, logits = eval_scores(tmp_path / "cache", captions, paths)
+    np.testing.assert_allclose(itc, reference_matrix, atol=ITC_TOLERANCE)
+    pairs = sorted(scored_pairs(itc, CANDIDATES))
+    assert sorted(logits) == pairs
+    probabilities = match_probability(np.stack([logits[pair] for pair in pairs]))
+    # Each pair's probability is transformers' softmax for it (two code paths: within a tolerance).
+    theirs = [reference.match_probability(trained_checkpoint, captions[t], paths[i]) for t, i in pairs]
+    np.testing.assert_allclose(probabilities, theirs, atol=ITM_TOLERANCE)
+    labels = np.array([caption_image[t] == i for t, i in pairs])
+    expected = calibration(probabilities, labels)
+
+    # Over exactly those pairs, labels and probabilities (floats to the order of their sums).
+    assert got["pairs"] == len(pairs) == sum(b["count"] for b in got["bins"])
     assert got["positives"] == int(labels.sum())
-    assert [b["count"] for b in got["bins"]] == [b["count"] for b in expected["bins"]]
-    for ours, theirs in zip(got["bins"], expected["bins"]):
-        assert ours["mean_probability"] == pytest.approx(theirs["mean_probability"], abs=1e-4)
-        assert ours["observed"] == theirs["observed"]
-    assert got["ece"] == pytest.approx(expected["ece"], abs=1e-4)
-    for ours, theirs in zip(got["thresholds"], expected["thresholds"]):
-        # A threshold is one pair's probability: transformers' softmax for that pair.
-        assert ours == pytest.approx(theirs, abs=1e-4)
+    assert [(b["count"], b["observed"]) for b in got["bins"]] == [(b["count"], b["observed"]) for b in expected["bins"]]
+    def same(value, wanted):  # None for an empty bin or an unreached target
+        return value is None if wanted is None else value == pytest.approx(wanted, rel=1e-9)
+
+    assert all(same(ours["mean_probability"], wanted["mean_probability"]) for ours, wanted in zip(got["bins"], expected["bins"]))
+    assert same(got["ece"], expected["ece"])
+    for ours, wanted in zip(got["thresholds"], expected["thresholds"], strict=True):
+        # A threshold is one pair's probability; precision and recall, ratios of counts.
+        assert (ours["target"], ours["kept"]) == (wanted["target"], wanted["kept"])
+        assert all(same(ours[name], wanted[name]) for name in ("threshold", "precision", "recall")), (ours, wanted)
     assert any(t["threshold"] is not None for t in got["thresholds"])
 
     table = CliRunner().invoke(main, _eval_args(root, image_dir, trained_checkpoint, tmp_path / "cache"))
