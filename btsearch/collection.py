@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from .search.results import SearchResult
 
 FORMAT_VERSION = 1
-ENGINES = ("local", "ray")
 __all__ = ["Collection"]
 
 
@@ -166,6 +165,7 @@ class Collection:
         engine: str = "local",
         ray_address: str | None = None,
         workers: int | None = None,
+        rerank_cache_max: int | None = None,
     ) -> IndexReport:
         """Sync the collection with the image files under `roots`: embed new and changed files,
         drop rows whose files are gone from under `roots` (unless `keep_missing`), and follow
@@ -176,23 +176,22 @@ class Collection:
         consistent collection, and the next run picks up where it stopped. Each image's crop goes
         into the pixel store (unless the collection was made without one), so re-ranking needs no
         source file. `rerank_cache=True` turns the re-rank cache on (it stays on): each image's
-        bridge inputs are kept on disk in float16, so re-ranking skips the image tower.
-        `engine="ray"` embeds on a Ray cluster (`ray_engine`; at `ray_address`, with `workers`
-        embedding actors): the same rows, skips and summary as the local engine."""
-        from .ingest import pipeline
+        bridge inputs are kept on disk in float16, so re-ranking skips the image tower;
+        `rerank_cache_max` bounds it to that many bytes (kept from then on). `engine="ray"` embeds
+        on a Ray cluster (`ray_engine`; at `ray_address`, with `workers` embedding actors)."""
+        from .ingest.runner import check_engine, run_index
 
-        if engine not in ENGINES:
-            raise BtsearchError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-        if engine == "ray":
-            from .ingest.ray_engine import require_ray
-
-            require_ray()  # before taking the lock for nothing
+        check_engine(engine)  # before taking the lock for nothing
+        if rerank_cache_max is not None and rerank_cache_max <= 0:
+            raise BtsearchError("the re-rank cache's bound must be positive")
         with self._writing():
-            if rerank_cache and self.rerank_cache is None:
+            if (rerank_cache or rerank_cache_max is not None) and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
+            if rerank_cache_max is not None:
+                self.rerank_cache.set_limit(rerank_cache_max)  # type: ignore[union-attr]
             if self.manifest.pixels and self.pixels is None:
                 self.pixels = PixelStore.open(self.path, create=True)
-            return pipeline.sync(
+            return run_index(
                 self._model, self.store, self.indexes, self.rerank_cache, self.pixels, roots, engine=engine, ray_address=ray_address,
                 workers=workers, batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
             )

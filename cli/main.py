@@ -92,6 +92,11 @@ def main() -> None:
     "Search is exact up to ~256K vectors, then IVF, with PQ codes when vectors would not fit.",
 )
 @click.option(
+    "--rerank-cache-max", type=ByteSize(), default=None, metavar="SIZE",
+    help="Keep re-rank cache states for at most SIZE bytes (e.g. 2GiB), kept by the collection: those of the images searches "
+    "re-rank most; the rest re-rank from the pixel store. Turns the cache on.",
+)
+@click.option(
     "--no-pixels", is_flag=True,
     help="Make the collection without a pixel store (each image's model input, about 28 kB, kept so re-ranking needs no source file); "
     "applies when the collection is created.",
@@ -112,8 +117,8 @@ def main() -> None:
 @device_option
 @quiet_option
 def index(
-    paths, db, model, batch_size, rerank_cache, index_memory, no_pixels, keep_missing, max_pixels, engine, address, workers, with_captions, as_json,
-    device, precision,
+    paths, db, model, batch_size, rerank_cache, index_memory, rerank_cache_max, no_pixels, keep_missing, max_pixels, engine, address, workers,
+    with_captions, as_json, device, precision,
 ):
     """Sync the collection with the images under PATHS: folders (recursively), image files,
     webdataset .tar shards, or parquet files with a path or image-bytes column (shards and
@@ -145,7 +150,7 @@ def index(
         say(f"{container} is gone: its images are removed")
     report = collection.add_images(
         inputs.roots, batch_size=batch_size, progress=show_progress(), rerank_cache=rerank_cache,
-        keep_missing=keep_missing, max_pixels=max_pixels, engine=engine, ray_address=address, workers=workers,
+        keep_missing=keep_missing, max_pixels=max_pixels, engine=engine, ray_address=address, workers=workers, rerank_cache_max=rerank_cache_max,
     )
     say_skipped(report)
     if not (report.added or report.updated or report.unchanged or report.kept_unlisted or report.skipped):

@@ -11,11 +11,20 @@ states. A chunk that cannot be read (damaged, or its ids file lost) is left out 
 `damaged`. Rows of deleted images, and rows written again, are dead until `compact` rewrites
 the chunks that hold them: it writes their live rows as a new chunk before removing the old one,
 so a crash in between leaves a row twice (dead again), never missing.
+
+A bounded cache (`limit.json`, set by `index --rerank-cache-max`) keeps the states of at most that
+many bytes of images: those re-ranked most often, the newest first among equals (`keep`). Searches
+record the ids they re-rank (`record_use`: a few bytes appended to a file of their own under
+`uses/`), and the next index run folds them into `uses.npz` and chooses. Frequency, because the
+images a collection's users re-rank most are the ones whose states save the most work, and a
+search can count them for almost nothing; the newest break ties, since nothing is known of them yet.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +37,9 @@ from .write_errors import writing
 
 CACHE_DTYPE = np.float16
 COMPACT_DEAD_FRACTION = 0.25  # compact once this share of the cache's rows is dead
+LIMIT = "limit.json"  # {"max_bytes": N} of a bounded cache
+USES = "uses"  # searches' records of the ids they re-ranked, one file per process
+USE_COUNTS = "uses.npz"  # those records folded: ids and counts
 
 
 class BridgeCache:
@@ -57,6 +69,70 @@ class BridgeCache:
     @staticmethod
     def exists(folder: str | os.PathLike[str]) -> bool:
         return Path(folder).is_dir()
+
+    # -- the bound -------------------------------------------------------------------------
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The most bytes of states kept (None: every image's)."""
+        try:
+            return int(json.loads((self.folder / LIMIT).read_text())["max_bytes"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def set_limit(self, max_bytes: int | None) -> None:
+        with writing("the re-rank cache", self.folder), atomic_write(self.folder / LIMIT) as file:
+            file.write(json.dumps({"max_bytes": max_bytes}).encode())
+
+    def record_use(self, ids: Iterable[int]) -> None:
+        """Note that these images were re-ranked (a bounded cache keeps the most used). Best
+        effort: a search on a read-only copy of the collection records nothing."""
+        data = np.asarray(list(ids), dtype=np.int64).tobytes()
+        try:
+            (self.folder / USES).mkdir(exist_ok=True)
+            with open(self.folder / USES / f"{socket.gethostname()}-{os.getpid()}.ids", "ab") as file:
+                file.write(data)
+        except OSError:
+            pass
+
+    def fold_uses(self) -> dict[int, int]:
+        """Every recorded use so far, as counts by id, saved into `uses.npz` (the writer's job,
+        under the write lock); the logs folded are removed."""
+        counts: dict[int, int] = {}
+        try:
+            with np.load(self.folder / USE_COUNTS) as saved:
+                counts = dict(zip(saved["ids"].tolist(), saved["counts"].tolist()))
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            pass
+        logs = sorted((self.folder / USES).glob("*.ids")) if (self.folder / USES).is_dir() else []
+        for log in logs:
+            usable = log.stat().st_size // 8 * 8  # a record cut short by a kill is left out
+            with open(log, "rb") as file:
+                for item in np.frombuffer(file.read(usable), dtype=np.int64).tolist():
+                    counts[item] = counts.get(item, 0) + 1
+        if logs:
+            with writing("the re-rank cache", self.folder), atomic_write(self.folder / USE_COUNTS) as file:
+                np.savez(file, ids=np.array(list(counts), np.int64), counts=np.array(list(counts.values()), np.int64))
+            for log in logs:
+                log.unlink(missing_ok=True)
+        return counts
+
+    def row_bytes(self) -> int | None:
+        """Bytes of one image's states, as stored (None before the first chunk)."""
+        for path in self._ids:
+            rows = self._chunk(path)
+            return int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
+        return None
+
+    def keep(self, image_ids: Iterable[int], row_bytes: int) -> list[int]:
+        """Of `image_ids`, those whose states the bound keeps (all of them when unbounded): the
+        most re-ranked, the newest first among equals, up to `max_bytes`."""
+        ids = [int(item) for item in image_ids]
+        if self.max_bytes is None:
+            return ids
+        counts = self.fold_uses()
+        ids.sort(key=lambda item: (-counts.get(item, 0), -item))
+        return ids[: self.max_bytes // max(row_bytes, 1)]
 
     @classmethod
     def create(cls, folder: str | os.PathLike[str], dtype: DTypeLike = CACHE_DTYPE) -> BridgeCache:

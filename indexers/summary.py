@@ -37,7 +37,7 @@ def describe(
         return {
             **head, "skipped": len(SkipLog(folder)), "index": plans,
             "index_memory": index_memory, "index_memory_set": manifest.index_memory is not None,
-            "rerank_cache": None if cache is None else {"images": covered, "bytes": cache.nbytes(), "max_bytes": None},
+            "rerank_cache": None if cache is None else {"images": covered, "bytes": cache.nbytes(), "max_bytes": cache.max_bytes},
             "pixels": None if not manifest.pixels else {"images": with_pixels, "bytes": pixel_bytes, "format": manifest.pixels},
         }
     return {
@@ -45,6 +45,7 @@ def describe(
         "skipped": f"{len(SkipLog(folder))} files (listed by `btsearch info --skipped`)",
         "index": "; ".join(f"{table} {description}" for table, description in indexes.describe().items()),
         "index_memory": f"{index_memory / 2**30:.2f} GiB" + ("" if manifest.index_memory else " (a quarter of RAM)"),
-        "rerank_cache": "off" if cache is None else f"{covered} images, {cache.nbytes() / 2**20:.1f} MiB (float16)",
+        "rerank_cache": "off" if cache is None else f"{covered} images, {cache.nbytes() / 2**20:.1f} MiB (float16)"
+        + ("" if cache.max_bytes is None else f", at most {cache.max_bytes / 2**20:.1f} MiB: the most re-ranked images"),
         "pixels": "off" if not manifest.pixels else f"{with_pixels} images, {pixel_bytes / 2**20:.1f} MiB ({manifest.pixels})",
     }

@@ -270,6 +270,7 @@ def _finished(logits, negatives=(), min_match=None):
 
     from btsearch.search.pipeline import Recalled, finish
     from btsearch.search.query import LIBRARY, Query
+    from btsearch.search.reranker import Scored
 
     ids = np.arange(len(logits))
     found = Recalled(
@@ -277,7 +278,8 @@ def _finished(logits, negatives=(), min_match=None):
         rows=[{"path": f"{i}.jpg"} for i in ids], pool=len(ids), reranked=len(ids), text_query=None, image_query=None,
         negative_states=[], query=Query(text="q", k=len(ids), candidates=len(ids), min_match=min_match), spelling=LIBRARY,
     )
-    return finish(found, [np.asarray(logits, np.float32), *(np.asarray(n, np.float32) for n in negatives)])
+    scored = Scored([np.asarray(logits, np.float32), *(np.asarray(n, np.float32) for n in negatives)], ["pixels"] * len(ids))
+    return finish(found, scored)
 
 
 def test_the_order_of_reranked_hits_is_the_order_of_their_match():

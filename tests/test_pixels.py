@@ -17,8 +17,9 @@ from .helpers import run
 
 QUERY = "a close up of a tabby cat"
 # The pixel store keeps JPEG q90 crops: scores move a little from the exact path. Measured on the
-# suite's checkpoints: ITM logits within 0.01 and match within 2e-4 of transformers on the files.
-ITM_TOLERANCE, MATCH_TOLERANCE = 0.05, 0.01
+# suite's trained checkpoint (64 px crops, where JPEG's 8x8 blocks weigh most) over 11 captions x
+# 11 photos: ITM logits within 0.11 and match within 0.009 (benchmarks/rerank_tiers.py --encodings).
+ITM_TOLERANCE, MATCH_TOLERANCE = 0.25, 0.02
 
 
 def index(*args, ok=True):
@@ -174,3 +175,29 @@ def test_the_ray_engine_writes_the_pixels_before_the_rows(tmp_path, album, train
     assert [hit["rerank_from"] for hit in on_ray] == ["pixels"] * 6
     scores_here = {hit["path"]: hit["itm_score"] for hit in here}
     assert {hit["path"]: hit["itm_score"] for hit in on_ray} == pytest.approx(scores_here, abs=1e-5)
+
+
+def test_a_bounded_cache_keeps_the_most_reranked_within_its_bytes(tmp_path, album, trained_checkpoint):
+    from btsearch.indexers.bridge_cache import BridgeCache
+
+    db = tmp_path / "db"
+    index(album, "--db", db, "--model", trained_checkpoint, "--rerank-cache")
+    row_bytes = BridgeCache(db / "rerank-cache").row_bytes()
+    bound = 2 * row_bytes + 16  # two images' states (and their ids)
+    index(album, "--db", db, "--rerank-cache-max", bound)
+    cache = BridgeCache(db / "rerank-cache")
+    assert len(cache) == 2 and cache.max_bytes == bound  # unused yet: the newest two
+    info = json.loads(run("info", "--db", db, "--json").stdout)["rerank_cache"]
+    assert info["max_bytes"] == bound and info["images"] == 2
+    favourite = run("search", QUERY, "--db", db, "-k", 3, "--candidates", 3, "--precision", "fp32", "--no-server", "--json")
+    reranked = {hit["id"] for hit in json.loads(favourite.stdout)["hits"]}
+    for _ in range(2):
+        run("search", QUERY, "--db", db, "-k", 3, "--candidates", 3, "--precision", "fp32", "--no-server")
+    index(album, "--db", db)  # the bound stays, and the next run chooses by the searches' records
+    cache = BridgeCache(db / "rerank-cache")
+    stored = Collection.open(db, load_model=False, read_only=True).store.ids("images").tolist()
+    assert len(cache) == 2 and {item for item in stored if item in cache} <= reranked
+    assert len(cache) * row_bytes <= bound
+    tiers = {hit["id"]: hit["rerank_from"] for hit in search(db)["hits"]}
+    assert sorted(tiers.values()) == ["cache", "cache", "pixels", "pixels", "pixels", "pixels"]
+    assert {item for item, tier in tiers.items() if tier == "cache"} <= reranked

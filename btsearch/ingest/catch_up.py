@@ -36,18 +36,28 @@ class CatchUp:
 
 
 def complete_rerank_cache(model: Callable[[], Encoder], store: MetadataStore, cache: BridgeCache, progress: bool = False) -> CatchUp:
-    """Drop what killed writes left, give each stored image the cache lacks (stored before the
-    cache was on, say) its states, and compact once dead rows pass COMPACT_DEAD_FRACTION."""
+    """Drop what killed writes left, give each stored image the cache keeps but lacks (stored
+    before the cache was on, say) its states, and compact once dead rows pass
+    COMPACT_DEAD_FRACTION. A bounded cache keeps the images its `keep` chooses, and drops the
+    others' states at once (they re-rank from the pixel store)."""
     cache.remove_leftovers()
     stored = store.stored_files()
-    ids = stored.ids.tolist()
-    rows = [(item, path) for item, path in zip(ids, stored.paths.to_pylist()) if item not in cache]
+    ids, paths = stored.ids.tolist(), stored.paths.to_pylist()
     done = CatchUp()
+    bounded = cache.max_bytes is not None
+    if bounded and cache.row_bytes() is None and ids:  # an empty cache: one image's states tell the size of each
+        done.unreadable = fill_bridge_cache(model(), cache, [(ids[-1], paths[-1])], progress, skip_unreadable=True)
+        done.filled = 1 - len(done.unreadable)
+    row_bytes = cache.row_bytes()
+    live = cache.keep(ids, row_bytes) if bounded and row_bytes is not None else ids
+    kept = set(live)
+    rows = [(item, path) for item, path in zip(ids, paths) if item in kept and item not in cache]
     if rows:
-        done.unreadable = fill_bridge_cache(model(), cache, rows, progress, skip_unreadable=True)
-        done.filled = len(rows) - len(done.unreadable)
-    if cache.dead_rows(ids) > COMPACT_DEAD_FRACTION * cache.rows():
-        done.compacted = cache.compact(ids)
+        unreadable = fill_bridge_cache(model(), cache, rows, progress, skip_unreadable=True)
+        done.unreadable += unreadable
+        done.filled += len(rows) - len(unreadable)
+    if cache.dead_rows(live) > (0 if bounded else COMPACT_DEAD_FRACTION * cache.rows()):
+        done.compacted = cache.compact(live)
     return done
 
 

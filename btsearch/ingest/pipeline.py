@@ -6,17 +6,17 @@
 
 Each stage takes and gives plain values (path lists, a plan, arrays), not a collection, so the
 same stages can run in this process or as map stages of a distributed engine. `index_images` is
-the in-process runner; `sync` runs an engine under the caller's write lock, then the catch-ups
-that leave the re-rank cache and the pixel store whole (`catch_up`).
+the in-process runner; `runner.run_index` runs it (or the Ray engine) under the caller's write
+lock, then the catch-ups that leave the re-rank cache and the pixel store whole (`catch_up`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -130,43 +130,6 @@ def apply_plan(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan, pixe
         index.remove(np.asarray(gone, dtype=np.int64))
         if pixels is not None:
             pixels.delete(gone)
-
-
-def sync(
-    model: Callable[[], Encoder],
-    store: MetadataStore,
-    indexes: TableIndexes,
-    rerank_cache: BridgeCache | None,
-    pixels: PixelStore | None,
-    roots: Sequence[str | os.PathLike[str]],
-    engine: str = "local",
-    ray_address: str | None = None,
-    workers: int | None = None,
-    **options: Any,
-) -> IndexReport:
-    """A whole `index` run, under the caller's write lock: the engine's sync (this process, or a
-    Ray cluster at `ray_address` with `workers` embedding actors), then the catch-ups that leave
-    the re-rank cache and the pixel store whole, whichever engine wrote (`catch_up`). `options`:
-    batch_size, progress, keep_missing, max_pixels."""
-    from .catch_up import complete_pixels, complete_rerank_cache
-
-    if engine == "ray":
-        from .ray_engine import sync_on_ray
-
-        report = sync_on_ray(
-            model(), store, indexes, roots, address=ray_address, workers=workers, pixels=pixels,
-            rerank_cache=None if rerank_cache is None else rerank_cache.folder, **options,
-        )
-    else:
-        report = index_images(model(), store, indexes, rerank_cache, roots, pixels=pixels, **options)
-    progress = bool(options.get("progress"))
-    if rerank_cache is not None:  # images stored earlier, or by Ray, get theirs
-        cache_done = complete_rerank_cache(model, store, rerank_cache, progress)
-        report.cache_filled, report.cache_unreadable = cache_done.filled, cache_done.unreadable
-    if pixels is not None:
-        pixels_done = complete_pixels(model, store, pixels, progress)
-        report.pixels_filled, report.pixels_unreadable = pixels_done.filled, pixels_done.unreadable
-    return report
 
 
 def index_images(

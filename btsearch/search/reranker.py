@@ -95,6 +95,8 @@ class Reranker:
         position's tier noted in `scored.tiers`); unreadable files are left out."""
         ids = [int(item) for item in ids]
         cache = self.cache
+        if cache is not None and ids and cache.max_bytes is not None:
+            cache.record_use(ids)  # a bounded cache keeps the most re-ranked
         cached = [i for i, item in enumerate(ids) if cache is not None and item in cache]
         for start in range(0, len(cached), self.batch_size):
             where = cached[start : start + self.batch_size]

@@ -1,0 +1,163 @@
+"""Re-rank cost and storage per tier: the re-rank cache, the pixel store, the source file.
+
+    python benchmarks/rerank_tiers.py [--size base|large] [--k 16,128] [--queries 2] [--device auto]
+
+Random weights of the hub's architecture (speed does not depend on what they learned), candidates
+from 12 MP JPEG camera files (4000 x 3000, made from scikit-image's photos). For each tier: bytes
+kept per image, and milliseconds to re-rank k candidates for one text query (the query's tower
+excluded), median of --queries runs, after a warm-up. Then the 100M-image storage line per tier.
+
+The encodings table (`--encodings`) compares ways to keep the crop on the suite's briefly trained
+checkpoint over the real photos: bytes per image and the largest ITM logit / match probability
+change against the exact path (the file), all candidates of one query each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench import build  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from btsearch.demo.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
+from btsearch.indexers import BridgeCache  # noqa: E402
+from btsearch.indexers.pixel_store import PixelStore  # noqa: E402
+from btsearch.media.crops import encode_crop  # noqa: E402
+from btsearch.media.images import load_rgb  # noqa: E402
+from btsearch.model.device import resolve_device, resolve_dtype  # noqa: E402
+from btsearch.search.ranking import match_probability  # noqa: E402
+from btsearch.search.reranker import Reranker  # noqa: E402
+
+CAPTION = "a man in a red jacket rides a bicycle past a row of shops on a rainy street"
+CAMERA = (4000, 3000)
+
+
+def camera_files(folder: Path, count: int) -> list[Path]:
+    """`count` 12 MP JPEGs (quality 92, as phones write them), cycling over the sample photos."""
+    photos = write_sample_photos(folder / "small")
+    files = []
+    for n in range(count):
+        path = folder / f"camera-{n:03d}.jpg"
+        if not path.exists():
+            picture = load_rgb(photos[n % len(photos)]).resize(CAMERA, Image.Resampling.BICUBIC)
+            picture.save(path, quality=92)
+        files.append(path)
+    return files
+
+
+def median_ms(fn, queries: int) -> float:
+    fn()  # warm-up: first-call costs are no query's
+    times = []
+    for _ in range(queries):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def tiers(args) -> None:
+    torch.set_grad_enabled(False)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
+    work = Path(tempfile.mkdtemp(prefix="btsearch-tiers-"))
+    encoder, _, _, _ = build(args.size, device, dtype, work)
+    k_values = [int(k) for k in args.k.split(",")]
+    files = camera_files(work / "files", max(k_values))
+    ids = np.arange(len(files), dtype=np.int64)
+    crops = [encoder.prepare_image(load_rgb(path)) for path in files]
+    (work / "db").mkdir()
+    pixels = PixelStore.open(work / "db", create=True)
+    pixels.append(ids, [encode_crop(crop) for crop in crops])
+    cache = BridgeCache.create(work / "cache")
+    for start in range(0, len(crops), 16):
+        states = encoder.image_states(np.stack(crops[start : start + 16]), with_bridge=True)
+        cache.append(ids[start : start + 16], states.bridge.float().cpu().numpy().astype(np.float16))
+    query = encoder.text_states([CAPTION], with_bridge=True)
+    sources = {"cache": dict(cache=cache), "pixels": dict(pixels=pixels), "file": {}}
+    stored = {
+        "cache": cache.row_bytes(), "pixels": pixels.nbytes() / len(files), "file": statistics.mean(path.stat().st_size for path in files),
+    }
+    print(f"re-rank tiers, {args.size} shape (random weights), {device.type} {str(dtype).removeprefix('torch.')}, "
+          f"{os.cpu_count()} cores, 12 MP JPEG sources, median of {args.queries} queries")
+    print(f"{'tier':<8}{'kB/image':>10}" + "".join(f"{f'ms k={k}':>12}{'ms/pair':>9}" for k in k_values) + f"{'100M images':>14}")
+    for name, source in sources.items():
+        row = f"{name:<8}{stored[name] / 1e3:>10.1f}"
+        for k in k_values:
+            reranker = Reranker(encoder, batch_size=32, **source)
+            ms = median_ms(lambda reranker=reranker, k=k: reranker.score_images(query, files[:k], ids[:k]), args.queries)
+            row += f"{ms:>12.0f}{ms / k:>9.1f}"
+        print(row + f"{stored[name] * 1e8 / 1e12:>11.1f} TB" + ("  (the user's own files)" if name == "file" else ""))
+
+
+def encodings(args) -> None:
+    """Bytes and score change of ways to keep the crop, on the suite's trained checkpoint."""
+    from btsearch.demo.small_checkpoint import build_small_checkpoint
+    from btsearch.model.encoder import Encoder
+
+    work = Path(tempfile.mkdtemp(prefix="btsearch-encodings-"))
+    checkpoint = build_small_checkpoint(work / "ckpt", train_steps=150, max_train_steps=300, seed=0)
+    torch.set_grad_enabled(False)  # after the training above
+    encoder = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="fp32")
+    photos = write_sample_photos(work / "photos")
+    crops = np.stack([encoder.prepare_image(load_rgb(path)) for path in photos])
+    queries = [captions[0] for captions in SAMPLE_PHOTOS.values()]
+
+    def logits(pixels: np.ndarray) -> np.ndarray:
+        images = encoder.image_states(pixels, with_bridge=True)
+        return np.stack([encoder.match(encoder.text_states([text], with_bridge=True), images, both=True) for text in queries])
+
+    def save(fmt: str, **options):
+        def encode(crop: np.ndarray) -> bytes:
+            out = io.BytesIO()
+            Image.fromarray(crop.transpose(1, 2, 0)).save(out, format=fmt, **options)
+            return out.getvalue()
+        return encode
+
+    exact = logits(crops)
+    ways = {
+        "jpeg q85 4:4:4": save("JPEG", quality=85, subsampling=0), "jpeg q90 4:4:4 (kept)": encode_crop,
+        "jpeg q95 4:4:4": save("JPEG", quality=95, subsampling=0), "jpeg q90 4:2:0": save("JPEG", quality=90),
+        "webp lossless": save("WEBP", lossless=True), "png": save("PNG", optimize=True),
+    }
+    side = crops.shape[-1]
+    print(f"pixel store encodings: {len(photos)} photos at {side} px (the suite's trained checkpoint), "
+          f"{len(queries)} queries x {len(photos)} candidates against the exact path")
+    print(f"{'encoding':<24}{'kB/image':>10}{'max |ITM change|':>18}{'max |P change|':>16}")
+    for name, encode in ways.items():
+        blobs = [encode(crop) for crop in crops]
+        back = np.stack([np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")).transpose(2, 0, 1) for blob in blobs])
+        found = logits(back)
+        itm = np.abs(found[..., 1] - exact[..., 1]).max()
+        prob = np.abs(match_probability(found.reshape(-1, 2)) - match_probability(exact.reshape(-1, 2))).max()
+        print(f"{name:<24}{np.mean([len(b) for b in blobs]) / 1e3:>10.1f}{itm:>18.4f}{prob:>16.5f}")
+    print(f"{'raw uint8':<24}{crops[0].nbytes / 1e3:>10.1f}{0.0:>18.4f}{0.0:>16.5f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["base", "large"], default="base")
+    parser.add_argument("--k", default="16,128", help="candidates re-ranked per query, comma-separated")
+    parser.add_argument("--queries", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--encodings", action="store_true", help="print the encodings table instead")
+    args = parser.parse_args()
+    encodings(args) if args.encodings else tiers(args)
+
+
+if __name__ == "__main__":
+    main()
