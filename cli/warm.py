@@ -116,7 +116,7 @@ def _result(body: dict[str, Any], image_label: str | None, offset: int, where: s
         query = body["query"] if image_label is None else image_label  # an upload is named as the cold path names its file
         return SearchResult(
             query=query, target=target, hits=hits, reranked=int(body["reranked"]), notes=[_cli_note(note, offset, where) for note in body["notes"]],
-            offset=int(body.get("offset", offset)), more=body.get("next") is not None,
+            offset=int(body.get("offset", offset)), more=bool(body.get("more", body.get("next") is not None)),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None

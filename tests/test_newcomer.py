@@ -338,3 +338,23 @@ def test_eval_reports_recall_ordered_as_search_orders(tmp_path, folder, trained_
     for key, scores in (("rerank", logits[..., 1]), ("rerank_by_match", logits[..., 1] - logits[..., 0])):
         t2i, i2t = brute_force_recall(text_emb @ image_emb.T, scores, caption_image, 2)
         assert out[key]["text_to_image"] == pytest.approx(t2i) and out[key]["image_to_text"] == pytest.approx(i2t), key
+
+
+def test_an_uploads_answer_says_when_more_hits_follow(tmp_path, photos, trained_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from btsearch.serve.app import create_app
+
+    db = tmp_path / "db"
+    run("index", photos[0], photos[1], "--db", db, "--model", trained_checkpoint, "--precision", "fp32", "-q")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a cat\na rocket\na cup of coffee\n")
+    run("add-texts", texts, "--db", db, "--precision", "fp32", "-q")
+    client = TestClient(create_app(db, precision="fp32"))
+    upload = photos[0].read_bytes()
+    first = client.post("/api/search/image?k=2", content=upload, headers={"Content-Type": "image/jpeg"}).json()
+    assert (first["more"], first["next"], len(first["hits"])) == (True, None, 2)  # more, though no cursor
+    rest = client.post("/api/search/image?k=2&offset=2", content=upload, headers={"Content-Type": "image/jpeg"}).json()
+    assert (rest["more"], len(rest["hits"])) == (False, 1)
+    paged = client.get("/api/search", params={"q": "a cat", "k": 1}).json()
+    assert paged["more"] is True and paged["next"]

@@ -122,9 +122,7 @@ def create_app(
             "images": snapshot.count("images"),
             "texts": snapshot.count("texts"),
             "index": {table: snapshot.index(table).describe() for table in TABLES},
-            "batching": None if service.batcher is None else {
-                "batches": service.batcher.batches, "searches": service.batcher.jobs, "waiting": service.batcher.waiting,
-            },
+            "batching": service.batching_figures(),
         }
 
     def answer(page: PageQuery) -> dict:
@@ -139,7 +137,8 @@ def create_app(
             raise HTTPException(status_code=400, detail=str(error)) from None
         found, versions = service.search(query, versions=page.versions or None, image_id=page.image_id)
         pinned = dataclasses.replace(page, versions=versions)
-        return {**result_json(found, image_links=True), "offset": found.offset, "next": encode_cursor(pinned.next_page()) if found.more else None}
+        cursor = encode_cursor(pinned.next_page()) if found.more else None
+        return {**result_json(found, image_links=True), "offset": found.offset, "more": found.more, "next": cursor}
 
     @app.get(
         "/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, responses=problems(400, 404, 410, 422),
@@ -183,7 +182,8 @@ def create_app(
             offset=page.offset, where=page.where,
         )
         found, _ = await run_in_threadpool(service.search, query)  # checked where it runs
-        return {**result_json(found, image_links=True), "offset": found.offset, "next": None}  # an upload is not kept to page through
+        # An upload is not kept to page through: `more` says whether asking again with offset + k finds more.
+        return {**result_json(found, image_links=True), "offset": found.offset, "more": found.more, "next": None}
 
     @app.get(
         "/api/images/{image_id}", response_class=Response, responses={200: {"content": binary(*sorted(set(IMAGE_MEDIA_TYPES.values())), OTHER_FILE)}, **problems(404)},

@@ -86,6 +86,7 @@ class Batching(BaseModel):
     batches: int  # batches run (or running) since the server started
     searches: int  # searches in them: searches / batches is how many answered together
     waiting: int  # searches queued for the next batch
+    fallbacks: int  # batches whose shared work failed and ran one search at a time (logged)
 
 
 class Metrics(BaseModel):
@@ -120,6 +121,9 @@ class SearchAnswer(BaseModel):
     notes: list[str]
     hits: list[SearchHit]
     offset: int
+    # Whether the ranking goes on past these hits; `next` is the cursor of that page (null for an
+    # upload, which is not kept: send it again with offset + k for the next page).
+    more: bool
     next: str | None
 
 
