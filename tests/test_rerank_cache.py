@@ -18,10 +18,12 @@ QUERY = "a cup of coffee on a red saucer"
 def test_cached_rerank_matches_uncached_without_touching_files(tmp_path, trained_checkpoint, photos, monkeypatch):
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     for db, extra in ((plain, []), (cached, ["--rerank-cache"])):
-        # fp32 states, as the search below computes them from the files: what differs is their
-        # float16 storage alone (with --precision auto a CPU with bf16 would cache bf16 states,
-        # which stray further from fp32 than float16 storage does, by as much as 0.024).
-        result = CliRunner().invoke(main, ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32", *extra])
+        # fp32 states, as the search below computes them from the files (--no-pixels: not from the
+        # pixel store's JPEG crops): what differs is their float16 storage alone. (With --precision
+        # auto a CPU with bf16 would cache bf16 states, which stray further from fp32 than float16
+        # storage does, by as much as 0.024.)
+        args = ["index", str(photos[0].parent), "--db", str(db), "--model", str(trained_checkpoint), "--precision", "fp32", "--no-pixels", *extra]
+        result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
     info = CliRunner().invoke(main, ["info", "--db", str(cached)]).output
     assert f"rerank_cache {len(photos)} images" in info and "MiB (float16)" in info
