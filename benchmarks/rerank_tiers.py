@@ -1,8 +1,9 @@
 """Re-rank cost and storage per tier: the re-rank cache, the pixel store, the source file.
 
-    python benchmarks/rerank_tiers.py [--size base|large] [--k 16,128] [--queries 2] [--device auto]
+    python benchmarks/rerank_tiers.py [--size tiny|base|large] [--k 16,128] [--queries 2] [--device auto]
 
-Random weights of the hub's architecture (speed does not depend on what they learned), candidates
+Random weights of the hub's architecture (speed does not depend on what they learned; tiny: the
+suite's small checkpoint, 64 px, where decoding is nearly all of the cost), candidates
 from 12 MP JPEG camera files (4000 x 3000, made from scikit-image's photos). For each tier: bytes
 kept per image, and milliseconds to re-rank k candidates for one text query (the query's tower
 excluded), median of --queries runs, after a warm-up. Then the 100M-image storage line per tier.
@@ -45,14 +46,21 @@ CAMERA = (4000, 3000)
 
 
 def camera_files(folder: Path, count: int) -> list[Path]:
-    """`count` 12 MP JPEGs (quality 92, as phones write them), cycling over the sample photos."""
-    photos = write_sample_photos(folder / "small")
+    """`count` distinct 12 MP JPEGs (quality 92, as phones write them): each a different window of
+    one of the sample photos, mirrored every other time, so no two files (or crops) are alike and
+    no storage can share their bytes."""
+    photos = [load_rgb(path) for path in write_sample_photos(folder / "small")]
     files = []
     for n in range(count):
         path = folder / f"camera-{n:03d}.jpg"
         if not path.exists():
-            picture = load_rgb(photos[n % len(photos)]).resize(CAMERA, Image.Resampling.BICUBIC)
-            picture.save(path, quality=92)
+            photo = photos[n % len(photos)]
+            width, height = photo.size
+            cut = 0.02 * (1 + n // len(photos))  # a few percent more off each edge at each pass over the photos
+            window = photo.crop((int(cut * width), int(cut * height), int((1 - cut / 2) * width), int((1 - cut / 3) * height)))
+            if n // len(photos) % 2:
+                window = window.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            window.resize(CAMERA, Image.Resampling.BICUBIC).save(path, quality=92)
         files.append(path)
     return files
 
@@ -74,7 +82,13 @@ def tiers(args) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     work = Path(tempfile.mkdtemp(prefix="btsearch-tiers-"))
-    encoder, _, _, _ = build(args.size, device, dtype, work)
+    if args.size == "tiny":  # the suite's small random checkpoint: decoding is nearly all of a pair's cost
+        from btsearch.demo.small_checkpoint import build_small_checkpoint
+        from btsearch.model.encoder import Encoder
+
+        encoder = Encoder.from_pretrained(str(build_small_checkpoint(work / "ckpt", seed=1)), device=str(device), precision=args.precision)
+    else:
+        encoder, _, _, _ = build(args.size, device, dtype, work)
     k_values = [int(k) for k in args.k.split(",")]
     files = camera_files(work / "files", max(k_values))
     ids = np.arange(len(files), dtype=np.int64)
@@ -149,7 +163,7 @@ def encodings(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["base", "large"], default="base")
+    parser.add_argument("--size", choices=["tiny", "base", "large"], default="base")
     parser.add_argument("--k", default="16,128", help="candidates re-ranked per query, comma-separated")
     parser.add_argument("--queries", type=int, default=2)
     parser.add_argument("--device", default="auto")
