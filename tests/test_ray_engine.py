@@ -22,6 +22,7 @@ else:
 
 from btsearch.collection import Collection  # noqa: E402
 from btsearch.ingest import ray_engine  # noqa: E402
+from btsearch.model.encoder import Encoder  # noqa: E402
 from tests.helpers import run  # noqa: E402
 from tests.orders import possible_orders  # noqa: E402
 from tests.test_reliability import many_photos, write_awkward_files  # noqa: E402
@@ -78,14 +79,16 @@ def search_hits(db, query, *args):
     return json.loads(run("search", query, "--db", db, *args, "--precision", "fp32", "--json").stdout)["hits"]
 
 
-def assert_answer_allowed(hits, reference_db, query, candidates, itm_tol):
+def assert_answer_allowed(hits, reference_db, query, candidates, itm_tol, every=None):
     """`hits`, a search's with --candidates `candidates`, are an answer the reference collection's
-    scores allow: the re-ranking protocol over every image's ITC and match there, near-ties
-    (ITC within 1e-5, match within `itm_tol`) either way; each hit's scores are the reference's
-    to those tolerances. (The photos include near-copies of one photo, awkward files made from
-    it, whose ITC scores lie as close as 1e-5 on some checkpoints: which of two comes first is
-    float rounding's choice, and two collections embed in other batches.)"""
-    every = search_hits(reference_db, query, "-k", 1000, "--candidates", 1000)  # every image, re-ranked
+    scores allow: the re-ranking protocol over every image's ITC and match there (`every`: those
+    hits, when not the reference's own search), near-ties (ITC within 1e-5, match within
+    `itm_tol`) either way; each hit's scores are the reference's to those tolerances. (The photos
+    include near-copies of one photo, awkward files made from it, whose ITC scores lie as close as
+    1e-5 on some checkpoints: which of two comes first is float rounding's choice, and two
+    collections embed in other batches.)"""
+    if every is None:
+        every = search_hits(reference_db, query, "-k", 1000, "--candidates", 1000)  # every image, re-ranked
     paths = [hit["path"] for hit in every]
     orders = possible_orders([h["itc_score"] for h in every], [h["match"] for h in every], candidates, 1e-5, itm_tol)
     allowed = {tuple(paths[i] for i in order[: len(hits)]) for order in orders}
@@ -341,7 +344,14 @@ def test_the_rerank_cache_catches_up_after_a_ray_run(tmp_path, files, trained_ch
     collection = Collection.open(db, load_model=False, read_only=True)
     assert collection.rerank_cache is not None and len(collection.rerank_cache) == total
     cached = search_hits(db, "a cat", "-k", 4, "--candidates", 4)
-    assert_answer_allowed(cached, reference[0], "a cat", 4, 2e-2)  # float16 states: ITM to 2e-2
+    # Against re-ranking from the files (not the reference's pixel store, whose JPEG crops score
+    # up to 0.05 apart): the cached states differ by their float16 storage alone, ITM to 2e-2.
+    from_files = Collection.open(reference[0], encoder=Encoder.from_pretrained(str(trained_checkpoint), precision="fp32"), read_only=True)
+    from_files.rerank_cache = from_files.pixels = None
+    every = [{"path": hit.path, "itc_score": hit.itc_score, "itm_score": hit.itm_score, "match": hit.match}
+             for hit in from_files.search(text="a cat", k=1000, candidates=1000).hits]
+    assert {hit["rerank_from"] for hit in cached} == {"cache"}
+    assert_answer_allowed(cached, reference[0], "a cat", 4, 2e-2, every)
 
 
 def test_with_the_cache_on_the_actors_write_states_before_the_commit(tmp_path, files, trained_checkpoint, monkeypatch):
