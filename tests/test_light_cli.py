@@ -1,6 +1,6 @@
 """The command line stays light: parsing arguments and `--help` load no torch, transformers,
 FAISS or LanceDB, and `info` (storage only) loads no torch. Checked by module, not by clock:
-`btsearch --help` answers in tenths of a second only while these stay out (README, Tests)."""
+`btsearch --help` answers in tenths of a second only while these stay out (docs/development.md, Tests)."""
 
 import json
 import subprocess

@@ -3,7 +3,6 @@ the fastest tier it has (the re-rank cache, the pixel store, the source file), s
 keeps working when the source files are gone."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -159,22 +158,6 @@ def test_images_gone_take_their_pixels_and_a_crash_leaves_no_image_without_them(
     ids = collection.store.ids("images")
     assert len(ids) == 5 and not len(collection.pixels.missing(ids)) and not len(collection.pixels.dead_ids(ids))
     assert run("check", "--db", db).exit_code == 0
-
-
-@pytest.mark.skipif(not os.environ.get("BTSEARCH_REQUIRE_RAY") and __import__("importlib").util.find_spec("lance_ray") is None,
-                    reason="pip install 'btsearch[ray]'")
-def test_the_ray_engine_writes_the_pixels_before_the_rows(tmp_path, album, trained_checkpoint):
-    db = tmp_path / "db"
-    run("index", album, "--db", db, "--model", trained_checkpoint, "--precision", "fp32", "--engine", "ray", "--workers", 2, "-q")
-    local = tmp_path / "local"
-    index(album, "--db", local, "--model", trained_checkpoint)
-    collection = Collection.open(db, load_model=False, read_only=True)
-    ids = collection.store.ids("images")
-    assert len(ids) == 6 and not len(collection.pixels.missing(ids)) and not len(collection.pixels.dead_ids(ids))
-    on_ray, here = search(db)["hits"], search(local)["hits"]
-    assert [hit["rerank_from"] for hit in on_ray] == ["pixels"] * 6
-    scores_here = {hit["path"]: hit["itm_score"] for hit in here}
-    assert {hit["path"]: hit["itm_score"] for hit in on_ray} == pytest.approx(scores_here, abs=1e-5)
 
 
 def test_a_bounded_cache_keeps_the_most_reranked_within_its_bytes(tmp_path, album, trained_checkpoint):

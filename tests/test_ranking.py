@@ -88,19 +88,21 @@ def test_good_queries_pass():
 
 
 def test_result_json_is_one_shape_for_the_cli_and_the_server():
-    images = SearchResult("a dog", "images", [Hit(1, 7, 0.5, 2.0, path="/p/dog.jpg", match=0.9), Hit(2, 3, 0.4, None, path="/p/cat.jpg")], 1, ["a note"])
+    images = SearchResult(
+        "a dog", "images", [Hit(1, 7, 0.5, 2.0, path="/p/dog.jpg", match=0.9, rerank_from="pixels"), Hit(2, 3, 0.4, None, path="/p/cat.jpg")], 1, ["a note"],
+    )
     plain = result_json(images)
     assert plain == {
         "query": "a dog", "target": "images", "reranked": 1, "notes": ["a note"],
         "hits": [
-            {"rank": 1, "id": 7, "path": "/p/dog.jpg", "itc_score": 0.5, "itm_score": 2.0, "match": 0.9},
-            {"rank": 2, "id": 3, "path": "/p/cat.jpg", "itc_score": 0.4, "itm_score": None, "match": None},
+            {"rank": 1, "id": 7, "path": "/p/dog.jpg", "itc_score": 0.5, "itm_score": 2.0, "match": 0.9, "rerank_from": "pixels"},
+            {"rank": 2, "id": 3, "path": "/p/cat.jpg", "itc_score": 0.4, "itm_score": None, "match": None, "rerank_from": None},
         ],
     }
     linked = result_json(images, image_links=True)["hits"][0]
     assert linked["thumbnail"] == "/api/images/7/thumbnail" and linked["image"] == "/api/images/7"
-    texts = result_json(SearchResult("q.jpg", "texts", [Hit(1, 2, 0.3, 1.5, text="a cat", match=0.8)], 1), image_links=True)
-    assert texts["hits"] == [{"rank": 1, "id": 2, "text": "a cat", "itc_score": 0.3, "itm_score": 1.5, "match": 0.8}]
+    texts = result_json(SearchResult("q.jpg", "texts", [Hit(1, 2, 0.3, 1.5, text="a cat", match=0.8, rerank_from="query")], 1), image_links=True)
+    assert texts["hits"] == [{"rank": 1, "id": 2, "text": "a cat", "itc_score": 0.3, "itm_score": 1.5, "match": 0.8, "rerank_from": "query"}]
 
 
 def test_match_probability_is_the_softmax_of_the_two_logits():

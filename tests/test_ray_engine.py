@@ -375,3 +375,26 @@ def test_with_the_cache_on_the_actors_write_states_before_the_commit(tmp_path, f
     stored = collection.store.ids("images")
     assert len(stored) == commits[0] > 0 and collection.rerank_cache is not None
     assert all(int(item) in collection.rerank_cache for item in stored)
+
+
+def test_the_pixel_store_is_written_before_the_rows(tmp_path, photos, trained_checkpoint):
+    """The Prepare actors encode each crop, the Embed actors append it before the driver commits
+    the rows: every stored image has its pixels, no crop is of no image, and searches re-rank
+    from them as after the local engine."""
+    from btsearch.indexers.pixel_store import PixelStore
+
+    album = tmp_path / "album"
+    album.mkdir()
+    for photo in photos[:6]:
+        shutil.copy(photo, album / photo.name)
+    index(album, tmp_path / "ray", trained_checkpoint, "--engine", "ray", "--workers", 2)
+    index(album, tmp_path / "local", trained_checkpoint)
+    ids = Collection.open(tmp_path / "ray", load_model=False, read_only=True).store.ids("images")
+    pixels = PixelStore.open(tmp_path / "ray")
+    assert len(ids) == 6 and not len(pixels.missing(ids)) and not len(pixels.dead_ids(ids))
+    answers = [
+        json.loads(run("search", "a cat", "--db", db, "-k", 6, "--candidates", 6, "--precision", "fp32", "--no-server", "--json").stdout)["hits"]
+        for db in (tmp_path / "ray", tmp_path / "local")
+    ]
+    assert [hit["rerank_from"] for hit in answers[0]] == ["pixels"] * 6
+    assert {hit["path"]: hit["itm_score"] for hit in answers[0]} == pytest.approx({hit["path"]: hit["itm_score"] for hit in answers[1]}, abs=1e-5)

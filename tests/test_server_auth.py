@@ -106,13 +106,15 @@ def started(monkeypatch):
         calls["token"] = token
         return object()
 
-    def fake_run(app, host, port, log_level, h11_max_incomplete_event_size):
-        calls["host"] = host
+    def fake_run(server, sockets):  # `serve` binds its socket first, then hands it to uvicorn
+        calls["host"] = sockets[0].getsockname()[0]
+        for listening in sockets:
+            listening.close()
 
     import uvicorn
 
     monkeypatch.setattr(btsearch.serve.app, "create_app", fake_create_app)
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     monkeypatch.delenv("BTSEARCH_TOKEN", raising=False)
     return calls
 
