@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .defaults import CPU_CANDIDATES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, PIXEL_FORMAT, resolve_model_id
+from .defaults import CPU_CANDIDATES, DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, GPU_CANDIDATES, PIXEL_FORMAT, resolve_model_id
 from .errors import BtsearchError, CollectionError
 from .indexers import BridgeCache, Manifest, MetadataStore, TableIndexes
 from .indexers.layout import CREATION_LEFTOVERS, RERANK_CACHE, TABLES, TableName, lance_folder
@@ -167,7 +167,8 @@ class Collection:
         workers: int | None = None,
         rerank_cache_max: int | None = None,
     ) -> IndexReport:
-        """Sync the collection with the image files under `roots`: embed new and changed files,
+        frames_per_second: float = DEFAULT_FRAMES_PER_SECOND,
+        """Sync the collection with the image and video files under `roots`: embed new and changed files,
         drop rows whose files are gone from under `roots` (unless `keep_missing`), and follow
         touched and moved files without re-embedding them (their content hash tells).
 
@@ -178,13 +179,17 @@ class Collection:
         source file. `rerank_cache=True` turns the re-rank cache on (it stays on): each image's
         bridge inputs are kept on disk in float16, so re-ranking skips the image tower;
         `rerank_cache_max` bounds it to that many bytes (kept from then on). `engine="ray"` embeds
-        on a Ray cluster (`ray_engine`; at `ray_address`, with `workers` embedding actors)."""
+        on a Ray cluster (`ray_engine`; at `ray_address`, with `workers` embedding actors; images
+        only). A video is stored as its frames sampled at `frames_per_second` plus one at each
+        scene cut, committed together: each frame a row with the video's path and its time `t`."""
         from .ingest.runner import check_engine, run_index
 
         check_engine(engine)  # before taking the lock for nothing
         if rerank_cache_max is not None and rerank_cache_max <= 0:
             raise BtsearchError("the re-rank cache's bound must be positive")
         with self._writing():
+        if not frames_per_second > 0:
+            raise BtsearchError(f"frames per second must be positive, not {frames_per_second:g}")
             if (rerank_cache or rerank_cache_max is not None) and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
             if rerank_cache_max is not None:
@@ -195,6 +200,7 @@ class Collection:
                 self._model, self.store, self.indexes, self.rerank_cache, self.pixels, roots, engine=engine, ray_address=ray_address,
                 workers=workers, batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
             )
+                frames_per_second=frames_per_second,
 
     def add_texts(
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = False, image_paths: Sequence[str | os.PathLike[str] | None] | None = None,

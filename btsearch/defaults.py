@@ -26,6 +26,10 @@ GPU_CANDIDATES, CPU_CANDIDATES = 128, 16
 # that chose it). A collection records it; `index --no-pixels` records none.
 PIXEL_FORMAT = "jpeg-q90-444"
 
+# Video frames indexed per second of video (`index --frames-per-second`), beside one at each
+# scene cut: the rate of the peers that sample (immich's frame PR, clip-video-encode).
+DEFAULT_FRAMES_PER_SECOND = 1.0
+
 
 def resolve_model_id(source: str) -> str:
     """A hub id stays as it is; a local folder becomes its absolute path."""

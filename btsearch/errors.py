@@ -22,3 +22,7 @@ class ImageReadError(BtsearchError):
 class StorageError(BtsearchError):
     """A write into the collection failed (a full disk, a quota, a read-only or forbidden folder);
     what was written before is whole, and running the command again completes the work."""
+
+
+class VideoReadError(ImageReadError):
+    """A video file cannot be opened, has no video stream, or its frames cannot be decoded."""

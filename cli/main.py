@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btsearch.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+from btsearch.defaults import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from btsearch.errors import BtsearchError
 
 from .admin import check, convert, export, info
@@ -107,6 +107,10 @@ def main() -> None:
     help="Skip images with more pixels than this (decompression bombs), before decoding them.",
 )
 @click.option(
+    "--frames-per-second", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FRAMES_PER_SECOND, show_default=True, metavar="RATE",
+    help="Frames of each video to index per second of video (0.5: one every two seconds), beside one at each scene cut.",
+)
+@click.option(
     "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
     help="Where embedding runs: this process, or a Ray cluster (pip install 'btsearch[ray]'); the same collection either way.",
 )
@@ -117,12 +121,13 @@ def main() -> None:
 @device_option
 @quiet_option
 def index(
-    paths, db, model, batch_size, rerank_cache, index_memory, rerank_cache_max, no_pixels, keep_missing, max_pixels, engine, address, workers,
-    with_captions, as_json, device, precision,
+    paths, db, model, batch_size, rerank_cache, index_memory, rerank_cache_max, no_pixels, keep_missing, max_pixels, frames_per_second, engine,
+    address, workers, with_captions, as_json, device, precision,
 ):
-    """Sync the collection with the images under PATHS: folders (recursively), image files,
-    webdataset .tar shards, or parquet files with a path or image-bytes column (shards and
-    parquet files inside a folder count too).
+    """Sync the collection with the images and videos under PATHS: folders (recursively), image
+    and video files, webdataset .tar shards, or parquet files with a path or image-bytes column
+    (shards and parquet files inside a folder count too). A video is indexed as its frames
+    (--frames-per-second, and one at each scene cut), found in search as moments.
 
     Creates the collection if needed. New and changed files are embedded (a file whose size or
     mtime changed but whose content did not is only noted; a moved file keeps its entry),
@@ -131,7 +136,7 @@ def index(
     """
     from btsearch.collection import Collection
     from btsearch.indexers.layout import MEDIA
-    from btsearch.media.images import IMAGE_SUFFIXES
+    from btsearch.ingest.sync import MEDIA_SUFFIXES
     from btsearch.media.sources import expand_inputs
 
     if engine == "ray":  # before a collection is made for nothing
@@ -151,10 +156,11 @@ def index(
     report = collection.add_images(
         inputs.roots, batch_size=batch_size, progress=show_progress(), rerank_cache=rerank_cache,
         keep_missing=keep_missing, max_pixels=max_pixels, engine=engine, ray_address=address, workers=workers, rerank_cache_max=rerank_cache_max,
+        frames_per_second=frames_per_second,
     )
     say_skipped(report)
     if not (report.added or report.updated or report.unchanged or report.kept_unlisted or report.skipped):
-        say(f"no images found under {', '.join(map(str, paths))}: btsearch takes {' '.join(sorted(IMAGE_SUFFIXES))} files, "
+        say(f"no images found under {', '.join(map(str, paths))}: btsearch takes {' '.join(sorted(MEDIA_SUFFIXES))} files, "
             "webdataset .tar shards and .parquet tables")
     for media, _ in inputs.gone:  # its rows are removed: the emptied folder can go
         shutil.rmtree(media, ignore_errors=True)

@@ -28,8 +28,8 @@ from lancedb.index import BTree
 
 from .atomic import atomic_write
 from .layout import ID_RESERVATION, TableName
+from .schemas import COLUMN_BACKFILL, ImageInfo, ImageRow, TextRow
 from .schemas import SCHEMAS as _SCHEMAS
-from .schemas import ImageInfo, ImageRow, TextRow
 from .sql import FilterError, sql_ints, sql_problem, sql_string
 from .stored_files import StoredFiles, folder_of, is_utf8, resolve_path
 
@@ -88,9 +88,10 @@ class MetadataStore:
                 continue
             if name in db.list_tables().tables:
                 table = db.open_table(name)
-                for field in schema:  # columns added since the table was made (all nullable)
+                for field in schema:  # columns added since the table was made (nullable, or given a value)
                     if field.name not in table.schema.names:
-                        table.add_columns(field)
+                        backfill = COLUMN_BACKFILL.get(name, {}).get(field.name)
+                        table.add_columns(field if backfill is None else {field.name: backfill})
                 if table.schema != schema:
                     raise ValueError(
                         f"table {name!r} in {folder} does not have the expected schema (embedding dimension {dim}): {table.schema}"
@@ -108,7 +109,8 @@ class MetadataStore:
 
         Paths are stored resolved. A file should be stored once: check `image_by_path` first
         and delete the old row to replace it. A path repeated within `images` is refused (the
-        whole table is not searched, which would make every append as slow as a scan).
+        whole table is not searched, which would make every append as slow as a scan), except
+        for a video's frames, one row per time `t`, which are given together.
         """
         embeddings = self._check_embeddings(embeddings, len(images))
         if not images:
@@ -117,7 +119,8 @@ class MetadataStore:
         unstorable = [path for path in paths if not is_utf8(path)]
         if unstorable:  # file names that are not UTF-8: Arrow strings cannot hold them
             raise ValueError(f"{len(unstorable)} paths are not valid UTF-8, e.g. {unstorable[0]!r}")
-        repeated = [path for path, count in Counter(paths).items() if count > 1]
+        times = [image.get("t") for image in images]
+        repeated = [path for (path, _), count in Counter(zip(paths, times)).items() if count > 1]
         if repeated:
             raise ValueError(f"{len(repeated)} paths occur more than once, e.g. {repeated[0]!r}")
         ids = self._allocate_ids("images", len(images)) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -132,6 +135,8 @@ class MetadataStore:
             "folder": [folder_of(path) for path in paths],
             "taken": [image.get("taken") for image in images],
             "camera": [image.get("camera") for image in images],
+            "kind": [image.get("kind", "image") for image in images],
+            "t": times,
         }
         self._append("images", columns, embeddings)
         return ids
@@ -213,13 +218,31 @@ class MetadataStore:
     def stored_files(self) -> StoredFiles:
         """The file facts of every image row, in one scan, as columns: what a sync compares the
         files on disk with (a few dozen bytes a row, where `image_files` takes hundreds)."""
-        columns = [c for c in ("id", "path", "size", "mtime", "content_hash") if c in self._row_columns["images"]]
+        columns = [c for c in ("id", "path", "size", "mtime", "content_hash", "t") if c in self._row_columns["images"]]
         table = self._tables["images"].search().select(columns).to_arrow()
         hashes = table["content_hash"].combine_chunks() if "content_hash" in columns else pa.nulls(table.num_rows, pa.string())
+        times = table["t"].to_numpy(zero_copy_only=False).astype(np.float64) if "t" in columns else None  # nulls become NaN
         return StoredFiles(
             ids=table["id"].to_numpy(), paths=table["path"].combine_chunks(),
-            sizes=table["size"].to_numpy(), mtimes=table["mtime"].to_numpy(), hashes=hashes,
+            sizes=table["size"].to_numpy(), mtimes=table["mtime"].to_numpy(), hashes=hashes, times=times,
         )
+
+    def frame_times(self, paths: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each of these videos' stored frames, by path: (times in seconds, ids), in time order."""
+        paths = sorted(set(paths))
+        if not paths or "t" not in self._row_columns["images"]:
+            return {}
+        where = f"path IN ({', '.join(sql_string(path) for path in paths)}) AND t IS NOT NULL"
+        rows = self._tables["images"].search().where(where).select(["id", "path", "t"]).to_arrow()
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        ids, times = rows["id"].to_numpy(), rows["t"].to_numpy(zero_copy_only=False).astype(np.float64)
+        all_paths = np.asarray(rows["path"].to_pylist(), dtype=object)
+        for path in paths:
+            mine = np.flatnonzero(all_paths == path)
+            order = mine[np.argsort(times[mine], kind="stable")]
+            if len(order):
+                found[path] = (times[order], ids[order])
+        return found
 
     def image_files(self) -> dict[str, ImageRow]:
         """Every image row (without embeddings) by path, in one scan: far cheaper than one

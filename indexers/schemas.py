@@ -8,8 +8,16 @@ from typing import TypedDict
 import pyarrow as pa
 
 
-class ImageInfo(TypedDict):
-    """What `add_images` needs to know about an image file, besides its embedding."""
+class FrameInfo(TypedDict, total=False):
+    """What a video frame adds (an image leaves both out: kind "image", no t)."""
+
+    kind: str  # "image" or "video"
+    t: float | None  # a video frame's time in seconds from the video's start
+
+
+class ImageInfo(FrameInfo):
+    """What `add_images` needs to know about an image file (or a frame of a video file: `path`
+    is the video), besides its embedding."""
 
     path: str
     size: int
@@ -49,6 +57,11 @@ def images_schema(dim: int) -> pa.Schema:
             pa.field("folder", pa.string(), nullable=True),  # the folder holding the file (of `path`)
             pa.field("taken", pa.string(), nullable=True),  # "YYYY-MM-DD HH:MM:SS": EXIF capture time, else mtime (photo_facts)
             pa.field("camera", pa.string(), nullable=True),  # EXIF make and model; null without EXIF
+            # Videos are stored as their sampled frames, a row each with the video's path and file
+            # facts: `kind` says which rows are frames ('video') and which photos ('image'; rows
+            # from before the column existed are given 'image'), `t` is a frame's time in seconds.
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("t", pa.float64(), nullable=True),
         ]
     )
 
@@ -65,5 +78,8 @@ def texts_schema(dim: int) -> pa.Schema:
         ]
     )
 
+
+# What rows from before a column existed are given when it is added (a SQL expression; else null).
+COLUMN_BACKFILL = {"images": {"kind": "'image'"}}
 
 SCHEMAS: dict[str, Callable[[int], pa.Schema]] = {"images": images_schema, "texts": texts_schema}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -42,13 +42,16 @@ def is_utf8(text: str) -> bool:
 @dataclass
 class StoredFiles:
     """Image rows' file facts, one position per row, matched against paths in Arrow (C++):
-    planning the sync of millions of files needs no Python object per stored row."""
+    planning the sync of millions of files needs no Python object per stored row. A video's
+    frames are rows of one file (`file_rows`), which a sync keeps, changes or removes together."""
 
     ids: np.ndarray
     paths: pa.StringArray  # absolute, resolved
     sizes: np.ndarray
     mtimes: np.ndarray
     hashes: pa.StringArray  # content_hash, null in rows from before the column existed
+    times: np.ndarray | None = None  # a video frame's time in seconds, NaN for an image; None: no frames
+    _video_rows: dict[str, list[int]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_rows(
@@ -81,7 +84,30 @@ class StoredFiles:
             inside = pc.or_(inside, pc.starts_with(self.paths, folder.rstrip(os.sep) + os.sep))
         found = np.zeros(len(self.ids), dtype=bool)
         found[positions[positions >= 0]] = True
+        for rows in self.video_rows().values():  # a video found is found with all its frames
+            found[rows] = found[rows].any()
         return np.flatnonzero(inside.to_numpy(zero_copy_only=False) & ~found)
 
     def content_hash(self, position: int) -> str | None:
         return self.hashes[position].as_py()
+
+    def video_rows(self) -> dict[str, list[int]]:
+        """The row positions of each stored video's frames, by path (computed once: videos are
+        few beside the rows they hold)."""
+        if self._video_rows is None:
+            self._video_rows = {}
+            if self.times is not None:
+                for position in np.flatnonzero(~np.isnan(self.times)).tolist():
+                    self._video_rows.setdefault(self.paths[position].as_py(), []).append(position)
+        return self._video_rows
+
+    def file_rows(self, position: int) -> list[int]:
+        """The row positions of the file whose row is at `position`: itself for an image, every
+        frame for a video."""
+        if self.times is None or np.isnan(self.times[position]):
+            return [position]
+        return self.video_rows()[self.paths[position].as_py()]
+
+    def file_ids(self, position: int) -> list[int]:
+        """The ids of the rows of the file whose row is at `position` (`file_rows`)."""
+        return [int(self.ids[row]) for row in self.file_rows(position)]

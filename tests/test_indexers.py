@@ -201,6 +201,7 @@ def test_images_round_trip_in_the_order_asked(store, tmp_path):
     assert rows[0] == {
         "id": 3, "path": str(tmp_path / "3.jpg"), "size": 3, "mtime": 3.25, "width": 2, "height": 3, "content_hash": None,
         "folder": str(tmp_path), "taken": None, "camera": None,  # the folder follows the path; the photo facts were not given
+        "kind": "image", "t": None,  # a photo, not a video's frame
     }
     assert store.get_images([]) == []
     with pytest.raises(KeyError):

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..defaults import DEFAULT_MAX_PIXELS
+from ..defaults import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_PIXELS
 from ..indexers.layout import lance_folder
 from ..indexers.skip_log import SkipLog
 from ..indexers.write_errors import writing
 from ..media.loader import LoadedImage, SkippedImage
 from ..media.photo_facts import read_photo_facts
-from ..model.image_states import embed_image_files
+from ..media.video import is_video
+from ..model.image_states import embed_image_files, embed_video_frames
 from .sync import SyncPlan, find_files, plan_sync
 
 if TYPE_CHECKING:
@@ -71,7 +72,12 @@ class ImageWriter:
     pixel store their crops, then LanceDB (the truth) the rows, whose commit makes them
     searchable, then FAISS. A crash in between leaves cache and pixel rows no image uses (dropped
     later), never a searchable image without its states or pixels; and FAISS behind, which the
-    next open catches up from LanceDB."""
+    next open catches up from LanceDB.
+
+    A video's frames come between `start_video` and `end_video` (or `drop_video`, when it stops
+    decoding part way): their states and crops are written as they come, but their rows wait
+    for the last frame and go into LanceDB in one append, so a video is searchable whole or not
+    at all (a few kB a frame wait: its embedding and facts)."""
 
     def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, pixels: PixelStore | None = None) -> None:
         self.store, self.indexes, self.rerank_cache, self.pixels = store, indexes, rerank_cache, pixels
@@ -80,6 +86,10 @@ class ImageWriter:
         self._embeddings: list[np.ndarray] = []
         self._bridges: list[np.ndarray] = []  # float16 bridge inputs, when the re-rank cache is on
         self._crops: list[bytes | None] = []  # encoded crops, when the pixel store is on
+        # Rows whose states and crops are written, with their ids, waiting for LanceDB: an open
+        # video's frames (always the last `_video_rows` rows of `_staged` and `_rows` together).
+        self._staged: list[tuple[np.ndarray, list[dict], np.ndarray]] = []
+        self._video_open, self._video_rows = False, 0
         self._last_commit = time.monotonic()
 
     def add(self, images: Sequence[LoadedImage], embeddings: np.ndarray, bridges: np.ndarray | None = None) -> None:
@@ -87,6 +97,7 @@ class ImageWriter:
             {
                 "path": str(im.path), "size": im.size, "mtime": im.mtime, "width": im.width, "height": im.height,
                 "content_hash": im.content_hash, "taken": im.taken, "camera": im.camera,
+                "kind": "image" if im.t is None else "video", "t": im.t,
             }
             for im in images
         ]
@@ -94,6 +105,33 @@ class ImageWriter:
         if bridges is not None:
             self._bridges.append(bridges)
         self._crops += [im.crop for im in images]
+        if self._video_open:
+            self._video_rows += len(images)
+
+    def start_video(self) -> None:
+        self._video_open, self._video_rows = True, 0
+
+    def end_video(self) -> None:
+        """The open video's frames may be committed (with the next flush, in one append)."""
+        self._video_open, self._video_rows = False, 0
+
+    def drop_video(self) -> None:
+        """Forget the open video's frames: none is committed (their states and crops already
+        written are dropped by the next catch-up, as a crash's are)."""
+        count, self._video_open, self._video_rows = self._video_rows, False, 0
+        staged = sum(len(rows) for _, rows, _ in self._staged)
+        waiting = len(self._rows)
+        drop_waiting = min(count, waiting)
+        if drop_waiting:
+            kept = waiting - drop_waiting
+            self._rows, self._crops = self._rows[:kept], self._crops[:kept]
+            self._embeddings = _first_rows(self._embeddings, kept)
+            self._bridges = _first_rows(self._bridges, kept)
+        drop_staged = count - drop_waiting
+        if drop_staged:
+            ids, rows, embeddings = _merged(self._staged)
+            kept = staged - drop_staged
+            self._staged = [(ids[:kept], rows[:kept], embeddings[:kept])] if kept else []
 
     def flush_if_due(self) -> None:
         """Write what waits once it fills an append, or once COMMIT_INTERVAL_S has passed."""
@@ -103,8 +141,20 @@ class ImageWriter:
 
     def flush(self) -> None:
         self._last_commit = time.monotonic()
-        if not self._rows:
+        if self._rows:
+            self._stage()
+        if not self._staged:
             return
+        ids, rows, embeddings = _merged(self._staged)
+        ready = len(rows) - self._video_rows  # an open video's frames wait for its last
+        self._staged = [(ids[ready:], rows[ready:], embeddings[ready:])] if ready < len(rows) else []
+        if ready:
+            with writing("the images table", self.store.folder / lance_folder("images"), embeddings[:ready].nbytes + 512 * ready):
+                self.store.add_images(rows[:ready], embeddings[:ready], ids[:ready])  # type: ignore[arg-type]
+            self.indexes["images"].add(ids[:ready], embeddings[:ready])
+
+    def _stage(self) -> None:
+        """Reserve ids for the rows that wait, and write their states and crops."""
         rows, embeddings, crops = self._rows, np.concatenate(self._embeddings), self._crops
         bridges = np.concatenate(self._bridges) if self._bridges else None
         self._rows, self._embeddings, self._bridges, self._crops = [], [], [], []
@@ -114,9 +164,17 @@ class ImageWriter:
         if self.pixels is not None:  # a crop is None only where the processor gave no uint8 pixels
             kept = [n for n, crop in enumerate(crops) if crop is not None]
             self.pixels.append(ids[kept], [crops[n] for n in kept])  # type: ignore[misc]
-        with writing("the images table", self.store.folder / lance_folder("images"), embeddings.nbytes + 512 * len(rows)):
-            self.store.add_images(rows, embeddings, ids)  # type: ignore[arg-type]
-        self.indexes["images"].add(ids, embeddings)
+        self._staged.append((ids, rows, embeddings))
+
+
+def _merged(staged: list[tuple[np.ndarray, list[dict], np.ndarray]]) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """Staged chunks as one (ids, rows, embeddings)."""
+    return np.concatenate([ids for ids, _, _ in staged]), [row for _, rows, _ in staged for row in rows], np.concatenate([e for _, _, e in staged])
+
+
+def _first_rows(chunks: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """The first `n` rows of arrays kept as a list of chunks."""
+    return [np.concatenate(chunks)[:n]] if chunks and n else []
 
 
 def apply_plan(store: MetadataStore, indexes: TableIndexes, plan: SyncPlan, pixels: PixelStore | None = None) -> None:
@@ -143,26 +201,49 @@ def index_images(
     keep_missing: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     pixels: PixelStore | None = None,
+    frames_per_second: float = DEFAULT_FRAMES_PER_SECOND,
 ) -> IndexReport:
-    """The local runner: sync the collection with the image files under `roots`, stage by stage."""
+    """The local runner: sync the collection with the image and video files under `roots`, stage
+    by stage (the images first, then each video's sampled frames: `frames_per_second`, and one
+    at each scene cut)."""
     started = time.perf_counter()
     plan, report = start_sync(store, indexes, roots, keep_missing, pixels)
     writer = ImageWriter(store, indexes, rerank_cache, pixels)
     last_save = time.monotonic()
-    with tqdm(total=len(plan.todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        batches = embed_image_files(
-            encoder, plan.todo, batch_size, with_bridge=rerank_cache is not None, max_pixels=max_pixels, keep_crops=pixels is not None,
-        )
-        for batch in batches:
+    with_bridge, keep_crops = rerank_cache is not None, pixels is not None
+
+    def save_if_due() -> None:
+        nonlocal last_save
+        if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
+            indexes.save("images")
+            last_save = time.monotonic()
+
+    with tqdm(total=len(plan.todo), desc="indexing", unit="file", disable=not progress, dynamic_ncols=True) as bar:
+        images = [path for path in plan.todo if not is_video(path)]
+        for batch in embed_image_files(encoder, images, batch_size, with_bridge=with_bridge, max_pixels=max_pixels, keep_crops=keep_crops):
             report.skipped.extend(batch.skipped)
             if batch.states is not None:
-                writer.add(batch.images, batch.embeddings(), batch.bridges() if rerank_cache is not None else None)
+                writer.add(batch.images, batch.embeddings(), batch.bridges() if with_bridge else None)
                 report.count_embedded((str(image.path) for image in batch.images), plan.replaced_paths)
             writer.flush_if_due()
             bar.update(len(batch.images) + len(batch.skipped))
-            if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:
-                indexes.save("images")
-                last_save = time.monotonic()
+            save_if_due()
+        for video in (path for path in plan.todo if is_video(path)):
+            writer.start_video()
+            frames = embed_video_frames(encoder, video, frames_per_second, batch_size, with_bridge, max_pixels, keep_crops)
+            for batch in frames:
+                if batch.skipped:  # it stopped decoding: none of its frames is kept
+                    writer.drop_video()
+                    report.skipped.extend(batch.skipped)
+                    break
+                writer.add(batch.images, batch.embeddings(), batch.bridges() if with_bridge else None)
+                writer.flush_if_due()
+                save_if_due()
+            else:
+                writer.end_video()
+                report.count_embedded([video], plan.replaced_paths)
+            frames.close()  # a video left part way stops decoding now
+            bar.update(1)
     writer.flush()
     return finish_sync(store, indexes, plan, report, started)
 
@@ -173,7 +254,7 @@ def start_sync(
     """What every engine does first: find the files, plan the sync, apply its updates and
     deletions; the report so far."""
     plan = plan_sync(find_files(roots), store.stored_files(), roots, keep_missing)
-    report = IndexReport(removed=len(plan.removed), unchanged=plan.unchanged, kept_unlisted=plan.kept_unlisted, skipped=list(plan.skipped))
+    report = IndexReport(removed=plan.removed_files, unchanged=plan.unchanged, kept_unlisted=plan.kept_unlisted, skipped=list(plan.skipped))
     apply_plan(store, indexes, plan, pixels)
     fill_photo_facts(store)
     return plan, report

@@ -42,6 +42,7 @@ from ..indexers.layout import RAY_WAVES, lance_folder
 from ..indexers.metadata_store import VERSION_GRACE
 from ..indexers.sharded_index import fill_shard
 from ..media.loader import SkippedImage
+from ..media.video import is_video
 from .pipeline import IndexReport, finish_sync, start_sync
 from .ray_stages import Embed, Prepare, StreamFence, WriteFragments
 
@@ -103,6 +104,7 @@ def sync_on_ray(
 
     precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
     pixels = options.pop("pixels", None)
+    options.pop("frames_per_second", None)  # videos are refused before any is read (`index_images_on_ray`)
     return index_images_on_ray(
         encoder.model_id, store, indexes, roots, precision=precision, progress=progress, pixels=None if pixels is None else pixels.folder, **options,
     )
@@ -136,6 +138,9 @@ def index_images_on_ray(
     ray = start_ray(address)
     started = time.perf_counter()
     plan, report = start_sync(store, indexes, roots, keep_missing, None if pixels is None else PixelStore.open(pixels))
+    videos = [path for path in plan.todo if is_video(path)]
+    if videos:  # their frames are sampled and committed whole by the local engine alone
+        raise BtsearchError(f"the Ray engine indexes images, not videos ({len(videos)} to index, e.g. {videos[0]}): index them with --engine local")
     waves = store.folder / RAY_WAVES
     waves.mkdir(exist_ok=True)
     for stale in [*waves.glob("run-*.json"), *waves.glob("fence-*")]:  # a killed run's plan (its files were planned again above), old fences

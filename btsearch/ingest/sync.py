@@ -4,8 +4,9 @@ drop, judged from the file facts alone.
 Two stages of the ingest pipeline: `find_files` lists what is on disk, `plan_sync` compares it
 with the stored rows (`StoredFiles`, Arrow columns). Size and mtime decide where they can; a
 content hash decides where they disagree (a touched file keeps its row) and follows a file that
-moved (same content under a new path keeps its id). Plain inputs and outputs: the plan is made
-once, by whoever holds the write lock, whatever engine then does the embedding.
+moved (same content under a new path keeps its id). A video is one file here, however many frame
+rows it has: they are kept, updated, replaced or removed together. Plain inputs and outputs: the
+plan is made once, by whoever holds the write lock, whatever engine then does the embedding.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import pyarrow as pa
 from ..indexers.stored_files import StoredFiles, is_utf8, resolve_path
 from ..media.images import IMAGE_SUFFIXES, file_hash
 from ..media.loader import SkippedImage
+from ..media.video import VIDEO_SUFFIXES
+
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what a folder is searched for
 
 
 @dataclass
 class FoundFiles:
-    """The image files under the roots (absolute, resolved, each once), and what could not be listed."""
+    """The image and video files under the roots (absolute, resolved, each once), and what could not be listed."""
 
     paths: list[str]
     skipped: list[SkippedImage] = field(default_factory=list)
@@ -33,10 +37,11 @@ class FoundFiles:
 
 @dataclass
 class SyncPlan:
-    todo: list[str] = field(default_factory=list)  # files to embed: new ones, then changed ones among them
-    replaced: list[int] = field(default_factory=list)  # rows of changed files, deleted before re-embedding
+    todo: list[str] = field(default_factory=list)  # files to embed: new ones, then changed ones among them (images and videos)
+    replaced: list[int] = field(default_factory=list)  # rows of changed files (every frame of a video), deleted before re-embedding
     replaced_paths: set[str] = field(default_factory=set)
     removed: list[int] = field(default_factory=list)  # rows whose files are gone
+    removed_files: int = 0  # the files of `removed` (a video's frames are one)
     touched: list[tuple[int, dict]] = field(default_factory=list)  # rows to update in place: (id, new facts)
     moved: int = 0  # of `touched`, rows that follow their file to a new path
     unchanged: int = 0
@@ -46,7 +51,7 @@ class SyncPlan:
 
 
 def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> list[str]:
-    """Every image file under the given files and folders, as absolute resolved path strings
+    """Every image and video file under the given files and folders, as absolute resolved path strings
     (a str is a third of a Path's memory, which counts at millions of files), in a stable
     order, each once.
 
@@ -76,7 +81,7 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
                 visited.add((info.st_dev, info.st_ino))
                 subfolders.sort()
                 for name in sorted(files):
-                    if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                    if os.path.splitext(name)[1].lower() in MEDIA_SUFFIXES:
                         found.setdefault(resolve_path(os.path.join(folder, name)), None)
         elif root.exists() or root.is_symlink():
             found.setdefault(resolve_path(root), None)
@@ -86,7 +91,7 @@ def find_images(roots: list[str | os.PathLike], unreadable: list[tuple[Path, str
 
 
 def find_files(roots: Sequence[str | os.PathLike[str]]) -> FoundFiles:
-    """Stage 1: every image file under `roots`; folders that cannot be listed and names that
+    """Stage 1: every image and video file under `roots`; folders that cannot be listed and names that
     cannot be stored (not UTF-8) are skipped with their reason."""
     unreadable: list[tuple[Path, str]] = []
     paths = find_images(list(roots), unreadable)
@@ -126,10 +131,11 @@ def plan_sync(
         kept = {row for row in vanished if stored.paths[row].as_py().startswith(unlisted)}
         vanished -= kept
         plan.kept_unlisted = len(kept)
-    # A file that vanished may have moved: match new files to vanished rows by size, then hash.
+    # A file that vanished may have moved: match new files to vanished rows by size, then hash
+    # (a video by its first frame's row: its other frames follow it).
     vanished_by_size: dict[int, list[int]] = {}
     for row in sorted(vanished):
-        if stored.content_hash(row):
+        if stored.content_hash(row) and stored.file_rows(row)[0] == row:
             vanished_by_size.setdefault(int(stored.sizes[row]), []).append(row)
     for path, row in zip(found.paths, positions.tolist()):
         try:
@@ -145,11 +151,12 @@ def plan_sync(
         if moved_from is None:
             plan.todo.append(path)
             continue
-        vanished.discard(moved_from)
-        plan.touched.append((int(stored.ids[moved_from]), {**facts, "path": path}))
+        vanished.difference_update(stored.file_rows(moved_from))
+        plan.touched += [(item, {**facts, "path": path}) for item in stored.file_ids(moved_from)]
         plan.moved += 1
     if not keep_missing:
         plan.removed = [int(stored.ids[row]) for row in sorted(vanished)]
+        plan.removed_files = sum(stored.file_rows(row)[0] == row for row in vanished)
     return plan
 
 
@@ -158,11 +165,11 @@ def _plan_stored(plan: SyncPlan, path: str, row: int, facts: dict, stored: Store
     if stored.sizes[row] == facts["size"] and stored.mtimes[row] == facts["mtime"]:
         plan.unchanged += 1
     elif (known_hash := stored.content_hash(row)) and known_hash == hash_file(path):
-        plan.touched.append((int(stored.ids[row]), facts))
+        plan.touched += [(item, facts) for item in stored.file_ids(row)]
         plan.unchanged += 1
     else:
         plan.todo.append(path)
-        plan.replaced.append(int(stored.ids[row]))
+        plan.replaced += stored.file_ids(row)
         plan.replaced_paths.add(path)
 
 

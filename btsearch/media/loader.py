@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,8 +22,9 @@ from PIL import Image
 
 from ..errors import ImageReadError
 from .crops import encode_crop
-from .images import DEFAULT_MAX_PIXELS, content_hash, load_rgb
-from .photo_facts import read_photo_facts
+from .images import DEFAULT_MAX_PIXELS, content_hash, file_hash, load_rgb
+from .photo_facts import PhotoFacts, format_time, read_photo_facts
+from .video import VideoFrame, VideoReader
 
 
 @dataclass
@@ -36,6 +39,12 @@ class LoadedImage:
     taken: str  # photo_facts: EXIF capture time, else mtime
     camera: str | None
     crop: bytes | None = None  # the uint8 pixels encoded for the pixel store (`crops`), when asked for
+    t: float | None = None  # a video frame's time in seconds (`path` is its video); None for an image
+
+    @property
+    def source(self) -> Path | VideoFrame:
+        """What was read: the image file, or the video's frame at `t` (as it was asked for)."""
+        return self.path if self.t is None else VideoFrame(self.path, self.t)
 
 
 @dataclass
@@ -54,10 +63,13 @@ class ImageBatch:
 
 
 def load_one(
-    path: str | Path, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int, keep_crop: bool = False,
+    path: str | Path | VideoFrame, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int, keep_crop: bool = False,
 ) -> LoadedImage | SkippedImage:
-    """One file read, decoded and prepared; `keep_crop`: its uint8 pixels also encoded for the
-    pixel store (here, on the loader's thread, not where the model waits)."""
+    """One file read, decoded and prepared (or one stored video frame: `load_frame`); `keep_crop`:
+    its uint8 pixels also encoded for the pixel store (here, on the loader's thread, not where the
+    model waits)."""
+    if isinstance(path, VideoFrame):
+        return load_frame(path, preprocess, max_pixels, keep_crop)
     path = Path(path)
     try:
         with open(path, "rb") as f:  # read once: the bytes are both hashed and decoded
@@ -78,6 +90,103 @@ def load_one(
         return SkippedImage(path, error.strerror or str(error))
     except Exception as error:  # a preprocessing failure on one odd file must not stop the run
         return SkippedImage(path, f"{type(error).__name__}: {error}")
+
+
+def load_frame(
+    frame: VideoFrame, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int, keep_crop: bool = False,
+) -> LoadedImage | SkippedImage:
+    """A stored video frame decoded again from its video (re-ranking's file tier, the catch-ups).
+    Its content hash is left empty: only indexing, which reads whole videos, stores one."""
+    try:
+        stat = os.stat(frame.path)
+        with VideoReader(frame.path, max_pixels) as video:
+            picture = video.frame_at(frame.t)
+            facts = _video_facts(video, stat.st_mtime)
+            width, height = video.width, video.height
+        pixels = preprocess(picture)
+        crop = encode_crop(pixels) if keep_crop and pixels.dtype == np.uint8 else None
+        return LoadedImage(frame.path, pixels, stat.st_size, stat.st_mtime, width, height, "", facts.taken, facts.camera, crop, frame.t)
+    except ImageReadError as error:
+        return SkippedImage(frame.path, str(error).removeprefix(f"cannot read video {frame.path}: "))
+    except OSError as error:
+        return SkippedImage(frame.path, error.strerror or str(error))
+    except Exception as error:  # one odd frame must not stop a search or a catch-up
+        return SkippedImage(frame.path, f"{type(error).__name__}: {error}")
+
+
+def _video_facts(video: VideoReader, mtime: float) -> PhotoFacts:
+    """A video's capture time (its container's creation time, else the file's mtime) and camera."""
+    created = video.creation_time()
+    return PhotoFacts(taken=format_time(created) if created else read_photo_facts(b"", mtime).taken, camera=video.camera())
+
+
+def iter_video_batches(
+    path: str | Path,
+    preprocess: Callable[[Image.Image], np.ndarray],
+    batch_size: int,
+    frames_per_second: float,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_crops: bool = False,
+    prefetch: int = 2,
+) -> Iterator[ImageBatch]:
+    """A video's sampled frames (`video.VideoReader.sample`) in batches of prepared images, in
+    time order, decoded and prepared on a background thread at most `prefetch` batches ahead
+    (a long 4K video takes the memory of a few batches). When the video cannot be read, or
+    stops decoding part way, the last batch holds no images and the video as skipped, with the
+    reason: what came before it must then be dropped, so that a video is indexed whole or not."""
+    path = Path(path)
+    batches: queue.Queue[ImageBatch | None] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(batch: ImageBatch | None) -> bool:
+        while not stop.is_set():
+            try:
+                batches.put(batch, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode() -> None:
+        try:
+            stat = os.stat(path)
+            digest = file_hash(path)
+            with VideoReader(path, max_pixels) as video:
+                facts = _video_facts(video, stat.st_mtime)
+                frames: list[LoadedImage] = []
+                sampled_any = False
+                for sampled in video.sample(frames_per_second):
+                    sampled_any = True
+                    pixels = preprocess(sampled.picture)
+                    crop = encode_crop(pixels) if keep_crops and pixels.dtype == np.uint8 else None
+                    frames.append(LoadedImage(
+                        path, pixels, stat.st_size, stat.st_mtime, video.width, video.height, digest, facts.taken, facts.camera, crop, sampled.t,
+                    ))
+                    if len(frames) == batch_size:
+                        if not put(ImageBatch(frames, [])):
+                            return
+                        frames = []
+                if frames:
+                    put(ImageBatch(frames, []))
+                elif not sampled_any:  # a zero-length stream
+                    put(ImageBatch([], [SkippedImage(path, "the video has no frames")]))
+        except ImageReadError as error:
+            put(ImageBatch([], [SkippedImage(path, str(error).removeprefix(f"cannot read video {path}: "))]))
+        except OSError as error:
+            put(ImageBatch([], [SkippedImage(path, error.strerror or str(error))]))
+        except Exception as error:  # a preprocessing failure on one odd video must not stop the run
+            put(ImageBatch([], [SkippedImage(path, f"{type(error).__name__}: {error}")]))
+        finally:
+            put(None)
+
+    worker = threading.Thread(target=decode, name="btsearch-video", daemon=True)
+    worker.start()
+    try:
+        while (batch := batches.get()) is not None:
+            yield batch
+    finally:  # a consumer that stops early stops the decoding too
+        stop.set()
+        worker.join()
 
 
 def default_workers(model_on_gpu: bool) -> int:

@@ -5,7 +5,7 @@ re-rank and evaluation caches are filled through `fill_bridge_cache`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_MAX_PIXELS
 from ..errors import BtsearchError
-from ..media.loader import LoadedImage, SkippedImage, iter_image_batches
+from ..media.loader import LoadedImage, SkippedImage, iter_image_batches, iter_video_batches
 from .tensors import to_numpy
 
 if TYPE_CHECKING:
@@ -65,6 +65,17 @@ def embed_image_files(
     inputs when asked), in the order of `paths`."""
     batches = iter_image_batches(paths, encoder.prepare_image, batch_size, encoder.loader_workers, max_pixels=max_pixels, keep_crops=keep_crops)
     for batch in batches:
+        states = encoder.image_states(batch.pixels(), with_bridge=with_bridge) if batch.images else None
+        yield EmbeddedBatch(batch.images, batch.skipped, states)
+
+
+def embed_video_frames(
+    encoder: Encoder, path: str | Path, frames_per_second: float, batch_size: int = 16, with_bridge: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS, keep_crops: bool = False,
+) -> Generator[EmbeddedBatch, None, None]:
+    """`embed_image_files` for one video's sampled frames (`loader.iter_video_batches`), in time
+    order; a last batch with the video as skipped means it stopped decoding part way."""
+    for batch in iter_video_batches(path, encoder.prepare_image, batch_size, frames_per_second, max_pixels, keep_crops):
         states = encoder.image_states(batch.pixels(), with_bridge=with_bridge) if batch.images else None
         yield EmbeddedBatch(batch.images, batch.skipped, states)
 
