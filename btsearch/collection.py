@@ -166,8 +166,8 @@ class Collection:
         ray_address: str | None = None,
         workers: int | None = None,
         rerank_cache_max: int | None = None,
-    ) -> IndexReport:
         frames_per_second: float = DEFAULT_FRAMES_PER_SECOND,
+    ) -> IndexReport:
         """Sync the collection with the image and video files under `roots`: embed new and changed files,
         drop rows whose files are gone from under `roots` (unless `keep_missing`), and follow
         touched and moved files without re-embedding them (their content hash tells).
@@ -187,9 +187,9 @@ class Collection:
         check_engine(engine)  # before taking the lock for nothing
         if rerank_cache_max is not None and rerank_cache_max <= 0:
             raise BtsearchError("the re-rank cache's bound must be positive")
-        with self._writing():
         if not frames_per_second > 0:
             raise BtsearchError(f"frames per second must be positive, not {frames_per_second:g}")
+        with self._writing():
             if (rerank_cache or rerank_cache_max is not None) and self.rerank_cache is None:
                 self.rerank_cache = BridgeCache.create(self.path / RERANK_CACHE)
             if rerank_cache_max is not None:
@@ -199,8 +199,8 @@ class Collection:
             return run_index(
                 self._model, self.store, self.indexes, self.rerank_cache, self.pixels, roots, engine=engine, ray_address=ray_address,
                 workers=workers, batch_size=batch_size, progress=progress, keep_missing=keep_missing, max_pixels=max_pixels,
-            )
                 frames_per_second=frames_per_second,
+            )
 
     def add_texts(
         self, texts: Sequence[str], batch_size: int = 256, progress: bool = False, image_paths: Sequence[str | os.PathLike[str] | None] | None = None,

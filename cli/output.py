@@ -13,7 +13,7 @@ from .options import say
 if TYPE_CHECKING:
     from btsearch.collection import Collection
     from btsearch.ingest.pipeline import IndexReport
-    from btsearch.search.results import SearchResult
+    from btsearch.search.results import Hit, SearchResult
 
 
 def print_search(result: SearchResult, as_json: bool = False, bare: bool = False) -> None:
@@ -24,7 +24,7 @@ def print_search(result: SearchResult, as_json: bool = False, bare: bool = False
         say(f"note: {note}")
     if bare:
         for hit in result.hits:
-            click.echo(getattr(hit, result.field))
+            click.echo(_named(hit, result.field, bare=True))
         return
     if as_json:
         click.echo(json.dumps(result_json(result), ensure_ascii=False))
@@ -33,7 +33,18 @@ def print_search(result: SearchResult, as_json: bool = False, bare: bool = False
     for hit in result.hits:
         itm = "-" if hit.itm_score is None else f"{hit.itm_score:.3f}"
         match = "-" if hit.match is None else f"{hit.match:.3f}"
-        click.echo(f"{hit.rank:>4}  {match:>6}  {itm:>8}  {hit.itc_score:>7.4f}  {getattr(hit, result.field)}")
+        click.echo(f"{hit.rank:>4}  {match:>6}  {itm:>8}  {hit.itc_score:>7.4f}  {_named(hit, result.field)}")
+
+
+def _named(hit: Hit, field: str, bare: bool = False) -> str:
+    """A hit's path (or text); a video's moment with its span: `holiday.mp4 00:01:23-00:01:31` in the
+    table, `holiday.mp4#t=83,91` (a media fragment, as players take it) for --paths."""
+    from btsearch.search.moments import clock, media_fragment
+
+    name = getattr(hit, field)
+    if hit.start is None or hit.end is None:
+        return name
+    return media_fragment(name, (hit.start, hit.end)) if bare else f"{name} {clock((hit.start, hit.end))}"
 
 
 def index_summary(report: IndexReport, collection: Collection, seconds: float) -> dict[str, Any]:

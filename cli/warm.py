@@ -110,6 +110,7 @@ def _result(body: dict[str, Any], image_label: str | None, offset: int, where: s
                 rank=int(hit["rank"]), id=int(hit["id"]), itc_score=float(hit["itc_score"]),
                 itm_score=None if hit["itm_score"] is None else float(hit["itm_score"]),
                 match=None if hit["match"] is None else float(hit["match"]), rerank_from=hit.get("rerank_from"), **{field: hit[field]},
+                start=_seconds(hit.get("start")), end=_seconds(hit.get("end")), t=_seconds(hit.get("t")),  # a video's moment
             )
             for hit in body["hits"]
         ]
@@ -131,3 +132,7 @@ def _cli_note(note: str, offset: int, where: str | None) -> str:
         if where is not None and note == f"no {table} satisfies {API.where} {where}":
             return f"no {table} satisfies {CLI.where} {where}"
     return note
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)

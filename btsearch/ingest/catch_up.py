@@ -16,11 +16,13 @@ from tqdm.auto import tqdm
 
 from ..indexers.bridge_cache import COMPACT_DEAD_FRACTION
 from ..media.loader import SkippedImage, iter_image_batches
+from ..media.video import VideoFrame
 from ..model.image_states import fill_bridge_cache
 
 if TYPE_CHECKING:
     from ..indexers import BridgeCache, MetadataStore
     from ..indexers.pixel_store import PixelStore
+    from ..indexers.stored_files import StoredFiles
     from ..model.encoder import Encoder
 
 PIXEL_ROWS = 256  # images per pixel store append during a catch-up
@@ -42,7 +44,7 @@ def complete_rerank_cache(model: Callable[[], Encoder], store: MetadataStore, ca
     others' states at once (they re-rank from the pixel store)."""
     cache.remove_leftovers()
     stored = store.stored_files()
-    ids, paths = stored.ids.tolist(), stored.paths.to_pylist()
+    ids, paths = stored.ids.tolist(), stored_sources(stored)
     done = CatchUp()
     bounded = cache.max_bytes is not None
     if bounded and cache.row_bytes() is None and ids:  # an empty cache: one image's states tell the size of each
@@ -72,20 +74,20 @@ def complete_pixels(model: Callable[[], Encoder], store: MetadataStore, pixels: 
         done.compacted = len(dead)
     missing = set(pixels.missing(stored.ids).tolist())
     if missing:
-        rows = [(int(item), path) for item, path in zip(stored.ids.tolist(), stored.paths.to_pylist()) if item in missing]
-        id_of = {Path(path): item for item, path in rows}
+        rows = [(int(item), source) for item, source in zip(stored.ids.tolist(), stored_sources(stored)) if item in missing]
+        id_of = {source: item for item, source in rows}
         encoder = model()
         ids: list[int] = []
         crops: list[bytes] = []
         with tqdm(total=len(rows), desc="pixel store", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            batches = iter_image_batches([Path(path) for _, path in rows], encoder.prepare_image, 64, encoder.loader_workers, keep_crops=True)
+            batches = iter_image_batches([source for _, source in rows], encoder.prepare_image, 64, encoder.loader_workers, keep_crops=True)
             for batch in batches:
                 done.unreadable += batch.skipped
                 for image in batch.images:
                     if image.crop is None:  # a processor that gives no uint8 pixels: nothing to keep
                         done.unreadable.append(SkippedImage(image.path, "the processor gives no uint8 crop to keep"))
                         continue
-                    ids.append(id_of[image.path])
+                    ids.append(id_of[image.source])
                     crops.append(image.crop)
                 if len(ids) >= PIXEL_ROWS:
                     pixels.append(np.array(ids, np.int64), crops)
@@ -96,3 +98,11 @@ def complete_pixels(model: Callable[[], Encoder], store: MetadataStore, pixels: 
         done.filled += len(ids)
     pixels.optimize()
     return done
+
+
+def stored_sources(stored: StoredFiles) -> list[Path | VideoFrame]:
+    """What each stored row's picture is read from, in row order: its image file, or its video's frame at `t`."""
+    paths = stored.paths.to_pylist()
+    if stored.times is None:
+        return [Path(path) for path in paths]
+    return [Path(path) if np.isnan(t) else VideoFrame(Path(path), float(t)) for path, t in zip(paths, stored.times.tolist())]

@@ -199,7 +199,7 @@ def default_workers(model_on_gpu: bool) -> int:
 
 
 def iter_image_batches(
-    paths: Iterable[str | Path],
+    paths: Iterable[str | Path | VideoFrame],
     preprocess: Callable[[Image.Image], np.ndarray],
     batch_size: int,
     workers: int | None = None,

@@ -50,6 +50,15 @@ class VideoFrame:
     path: Path
     t: float
 
+    def __str__(self) -> str:
+        return f"{self.path}#t={self.t:g}"  # a media fragment, as a query's label
+
+
+def read_frame(frame: VideoFrame, max_pixels: int | None = None) -> Image.Image:
+    """The picture of a stored frame, decoded again from its video (VideoReadError if it cannot be)."""
+    with VideoReader(frame.path, max_pixels) as video:
+        return video.frame_at(frame.t)
+
 
 def row_source(row: Mapping[str, Any]) -> str | VideoFrame:
     """Where an images-table row's picture comes from: its image file, or its video's frame at `t`."""

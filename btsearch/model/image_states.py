@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..defaults import DEFAULT_MAX_PIXELS
 from ..errors import BtsearchError
 from ..media.loader import LoadedImage, SkippedImage, iter_image_batches, iter_video_batches
+from ..media.video import VideoFrame
 from .tensors import to_numpy
 
 if TYPE_CHECKING:
@@ -57,12 +58,12 @@ class EmbeddedBatch:
 
 
 def embed_image_files(
-    encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 16, with_bridge: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+    encoder: Encoder, paths: Sequence[str | Path | VideoFrame], batch_size: int = 16, with_bridge: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_crops: bool = False,
 ) -> Iterator[EmbeddedBatch]:
     """Stages 3 and 4 of ingest: load and prepare the files on background threads (encoding each
     crop for the pixel store when asked), and run the image tower on each batch (with its bridge
-    inputs when asked), in the order of `paths`."""
+    inputs when asked), in the order of `paths` (a `VideoFrame`: a stored frame of a video)."""
     batches = iter_image_batches(paths, encoder.prepare_image, batch_size, encoder.loader_workers, max_pixels=max_pixels, keep_crops=keep_crops)
     for batch in batches:
         states = encoder.image_states(batch.pixels(), with_bridge=with_bridge) if batch.images else None
@@ -81,25 +82,25 @@ def embed_video_frames(
 
 
 def fill_bridge_cache(
-    encoder: Encoder, cache: StateStore, rows: Sequence[tuple[int, str]], progress: bool = False, skip_unreadable: bool = False,
+    encoder: Encoder, cache: StateStore, rows: Sequence[tuple[int, str | Path | VideoFrame]], progress: bool = False, skip_unreadable: bool = False,
 ) -> list[SkippedImage]:
-    """Give every (id, path) in `rows` that `cache` lacks its bridge inputs. A file that cannot
-    be read is an error (the caller needs every one), unless `skip_unreadable`: then it is
-    left out, and returned."""
-    missing = [(int(item), path) for item, path in rows if int(item) not in cache]
+    """Give every (id, path) in `rows` that `cache` lacks its bridge inputs (a `VideoFrame` in
+    place of a path: a stored frame of a video). A file that cannot be read is an error (the
+    caller needs every one), unless `skip_unreadable`: then it is left out, and returned."""
+    missing = [(int(item), path if isinstance(path, VideoFrame) else Path(path)) for item, path in rows if int(item) not in cache]
     if not missing:
         return []
-    id_of = {Path(path): item for item, path in missing}
+    id_of = {source: item for item, source in missing}
     done_ids: list[int] = []
     done_states: list[np.ndarray] = []
     skipped: list[SkippedImage] = []
     with tqdm(total=len(missing), desc="image bridge inputs", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in embed_image_files(encoder, [Path(path) for _, path in missing], with_bridge=True):
+        for batch in embed_image_files(encoder, [source for _, source in missing], with_bridge=True):
             if batch.skipped and not skip_unreadable:
                 raise BtsearchError(f"cannot read {batch.skipped[0].path}: {batch.skipped[0].reason}")
             skipped += batch.skipped
             if batch.images:
-                done_ids += [id_of[image.path] for image in batch.images]
+                done_ids += [id_of[image.source] for image in batch.images]
                 done_states.append(batch.bridges(cache.dtype))
             if len(done_ids) >= CACHE_WRITE_ROWS:
                 cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import BtsearchError
+from ..media.video import VideoFrame, row_source
 from .pipeline import Recalled, finish, recall_query
 from .query import LIBRARY, Query, Spelling
 from .reranker import Reranker, Scored
@@ -49,14 +50,14 @@ def search_texts(
             answers[n] = error
     # Every candidate image once, whichever queries recalled it; a pair per (query, candidate).
     slot_of: dict[int, int] = {}
-    paths: list[str] = []
+    paths: list[str | VideoFrame] = []  # an image file, or a video's frame
     pairs: list[tuple[int, int]] = []
     for n, found in recalled.items():
         for position in range(found.reranked):
             item = int(found.ids[position])
             if item not in slot_of:
                 slot_of[item] = len(paths)
-                paths.append(found.rows[position]["path"])
+                paths.append(row_source(found.rows[position]))
             pairs.append((n, slot_of[item]))
     scored = Reranker(encoder, cache=rerank_cache, pixels=pixels).score_pairs(states, pairs, paths, list(slot_of)) if pairs else None
     start = 0

@@ -6,7 +6,7 @@ is a slice. `search` runs one query through it; `batch` re-ranks several togethe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +16,9 @@ from ..errors import BtsearchError, CollectionError
 from ..indexers.layout import TableName
 from ..indexers.sql import FilterError
 from ..media.images import load_rgb, to_rgb
+from ..media.video import VideoFrame, read_frame, row_source
 from ..model.tensors import to_numpy
+from .moments import group_moments
 from .query import LIBRARY, Query, Spelling, query_vector
 from .ranking import rerank_order, rerank_scores
 from .recall import recall
@@ -49,6 +51,7 @@ class Recalled:
     negative_states: list[TowerOutput]
     query: Query
     spelling: Spelling
+    frames: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # the recalled frames' videos: (times, ids) (`moments`)
 
 
 def search(
@@ -65,7 +68,7 @@ def search(
     reranker = Reranker(encoder, cache=rerank_cache, pixels=pixels)
     if found.target == "images":
         assert found.text_query is not None
-        paths = [row["path"] for row in found.rows[: found.reranked]]
+        paths = [row_source(row) for row in found.rows[: found.reranked]]  # a frame re-ranks from its video at t
         return finish(found, reranker.score_images_many([found.text_query, *found.negative_states], paths, found.ids[: found.reranked]))
     assert found.image_query is not None
     logits = reranker.score_texts(found.image_query, [row["text"] for row in found.rows[: found.reranked]])
@@ -121,7 +124,7 @@ def recall_query(
         positives.append(to_numpy(text_query.embeds)[0])
         labels.append(text)
     if image is not None:
-        picture = image if isinstance(image, Image.Image) else load_rgb(image)
+        picture = image if isinstance(image, Image.Image) else read_frame(image) if isinstance(image, VideoFrame) else load_rgb(image)
         # Its bridge inputs are needed only when it is ITM's image side (an image finding texts).
         image_query = encoder.image_states(encoder.preprocess_image(to_rgb(picture))[None], with_bridge=rerank and text is None)
         positives.append(to_numpy(image_query.embeds)[0])
@@ -139,10 +142,11 @@ def recall_query(
     if where is not None and not len(ids):
         notes.append(f"no {target[:-1]} satisfies {spelling.where} {where}")
     rows: list[Any] = list(store.get_images(ids)) if target == "images" else list(store.get_texts(ids))
+    frames = store.frame_times(row["path"] for row in rows if row.get("t") is not None) if target == "images" else {}
     return Recalled(
         target=target, rerank=rerank, labels=labels, notes=notes, itc=itc, ids=ids, rows=rows, pool=pool,
         reranked=min(candidates, len(ids)) if rerank else 0, text_query=text_query, image_query=image_query,
-        negative_states=negative_states, query=query, spelling=spelling,
+        negative_states=negative_states, query=query, spelling=spelling, frames=frames,
     )
 
 
@@ -170,18 +174,20 @@ def finish(found: Recalled, scored: Scored) -> SearchResult:
         if not len(order):
             best = f" (the best re-ranked hit: {np.nanmax(match):.3f})" if np.isfinite(match).any() else ""
             notes.append(f"no hit reaches a match probability of {min_match:g}{best}")
-    if offset and offset >= len(order) and len(order):
-        notes.append(f"{found.spelling.offset} {offset} is past the last of the {len(order)} hits")
+    moments = group_moments(order, rows, found.frames, rank_score, itc, np.isfinite(rank_score))  # a video's neighbouring frames: one hit
+    if offset and offset >= len(moments) and len(moments):
+        notes.append(f"{found.spelling.offset} {offset} is past the last of the {len(moments)} hits")
     # More hits follow if the order goes on, or (no min_match, which only re-ranked hits pass)
     # if rows that could rank were not recalled.
-    more = len(order) > offset + k or (min_match is None and found.pool > len(ids))
+    more = len(moments) > offset + k or (min_match is None and found.pool > len(ids))
     hits = [
         Hit(
             rank=rank, id=int(ids[i]), itc_score=float(itc[i]), itm_score=None if np.isnan(itm[i]) else float(itm[i]),
             path=rows[i].get("path"), text=rows[i].get("text"), match=None if np.isnan(match[i]) else float(match[i]),
             rerank_from=scored.tiers[i] if i < reranked and not np.isnan(itm[i]) else None,
+            start=None if span is None else span[0], end=None if span is None else span[1], t=t,
         )
-        for rank, i in enumerate(order[offset : offset + k], start=offset + 1)
+        for rank, (i, span, t) in enumerate(((m.best, m.span, m.t) for m in moments[offset : offset + k]), start=offset + 1)
     ]
     reranked_hits = int(sum(hit.itm_score is not None for hit in hits))
     return SearchResult(

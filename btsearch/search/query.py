@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..errors import BtsearchError
 from ..indexers.layout import TABLES, TableName
+from ..media.video import VideoFrame
 
 NEGATIVE_WEIGHT = 0.5  # how hard a --not text pushes in recall, against the positives' mean cosine
 MAX_WHERE_CHARS = 2000
@@ -72,7 +73,7 @@ class Query:
     `negatives` push away images that show them."""
 
     text: str | None = None
-    image: str | os.PathLike[str] | Image.Image | None = None
+    image: str | os.PathLike[str] | Image.Image | VideoFrame | None = None  # a VideoFrame: a stored video frame
     k: int = 10
     candidates: int | None = None
     rerank: bool = True

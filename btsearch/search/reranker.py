@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..media.crops import decode_crops
+from ..media.video import VideoFrame
 from ..model.image_states import embed_image_files
 
 if TYPE_CHECKING:
@@ -48,12 +49,12 @@ class Reranker:
         self.batch_size = batch_size
         self.cache, self.pixels = cache, pixels
 
-    def score_images(self, query: TowerOutput, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = ()) -> Scored:
-        """Both ITM logits of (query text, image) for each image (its path, and its id where the
-        cache or the pixel store may hold it): `Scored.logits[0]`."""
+    def score_images(self, query: TowerOutput, paths: Sequence[str | Path | VideoFrame], ids: Sequence[int] | np.ndarray = ()) -> Scored:
+        """Both ITM logits of (query text, image) for each image (its path, or its video's frame,
+        and its id where the cache or the pixel store may hold it): `Scored.logits[0]`."""
         return self.score_images_many([query], paths, ids)
 
-    def score_images_many(self, queries: Sequence[TowerOutput], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = ()) -> Scored:
+    def score_images_many(self, queries: Sequence[TowerOutput], paths: Sequence[str | Path | VideoFrame], ids: Sequence[int] | np.ndarray = ()) -> Scored:
         """`score_images` for several text queries at once (a query and its negatives): each
         image's bridge inputs are read or computed once, for all of them."""
         scored = Scored([np.full((len(paths), 2), np.nan, dtype=np.float32) for _ in queries], [None] * len(paths))
@@ -62,7 +63,7 @@ class Reranker:
                 out[rows] = self.encoder.match(query, states, both=True)
         return scored
 
-    def score_pairs(self, texts: TowerOutput, pairs: Sequence[tuple[int, int]], paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray = ()) -> Scored:
+    def score_pairs(self, texts: TowerOutput, pairs: Sequence[tuple[int, int]], paths: Sequence[str | Path | VideoFrame], ids: Sequence[int] | np.ndarray = ()) -> Scored:
         """Both ITM logits (len(pairs), 2) of (text t, image i) for each pair (t, i), as
         `Scored.logits[0]`: `texts` is a batch of text queries (one tower call, with bridge
         inputs), i indexes `paths` (and `ids`). Each image's bridge inputs are read or computed
@@ -90,7 +91,7 @@ class Reranker:
                 scored.logits[0][chunk] = self.encoder.match(pair_texts, pair_images, both=True)
         return scored
 
-    def _image_states(self, paths: Sequence[str | Path], ids: Sequence[int] | np.ndarray, scored: Scored) -> Iterator[tuple[list[int], TowerOutput]]:
+    def _image_states(self, paths: Sequence[str | Path | VideoFrame], ids: Sequence[int] | np.ndarray, scored: Scored) -> Iterator[tuple[list[int], TowerOutput]]:
         """Batches of (positions in `paths`, their images' bridge inputs), tier by tier (each
         position's tier noted in `scored.tiers`); unreadable files are left out."""
         ids = [int(item) for item in ids]
@@ -119,10 +120,11 @@ class Reranker:
                     yield where, self.encoder.image_states(np.stack([crop for crop in crops if not isinstance(crop, str)]), with_bridge=True)
             done = set(held) - set(scored.damaged)
             todo = [i for i in todo if i not in done]
-        position = {Path(paths[i]): i for i in todo}
-        for batch in embed_image_files(self.encoder, [Path(paths[i]) for i in todo], self.batch_size, with_bridge=True):
+        sources = {i: _source(paths[i]) for i in todo}  # a frame is decoded from its video at its time
+        position = {source: i for i, source in sources.items()}
+        for batch in embed_image_files(self.encoder, list(sources.values()), self.batch_size, with_bridge=True):
             if batch.states is not None:
-                where = [position[image.path] for image in batch.images]
+                where = [position[image.source] for image in batch.images]
                 self._note(scored, where, "file")
                 yield where, batch.states
 
@@ -139,3 +141,8 @@ class Reranker:
             states = self.encoder.text_states(chunk, with_bridge=True)
             scores[start : start + len(chunk)] = self.encoder.match(states, query, both=True)
         return scores
+
+
+def _source(path: str | Path | VideoFrame) -> Path | VideoFrame:
+    """How the loader names what it read (`LoadedImage.source`)."""
+    return path if isinstance(path, VideoFrame) else Path(path)

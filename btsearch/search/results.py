@@ -19,6 +19,11 @@ class Hit:
     # Where the re-ranked image's model input came from: "cache", "pixels" or "file" ("query": a
     # text hit, whose image is the query's); None when not re-ranked.
     rerank_from: str | None = None
+    # A video's moment (`moments`): `path` is the video, `start` and `end` its span and `t` the
+    # best frame's time, in seconds; None for an image or a text.
+    start: float | None = None
+    end: float | None = None
+    t: float | None = None
 
 
 @dataclass
@@ -46,6 +51,8 @@ def result_json(result: SearchResult, image_links: bool = False) -> dict[str, An
             "rank": hit.rank, "id": hit.id, result.field: getattr(hit, result.field), "itc_score": hit.itc_score, "itm_score": hit.itm_score,
             "match": hit.match, "rerank_from": hit.rerank_from,
         }
+        if hit.t is not None:  # a video's moment; image hits have none of these keys
+            item.update(start=hit.start, end=hit.end, t=hit.t)
         if image_links and result.target == "images":
             item["thumbnail"] = f"/api/images/{hit.id}/thumbnail"
             item["image"] = f"/api/images/{hit.id}"

@@ -31,6 +31,7 @@ from ..errors import BtsearchError
 from ..indexers import ImageRow
 from ..indexers.layout import TABLES
 from ..media.images import load_rgb
+from ..media.video import VideoFrame, read_frame, row_source
 from ..model.encoder import Encoder
 from ..search.explain import Explanation, explain_stored_image, png_bytes, render
 from ..search.query import API
@@ -45,6 +46,7 @@ from .schema import (
     OTHER_FILE,
     SEARCH_QUERY_SCHEMA,
     UPLOAD_QUERY_SCHEMA,
+    VIDEO_MEDIA_TYPES,
     ExplanationAnswer,
     Health,
     Metrics,
@@ -88,8 +90,8 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"no image with id {image_id}") from None
 
     @lru_cache(maxsize=2048)
-    def thumbnail_bytes(file: str, mtime: float, size: int) -> bytes:
-        image = load_rgb(file)
+    def thumbnail_bytes(file: str | VideoFrame, mtime: float, size: int) -> bytes:
+        image = read_frame(file) if isinstance(file, VideoFrame) else load_rgb(file)  # a video's frame: decoded at its time
         image.thumbnail((size, size))
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=85)
@@ -186,21 +188,22 @@ def create_app(
         return {**result_json(found, image_links=True), "offset": found.offset, "more": found.more, "next": None}
 
     @app.get(
-        "/api/images/{image_id}", response_class=Response, responses={200: {"content": binary(*sorted(set(IMAGE_MEDIA_TYPES.values())), OTHER_FILE)}, **problems(404)},
+        "/api/images/{image_id}", response_class=Response, responses={200: {"content": binary(*sorted(set(IMAGE_MEDIA_TYPES.values()) | set(VIDEO_MEDIA_TYPES.values())), OTHER_FILE)}, **problems(404)},
     )
     def full_image(image_id: int = Path_(..., ge=0, le=MAX_ID)) -> Response:
-        """The image's file as stored, with its type's Content-Type."""
+        """The image's file as stored (a video frame's: its video), with its type's Content-Type."""
         row = image_row(image_id)
         if not Path(row["path"]).is_file():
             raise HTTPException(status_code=404, detail=f"the file of image {image_id} is gone: {row['path']}")
-        return FileResponse(row["path"], media_type=IMAGE_MEDIA_TYPES.get(Path(row["path"]).suffix.lower(), OTHER_FILE))
+        suffix = Path(row["path"]).suffix.lower()
+        return FileResponse(row["path"], media_type=IMAGE_MEDIA_TYPES.get(suffix) or VIDEO_MEDIA_TYPES.get(suffix, OTHER_FILE))
 
     @app.get("/api/images/{image_id}/thumbnail", response_class=Response, responses={200: {"content": binary("image/jpeg")}, **problems(404)})
     def thumbnail(image_id: int = Path_(..., ge=0, le=MAX_ID), size: ThumbnailSize = Query(ThumbnailSize.medium)) -> Response:
         """The image as a JPEG whose longer side is `size` pixels (or less, never enlarged)."""
         row = image_row(image_id)
         try:
-            return Response(thumbnail_bytes(row["path"], row["mtime"], int(size)), media_type="image/jpeg")
+            return Response(thumbnail_bytes(row_source(row), row["mtime"], int(size)), media_type="image/jpeg")
         except BtsearchError as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
 

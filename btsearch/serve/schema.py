@@ -42,6 +42,11 @@ IMAGE_MEDIA_TYPES = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif",
     ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
 }
+# A video's frames are served as their video file (the page plays a moment from its start).
+VIDEO_MEDIA_TYPES = {
+    ".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska",
+    ".avi": "video/x-msvideo",
+}
 OTHER_FILE = "application/octet-stream"  # a stored path whose suffix names no image type (a blob source's)
 UPLOAD_MEDIA_TYPES = sorted(set(IMAGE_MEDIA_TYPES.values()))
 
@@ -112,6 +117,11 @@ class SearchHit(BaseModel):
     rerank_from: Literal["cache", "pixels", "file", "query"] | None
     thumbnail: str | None = None  # image hits: the API's addresses
     image: str | None = None
+    # A video's moment (its frames that match, grouped): `path` is the video, `image` its file,
+    # `thumbnail` the best frame's; seconds from the video's start. Absent from image hits.
+    start: float | None = None
+    end: float | None = None
+    t: float | None = None  # the best frame's time
 
 
 class SearchAnswer(BaseModel):

@@ -20,6 +20,7 @@ from fastapi import HTTPException
 
 from ..collection import Collection
 from ..errors import BtsearchError, CollectionError
+from ..media.video import row_source
 from ..search.batch import search_texts
 from ..search.query import API, Query
 from ..search.results import SearchResult
@@ -140,7 +141,7 @@ class SearchService:
         query = job.query
         if job.image_id is not None:
             try:
-                query = dataclasses.replace(query, image=snapshot.images([job.image_id])[0]["path"])
+                query = dataclasses.replace(query, image=row_source(snapshot.images([job.image_id])[0]))  # an image file, or a video's frame
             except KeyError:
                 raise HTTPException(status_code=404, detail=f"no image with id {job.image_id}") from None
         return snapshot.answer(query, API), snapshot.store.versions()
