@@ -15,6 +15,11 @@ class CollectionError(BtsearchError):
     """The collection folder is missing, not a collection, or was built with another model."""
 
 
+class NothingToSearch(CollectionError):
+    """The table a query searches is empty: the collection's state, not the query's fault. The CLI
+    says so; the API answers no hits with this as a note."""
+
+
 class ImageReadError(BtsearchError):
     """An image file cannot be decoded."""
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
@@ -22,13 +25,25 @@ from .options import db_option, device_option, model_option, quiet_option, say
     "an address other than loopback, unless --no-auth.",
 )
 @click.option("--no-auth", is_flag=True, help="Listen on a non-loopback address without a token: anyone who reaches the port sees every image.")
+@click.option(
+    "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    help="local: searches run in this process. ray: recall and ITM re-ranking run as Ray Serve deployments "
+    "(Recall, and --replicas Rerank replicas, one GPU each where the cluster has GPUs); this process serves the page and API.",
+)
+@click.option("--address", default=None, metavar="ADDR", help="With --engine ray: the cluster to join [default: RAY_ADDRESS, else a local Ray on this machine's cores].")
+@click.option(
+    "--replicas", type=click.IntRange(min=1), default=None, metavar="N",
+    help="With --engine ray: Rerank replicas [default: one per GPU of the cluster, else 1].",
+)
 @model_option
 @device_option
 @quiet_option
-def serve(db, host, port, token, no_auth, model, device, precision):
+def serve(db, host, port, token, no_auth, engine, address, replicas, model, device, precision):
     """Serve the collection: a web page at / and an HTTP API under /api (OpenAPI schema at
     /openapi.json, interactive docs at /docs): search by text, uploaded image or image id,
     thumbnails, health and metrics. The model is loaded once; searches that arrive together run as one batch.
+    With --engine ray the same page and API run here, and the searches on a Ray cluster (the collection's
+    folder must be at the same path on every node).
     """
     from btsearch.serve.auth import is_loopback
 
@@ -40,21 +55,42 @@ def serve(db, host, port, token, no_auth, model, device, precision):
             "or --no-auth to serve without one"
         )
 
+    if engine == "local" and (address is not None or replicas is not None):
+        raise BtsearchError("--address and --replicas place searches on a Ray cluster: add --engine ray")
+    if engine == "ray":
+        from btsearch.serve.ray_service import require_serve
+
+        require_serve()  # before the port and the collection: one line naming the extra
+
     import uvicorn
 
     from btsearch.collection import Collection
     from btsearch.serve import server_file
-    from btsearch.serve.app import create_app
-    from btsearch.serve.schema import MAX_REQUEST_HEAD_BYTES
+    from btsearch.serve.app import create_app, uvicorn_config
 
     path = Collection.open(db, model=model, load_model=False).path
     listening = _bound_socket(host, port)  # a busy port answers now, not after the model has loaded
-    app = create_app(path, device=device, precision=precision, token=token)
-    say(f"btsearch serving {db} at http://{host}:{port}/" + (" (token required)" if token is not None else ""))
-    # While it runs, `btsearch search --db` on this collection sends its queries here (with the token).
-    with server_file.announced(db, server_file.local_url(host, port), device, precision, token=token):
-        config = uvicorn.Config(app, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
-        uvicorn.Server(config).run(sockets=[listening])
+    with _searches(engine, path, address, replicas, device, precision) as service:
+        app = create_app(path, device=device, precision=precision, token=token, service=service)
+        where = f" (Ray: {service.rerank_replicas} Rerank replicas)" if engine == "ray" else ""
+        say(f"btsearch serving {db} at http://{host}:{port}/" + (" (token required)" if token is not None else "") + where)
+        # While it runs, `btsearch search --db` on this collection sends its queries here (with the token).
+        with server_file.announced(db, server_file.local_url(host, port), device, precision, token=token):
+            uvicorn.Server(uvicorn_config(app)).run(sockets=[listening])
+
+
+@contextmanager
+def _searches(engine: str, path, address, replicas, device: str, precision: str) -> Iterator[Any]:
+    """Who answers the searches: None (the app's own, in this process), or the Ray deployments,
+    taken down when the server stops."""
+    if engine == "local":
+        yield None
+        return
+    from btsearch.serve.ray_service import deployed
+
+    say("btsearch: starting the Recall and Rerank deployments on Ray ...")
+    with deployed(path, address, replicas, device, precision) as service:
+        yield service
 
 
 def _bound_socket(host: str, port: int) -> socket.socket:

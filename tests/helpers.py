@@ -39,10 +39,10 @@ def serve_in_thread(app) -> tuple[str, int, Callable[[], None]]:
     (url, port, stop)."""
     import uvicorn
 
-    from btsearch.serve.schema import MAX_REQUEST_HEAD_BYTES
+    from btsearch.serve.app import uvicorn_config
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import statistics
 from enum import IntEnum
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as Path_
 from fastapi.concurrency import run_in_threadpool
@@ -27,13 +30,13 @@ from PIL import UnidentifiedImageError
 
 from ..collection import Collection
 from ..defaults import DEFAULT_MAX_PIXELS
-from ..errors import BtsearchError
+from ..errors import BtsearchError, ImageReadError
 from ..indexers import ImageRow
 from ..indexers.layout import TABLES
 from ..media.images import load_rgb
 from ..media.video import VideoFrame, read_frame, row_source
 from ..model.encoder import Encoder
-from ..search.explain import Explanation, explain_stored_image, png_bytes, render
+from ..search.explain import Explanation, png_bytes, render
 from ..search.query import API
 from ..search.query import Query as SearchQuery  # fastapi has its Query
 from ..search.results import result_json
@@ -42,7 +45,9 @@ from .cursor import PageQuery, decode_cursor, encode_cursor
 from .schema import (
     IMAGE_MEDIA_TYPES,
     MAX_ID,
+    MAX_REQUEST_HEAD_BYTES,
     MAX_TEXT_CHARS,
+    NOT_BLANK,
     OTHER_FILE,
     SEARCH_QUERY_SCHEMA,
     UPLOAD_QUERY_SCHEMA,
@@ -58,6 +63,9 @@ from .schema import (
 )
 from .service import SearchService
 
+if TYPE_CHECKING:
+    from .ray_service import RaySearchService
+
 
 class ThumbnailSize(IntEnum):
     small = 128
@@ -68,15 +76,24 @@ class ThumbnailSize(IntEnum):
 MAX_UPLOAD_BYTES = 50 * 2**20
 
 
+def uvicorn_config(app: FastAPI, **options: object) -> uvicorn.Config:
+    """uvicorn's settings that the API's contract relies on: h11, with the request head limit the
+    schema's lengths fit in. (httptools, which uvicorn takes when it is installed, as ray[serve]
+    installs it, answers a long head with a text/plain 400 that the schema does not know.)"""
+    return uvicorn.Config(app, http="h11", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES, log_level="warning", **options)  # type: ignore[arg-type]
+
+
 def create_app(
     path: str | Path, encoder: Encoder | None = None, device: str = "auto", precision: str = "auto", token: str | None = None,
-    batching: bool = True,
+    batching: bool = True, service: SearchService | RaySearchService | None = None,
 ) -> FastAPI:
     """The app over the collection at `path`; with a `token`, every /api operation needs it as a
     bearer token; `batching=False` runs searches one at a time, as they arrive (what
-    `benchmarks/load.py --no-batching` measures)."""
+    `benchmarks/load.py --no-batching` measures). `service`: who answers the searches (default:
+    this process, `SearchService`; `serve --engine ray` gives a `RaySearchService`)."""
     path = Path(path)
-    service = SearchService(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True), batching=batching)
+    if service is None:
+        service = SearchService(Collection.open(path, encoder=encoder, device=device, precision=precision, read_only=True), batching=batching)
     app = FastAPI(
         title="btsearch", description="Search images with text and texts with images (BridgeTower).", version="0.1.0",
         dependencies=token_dependencies(token), responses=UNAUTHORIZED if token is not None else {},
@@ -125,14 +142,17 @@ def create_app(
             "texts": snapshot.count("texts"),
             "index": {table: snapshot.index(table).describe() for table in TABLES},
             "batching": service.batching_figures(),
+            "engine": service.engine_figures(),
         }
 
     def answer(page: PageQuery) -> dict:
         """Run a page's query, and answer it with the cursor of the next page (null at the end)."""
         query = SearchQuery(
             text=page.q, k=page.k, candidates=page.candidates, rerank=page.rerank, target=page.target, min_match=page.min_match,
-            offset=page.offset, where=page.where, negatives=page.negatives,
+            offset=page.offset, where=page.where, negatives=page.negatives, like=page.like, unlike=page.unlike, collapse=page.collapse,
         )
+        for image_id in dict.fromkeys(page.like + page.unlike):  # an image liked or unliked that is not stored: a 404
+            image_row(image_id)
         try:  # checked as if the stored image were here: it is found in the snapshot the search runs on
             dataclasses.replace(query, image=None if page.image_id is None else f"image {page.image_id}").check(API)
         except BtsearchError as error:
@@ -211,21 +231,20 @@ def create_app(
     def explanation_of(text: str, image_id: int, file: str, mtime: float) -> Explanation:
         # The page asks for an explanation's JSON and its picture together: one pass serves both.
         # As search re-ranks it: from its stored crop, else its file (`file`, `mtime`: the cache's key).
-        assert service.encoder is not None  # the server's collection is opened with its model
-        collection = service.collection()
-        with service.lock:
-            return explain_stored_image(service.encoder, collection.store, text, image_id, collection.pixels)
+        return service.explain(text, image_id)
 
     def explanation(q: str, image_id: int) -> Explanation:
-        if not q.strip():  # FastAPI checks the pattern with Rust's idea of a blank; Python's is the one that counts
+        if not re.search(NOT_BLANK, q):  # FastAPI checks the pattern with Rust's regexes; this is the one that counts
             raise HTTPException(status_code=422, detail=[{"loc": ["query", "q"], "msg": "q is blank", "type": "value_error"}])
         row = image_row(image_id)
         try:
             return explanation_of(q, image_id, row["path"], row["mtime"])
+        except ImageReadError as error:  # neither its stored crop nor its file can be read: the image is not there to explain
+            raise HTTPException(status_code=404, detail=str(error)) from None
         except BtsearchError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
 
-    text_query = Query(..., min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S", description="The text (a search's query).")
+    text_query = Query(..., min_length=1, max_length=MAX_TEXT_CHARS, pattern=NOT_BLANK, description="The text (a search's query).")
     hit_query = Query(..., ge=0, le=MAX_ID, description="The image (a hit of that search).")
 
     @app.get("/api/explain", response_model=ExplanationAnswer, responses=problems(400, 404))

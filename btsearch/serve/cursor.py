@@ -32,6 +32,9 @@ class PageQuery:
     min_match: float | None = None
     where: str | None = None
     negatives: tuple[str, ...] = field(default_factory=tuple)
+    like: tuple[int, ...] = field(default_factory=tuple)
+    unlike: tuple[int, ...] = field(default_factory=tuple)
+    collapse: bool = False
 
     def next_page(self) -> PageQuery:
         return replace(self, offset=self.offset + self.k)
@@ -46,7 +49,10 @@ def decode_cursor(cursor: str) -> PageQuery:
     """The query a cursor holds; BtsearchError (one line) for anything `encode_cursor` did not write."""
     try:
         fields: dict[str, Any] = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        query = PageQuery(**{**fields, "versions": tuple(fields["versions"]), "negatives": tuple(fields.get("negatives", ()))})
+        if not isinstance(fields, dict):
+            raise ValueError("not an object")
+        sequences = {name: tuple(fields.get(name, ())) for name in ("negatives", "like", "unlike")}
+        query = PageQuery(**{**fields, "versions": tuple(fields["versions"]), **sequences})
         _check_types(query)
         return query
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
@@ -54,9 +60,10 @@ def decode_cursor(cursor: str) -> PageQuery:
 
 
 def _check_types(query: PageQuery) -> None:
-    ints = [*query.versions, query.offset, query.k] + [v for v in (query.image_id, query.candidates) if v is not None]
+    ints = [*query.versions, query.offset, query.k, *query.like, *query.unlike] + [v for v in (query.image_id, query.candidates) if v is not None]
     texts = [v for v in (query.q, query.target, query.where) if v is not None] + list(query.negatives)
-    if not all(type(v) is int for v in ints) or not all(isinstance(v, str) for v in texts) or not isinstance(query.rerank, bool):
+    flags = (query.rerank, query.collapse)
+    if not all(type(v) is int for v in ints) or not all(isinstance(v, str) for v in texts) or not all(isinstance(v, bool) for v in flags):
         raise ValueError("a field of the wrong type")
     if query.min_match is not None and not isinstance(query.min_match, (int, float)):
         raise ValueError("min_match is not a number")

@@ -29,6 +29,7 @@ MAX_OFFSET = 10_000
 MAX_TEXT_CHARS = 2000
 MAX_ID = 2**62  # LanceDB ids are int64; above this an id is surely absent
 MAX_NEGATIVES = 16
+MAX_LIKED = 16  # stored images a `like` (or `unlike`) names
 MAX_CURSOR_CHARS = 200_000  # a cursor holds its query (q, where, the negatives) in base64url
 # The longest request head the schema allows (each key at its longest, its characters 4-byte UTF-8
 # percent-encoded) is under 1 MiB; h11's default of 16 KiB would refuse schema-valid requests
@@ -94,6 +95,15 @@ class Batching(BaseModel):
     fallbacks: int  # batches whose shared work failed and ran one search at a time (logged)
 
 
+class Engine(BaseModel):
+    """Where searches run: this process ("local"), or Recall and Rerank replicas on a Ray cluster
+    ("ray": how many Rerank replicas, and how many calls were sent again after a replica died)."""
+
+    name: Literal["local", "ray"]
+    rerank_replicas: int | None = None
+    retries: int | None = None
+
+
 class Metrics(BaseModel):
     requests: int
     errors: int
@@ -102,6 +112,7 @@ class Metrics(BaseModel):
     texts: int
     index: dict[str, str]
     batching: Batching | None  # null when the server runs each search alone
+    engine: Engine
 
 
 class SearchHit(BaseModel):
@@ -217,10 +228,15 @@ _WHERE_RES = {table: re.compile(pattern) for table, pattern in WHERE_PATTERNS.it
 
 # --- the search query -----------------------------------------------------------------------
 
-_NOT_BLANK = "\\S"
+# A character that is blank to none of the engines that read the pattern: Python (which strips
+# \x1c-\x1f and \x85), JSON Schema's ECMA regexes (\ufeff) and Rust's (schemathesis, FastAPI). Written
+# out, without \s, so that it means the same in each: "\x1c" alone is blank everywhere.
+NOT_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+_NOT_BLANK = NOT_BLANK
 _TARGET_IS = {name: {"required": ["target"], "properties": {"target": {"const": name}}} for name in ("images", "texts")}
-# Texts are searched with target=texts, or for an image alone (no q and no target).
-_SEARCHES_TEXTS = {"anyOf": [_TARGET_IS["texts"], {"not": {"anyOf": [{"required": ["q"]}, {"required": ["target"]}]}}]}
+# Texts are searched with target=texts, or for an image alone (no q, no like and no target).
+_SEARCHES_TEXTS = {"anyOf": [_TARGET_IS["texts"], {"not": {"anyOf": [{"required": ["q"]}, {"required": ["like"]}, {"required": ["target"]}]}}]}
+_IMAGE_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_ID}, "minItems": 1, "maxItems": MAX_LIKED}
 
 SEARCH_QUERY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -244,14 +260,21 @@ SEARCH_QUERY_SCHEMA: dict[str, Any] = {
                   "parentheses, e.g. width >= 1000 AND folder LIKE '%/2024%'."},
         "not": {"type": "array", "items": {"type": "string", "pattern": _NOT_BLANK, "maxLength": MAX_TEXT_CHARS}, "minItems": 1, "maxItems": MAX_NEGATIVES,
                 "description": "Texts whose images are pushed away (repeatable; a search of images)."},
+        "like": {**_IMAGE_IDS, "description": "More like this: stored images (ids) whose like are found (repeatable; with q, re-ranked by it); "
+                 "they are not among the hits. An id the collection does not hold is a 404."},
+        "unlike": {**_IMAGE_IDS, "description": "Stored images (ids) whose like are pushed away (repeatable; with like or q)."},
+        "collapse": {"type": "boolean", "default": False, "description": "One hit per group of duplicate images, the best-ranked (a search of images)."},
         "cursor": {"type": "string", "maxLength": MAX_CURSOR_CHARS, "pattern": _CURSOR,
                    "description": "The `next` of an earlier answer: its next page, on the same snapshot (the other keys are then ignored)."},
     },
-    "anyOf": [{"required": ["q"]}, {"required": ["image_id"]}, {"required": ["cursor"]}],
+    "anyOf": [{"required": ["q"]}, {"required": ["image_id"]}, {"required": ["like"]}, {"required": ["cursor"]}],
     "allOf": [
         {"if": {"required": ["min_match"]}, "then": {"properties": {"rerank": {"const": True}}}},
         {"if": {"required": ["q", "image_id"]}, "then": {"properties": {"target": {"const": "images"}}}},
-        {"if": {"required": ["not"]}, "then": {"anyOf": [_TARGET_IS["images"], {"required": ["q"], "not": _TARGET_IS["texts"]}]}},
+        {"if": {"required": ["not"]}, "then": {"not": _SEARCHES_TEXTS}},
+        {"if": {"anyOf": [{"required": ["like"]}, {"required": ["unlike"]}]}, "then": {"not": {"anyOf": [{"required": ["image_id"]}, _TARGET_IS["texts"]]}}},
+        {"if": {"required": ["unlike"]}, "then": {"anyOf": [{"required": ["like"]}, {"required": ["q"]}]}},
+        {"if": {"required": ["collapse"], "properties": {"collapse": {"const": True}}}, "then": {"not": _SEARCHES_TEXTS}},
         {"if": _SEARCHES_TEXTS, "then": {"properties": {"where": {"pattern": WHERE_PATTERNS["texts"]}}},
          "else": {"properties": {"where": {"pattern": WHERE_PATTERNS["images"]}}}},
     ],
@@ -302,6 +325,15 @@ def _text(params: QueryParams, key: str, value: str | None = None) -> str | None
     return value
 
 
+def _image_ids(params: QueryParams, key: str) -> tuple[int, ...]:
+    values = params.getlist(key)
+    if len(values) > MAX_LIKED:
+        raise _invalid(key, f"at most {MAX_LIKED} image ids")
+    if not all(re.fullmatch("-?[0-9]{1,20}", value) and 0 <= int(value) <= MAX_ID for value in values):
+        raise _invalid(key, f"image ids: integers from 0 to {MAX_ID}")
+    return tuple(int(value) for value in values)
+
+
 def parse_search_query(params: QueryParams, upload: bool = False) -> tuple[PageQuery, str | None]:
     """The search the query keys ask for, and its cursor (None without one); 422 with FastAPI's
     `detail` list for anything SEARCH_QUERY_SCHEMA (UPLOAD_QUERY_SCHEMA with `upload`: the image
@@ -327,24 +359,35 @@ def parse_search_query(params: QueryParams, upload: bool = False) -> tuple[PageQ
     negatives = () if upload else tuple(_text(params, "not", value) or "" for value in params.getlist("not"))
     if len(negatives) > MAX_NEGATIVES:
         raise _invalid("not", f"at most {MAX_NEGATIVES} texts")
+    like, unlike = ((), ()) if upload else (_image_ids(params, "like"), _image_ids(params, "unlike"))
+    collapse_value = None if upload else _one(params, "collapse")
+    if collapse_value not in (None, "true", "false"):
+        raise _invalid("collapse", "true or false")
+    collapse = collapse_value == "true"
     where = _one(params, "where")
     cursor = None if upload else _one(params, "cursor")
     if cursor is not None and (len(cursor) > MAX_CURSOR_CHARS or not re.search(_CURSOR, cursor)):
         raise _invalid("cursor", "not one this server gave (base64url)")
-    if q is None and image_id is None and cursor is None and not upload:
-        raise _invalid("q", "give q (a text), image_id (a stored image) or both, or the cursor of an earlier answer")
+    if q is None and image_id is None and not like and cursor is None and not upload:
+        raise _invalid("q", "give q (a text), image_id (a stored image) or both, like (stored images), or the cursor of an earlier answer")
     if min_match is not None and not rerank:
         raise _invalid("min_match", "min_match keeps re-ranked hits by their match probability: drop rerank=false")
     if q is not None and image_id is not None and target == "texts":
         raise _invalid("target", "a text with an image finds images like the image: drop target=texts")
-    if negatives and not (target == "images" or (q is not None and target is None)):
+    searched = target or ("images" if q is not None or like else "texts")
+    if negatives and searched != "images":
         raise _invalid("not", "not pushes away images: it needs a search of images (a text, or target=images)")
+    if (like or unlike) and (image_id is not None or target == "texts"):
+        raise _invalid("like" if like else "unlike", "like and unlike find images with stored images: drop image_id and target=texts")
+    if unlike and not like and q is None:
+        raise _invalid("unlike", "unlike pushes away from what is asked: give like or q too")
+    if collapse and searched != "images":
+        raise _invalid("collapse", "collapse shows one image per group of duplicates: it needs a search of images")
     if where is not None:
-        searched = target or ("images" if q is not None else "texts")
         if len(where) > MAX_WHERE_CHARS or not _WHERE_RES[searched].search(where):
             raise _invalid("where", f"not a condition on the {searched} columns this API takes (see the schema's pattern)")
     page = PageQuery(
         versions=(), offset=offset or 0, k=k or 10, q=q, image_id=image_id, candidates=candidates, rerank=rerank, target=target,
-        min_match=min_match, where=where, negatives=negatives,
+        min_match=min_match, where=where, negatives=negatives, like=like, unlike=unlike, collapse=collapse,
     )
     return page, cursor

@@ -15,13 +15,15 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import HTTPException
 
 from ..collection import Collection
-from ..errors import BtsearchError, CollectionError
+from ..errors import BtsearchError, CollectionError, NothingToSearch
 from ..media.video import row_source
 from ..search.batch import search_texts
+from ..search.explain import Explanation, explain_stored_image
 from ..search.query import API, Query
 from ..search.results import SearchResult
 from .batching import Batcher
@@ -45,6 +47,39 @@ class _Job:
         return self.image_id is None and self.query.batchable
 
 
+class Snapshots:
+    """A collection's latest committed snapshot, reopened only when a writer has committed since,
+    and the older ones that cursors pinned (the `PINNED_SNAPSHOTS` last asked for). Each is opened
+    with `encoder` (None: storage only). Not thread-safe: its user holds a lock."""
+
+    def __init__(self, collection: Collection):
+        self.path = collection.path
+        self.encoder = collection.encoder
+        self._collection = collection
+        self._pinned: OrderedDict[tuple[int, ...], Collection] = OrderedDict()
+
+    def latest(self) -> Collection:
+        if not self._collection.is_latest():
+            self._pinned[self._collection.store.versions()] = self._collection  # a cursor may still page through it
+            self._collection = Collection.open(self.path, encoder=self.encoder, load_model=self.encoder is not None, read_only=True)
+        return self._collection
+
+    def at(self, versions: tuple[int, ...] | None) -> Collection:
+        """The snapshot a cursor pinned (the latest when None), kept for the next pages;
+        CollectionError when `optimize` has removed it."""
+        latest = self.latest()
+        if versions is None or versions == latest.store.versions():
+            return latest
+        if versions not in self._pinned:
+            self._pinned[versions] = Collection.open(
+                self.path, encoder=self.encoder, load_model=self.encoder is not None, read_only=True, versions=versions,
+            )
+        self._pinned.move_to_end(versions)
+        while len(self._pinned) > PINNED_SNAPSHOTS:
+            self._pinned.popitem(last=False)
+        return self._pinned[versions]
+
+
 class SearchService:
     """The collection snapshot, the model, the batcher, and the figures /api/metrics reports."""
 
@@ -57,9 +92,10 @@ class SearchService:
         self.fallbacks = 0  # batches whose shared work failed, each of their searches then run alone
         self.latencies: deque[float] = deque(maxlen=1000)
         self._figures = threading.Lock()
-        self._collection = collection
-        self._pinned: OrderedDict[tuple[int, ...], Collection] = OrderedDict()  # snapshots cursors page through
+        self._snapshots = Snapshots(collection)
         self.batcher: Batcher[_Job, Answer] | None = Batcher(self._run_batch) if batching else None
+
+    engine = "local"
 
     def batching_figures(self) -> dict[str, int] | None:
         """/api/metrics' `batching` (None without a batcher): batches taken, the searches in them,
@@ -72,22 +108,27 @@ class SearchService:
 
     def collection(self) -> Collection:
         """The latest committed snapshot, reopened only when a writer has committed since."""
-        if not self._collection.is_latest():
-            self._pinned[self._collection.store.versions()] = self._collection  # a cursor may still page through it
-            self._collection = Collection.open(self.path, encoder=self.encoder, read_only=True)
-        return self._collection
+        return self._snapshots.latest()
 
     def snapshot(self, versions: tuple[int, ...] | None) -> Collection:
         """The snapshot a cursor pinned (the latest when None), kept for the next pages."""
-        latest = self.collection()
-        if versions is None or versions == latest.store.versions():
-            return latest
-        if versions not in self._pinned:
-            self._pinned[versions] = Collection.open(self.path, encoder=self.encoder, read_only=True, versions=versions)
-        self._pinned.move_to_end(versions)
-        while len(self._pinned) > PINNED_SNAPSHOTS:
-            self._pinned.popitem(last=False)
-        return self._pinned[versions]
+        return self._snapshots.at(versions)
+
+    def engine_figures(self) -> dict[str, Any]:
+        """/api/metrics' `engine`: where searches run."""
+        return {"name": "local"}
+
+    def explain(self, text: str, image_id: int) -> Explanation:
+        """Why image `image_id` is a hit for `text`, as search re-ranks it (its stored crop, else its file)."""
+        collection = self.collection()
+        assert collection.encoder is not None  # the server's collection is opened with its model
+        with self.lock:
+            return explain_stored_image(collection.encoder, collection.store, text, image_id, collection.pixels)
+
+    def close(self) -> None:
+        """Answer what waits, then stop the batcher."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def search(self, query: Query, versions: tuple[int, ...] | None = None, image_id: int | None = None) -> Answer:
         """The answer to a checked query, and the versions of the snapshot it was ranked on
@@ -102,6 +143,8 @@ class SearchService:
             if isinstance(answer, BaseException):
                 raise answer
             return answer
+        except NothingToSearch as error:  # the collection's state, not the request's fault: no hits, and why
+            return nothing_found(query, error), versions if versions is not None else self.collection().store.versions()
         except HTTPException as error:
             if error.status_code == 400:
                 with self._figures:
@@ -176,6 +219,16 @@ class SearchService:
             raise HTTPException(status_code=410, detail=f"{error}: start the search again without the cursor") from None
 
 
+def nothing_found(query: Query, why: NothingToSearch) -> SearchResult:
+    """The answer to a valid search of an empty table: no hits, and the note that says why (the
+    API's contract: a request is not at fault for the collection's state)."""
+    label = " + ".join(part for part in (query.text, "image" if query.image is not None else None) if part)
+    return SearchResult(query=label, target=query.searched, hits=[], reranked=0, notes=[str(why)], offset=query.offset, more=False)
+
+
 def _as_http(error: BaseException) -> BaseException:
-    """What the request answers: a 400 for an error the user can fix; any other error as it is."""
-    return HTTPException(status_code=400, detail=str(error)) if isinstance(error, BtsearchError) else error
+    """What the request answers: a 400 for an error the user can fix; any other error as it is
+    (a NothingToSearch stays one: `search` answers it)."""
+    if isinstance(error, BtsearchError) and not isinstance(error, NothingToSearch):
+        return HTTPException(status_code=400, detail=str(error))
+    return error
