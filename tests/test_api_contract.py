@@ -81,3 +81,67 @@ def test_every_where_the_schema_allows_applies_in_lancedb(db, table):
     assert len(store.filter_ids(table, examples[0])) <= store.count_rows(table)
     # What it refuses is what LanceDB would refuse or this table lacks.
     assert not pattern.search("lens = 1") and not pattern.search("width >= 'wide'") and not pattern.search("")
+
+
+@pytest.fixture(scope="module")
+def images_only_url(tmp_path_factory, random_checkpoint, photos):
+    """A collection of images without texts (what a new user has first), served with no token."""
+    db = tmp_path_factory.mktemp("images-only") / "db"
+    Collection.create(db, model=str(random_checkpoint), precision="fp32").add_images([photos[0].parent])
+    url, _, stop = serve_in_thread(create_app(db, encoder=Encoder.from_pretrained(str(random_checkpoint), precision="fp32")))
+    yield url
+    stop()
+
+
+def test_a_table_with_nothing_to_search_is_an_answer_not_a_client_error(images_only_url, photos):
+    """The collection's state is not the request's fault: a valid search of the empty texts table
+    answers 200 with no hits and the note that says how to add texts (ST202 before)."""
+    import httpx
+
+    answers = [
+        httpx.get(f"{images_only_url}/api/search", params={"image_id": 0}, timeout=60),
+        httpx.post(f"{images_only_url}/api/search/image", content=photos[1].read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=60),
+        httpx.get(f"{images_only_url}/api/search", params={"q": "a cat", "target": "texts"}, timeout=60),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["hits"] == [] and body["more"] is False and body["next"] is None
+        assert any("no texts to search" in note and "add-texts" in note for note in body["notes"])
+    assert httpx.get(f"{images_only_url}/api/search", params={"q": "a cat"}, timeout=60).json()["hits"]  # images still are
+
+
+@pytest.mark.skipif(SCHEMATHESIS is None and not REQUIRED, reason=MISSING)
+def test_schemathesis_finds_no_failure_on_a_collection_without_texts(images_only_url, tmp_path):
+    """The issue's run: seed 7, 30 examples (two ST202 before)."""
+    assert SCHEMATHESIS is not None, f"BTSEARCH_REQUIRE_SCHEMATHESIS=1 but {MISSING}"
+    command = [
+        SCHEMATHESIS, "run", f"{images_only_url}/openapi.json", "--checks", "all", "--max-examples", "30", "--seed", "7",
+        "--workers", "1", "--generation-database", "none", "--no-color",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-4000:]
+
+
+def test_what_other_seeds_found(images_only_url):
+    """Seed 3 found a text the schema called valid and the server blank ("\x1c": blank to Python,
+    not to ECMA or Rust regexes), and seed 2 a cursor that decodes to a number (a 500)."""
+    import base64
+
+    import httpx
+
+    for params in ({"q": "\x1c"}, {"q": "a cat", "not": "\x1c"}, {"q": "\ufeff"}):
+        assert httpx.get(f"{images_only_url}/api/search", params=params, timeout=60).status_code == 422, params
+    assert httpx.get(f"{images_only_url}/api/explain", params={"q": "\x1c", "image_id": 0}, timeout=60).status_code == 422
+    # The schema's own patterns: written out (a \s or \S means other characters to Python, ECMA
+    # and Rust), and blank to them wherever Python's strip() leaves nothing.
+    schema = httpx.get(f"{images_only_url}/openapi.json", timeout=60).json()
+    parameters = schema["paths"]["/api/search"]["get"]["parameters"][0]["schema"]["properties"]  # one form-style object
+    explain = {p["name"]: p["schema"] for p in schema["paths"]["/api/explain"]["get"]["parameters"]}
+    for pattern in (parameters["q"]["pattern"], parameters["not"]["items"]["pattern"], explain["q"]["pattern"]):
+        assert not re.search(r"\\[sSwWdD]", pattern), pattern
+        blanks = [chr(c) for c in range(0x3001) if chr(c).isspace()] + ["\ufeff"]
+        assert not any(re.search(pattern, blank) for blank in blanks), pattern
+    number = base64.urlsafe_b64encode(b"5").decode().rstrip("=")
+    assert httpx.get(f"{images_only_url}/api/search", params={"cursor": number}, timeout=60).status_code == 404
+

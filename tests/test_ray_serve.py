@@ -182,6 +182,22 @@ def test_token_rules_hold(ray_server):
     assert httpx.get(f"{url}/", timeout=30).status_code == 200  # the page loads, to ask for the token
 
 
+def test_schemathesis_finds_no_failure(ray_server, tmp_path):
+    """The API's contract holds on this engine too (a few examples: the local server's test runs more)."""
+    from tests.test_api_contract import MISSING, REQUIRED, SCHEMATHESIS
+
+    if SCHEMATHESIS is None:
+        assert not REQUIRED, f"BTSEARCH_REQUIRE_SCHEMATHESIS=1 but {MISSING}"
+        pytest.skip(MISSING)
+    url, _ = ray_server
+    command = [
+        SCHEMATHESIS, "run", f"{url}/openapi.json", "--checks", "all", "--header", f"Authorization: Bearer {TOKEN}",
+        "--max-examples", "3", "--seed", "7", "--workers", "1", "--generation-database", "none", "--no-color",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-4000:]
+
+
 def test_the_warm_cli_searches_through_it(ray_server, db):
     url, _ = ray_server
     record = server_file.read(db)
