@@ -102,7 +102,7 @@ def started(monkeypatch):
     """What `serve` would start: create_app's token and uvicorn's address (neither really runs)."""
     calls = {}
 
-    def fake_create_app(path, device, precision, token):
+    def fake_create_app(path, device, precision, token, service=None):
         calls["token"] = token
         return object()
 
@@ -145,3 +145,18 @@ def test_serve_takes_the_token_from_the_option_or_the_environment_or_none_with_n
                                                 ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("example.org", False)])
 def test_which_hosts_are_loopback(host, loopback):
     assert is_loopback(host) is loopback
+
+
+def test_serve_on_ray_without_the_extra_is_one_line_naming_it(db, started, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: importing it fails
+    result = CliRunner().invoke(main, ["serve", "--db", str(db), "--engine", "ray"])
+    assert result.exit_code == 1 and "host" not in started
+    assert result.output.strip() == "btsearch: error: serve --engine ray needs Ray Serve: pip install 'btsearch[ray]'"
+
+
+def test_ray_options_without_the_ray_engine_are_refused(db, started):
+    for options in (["--address", "10.0.0.1:6379"], ["--replicas", "2"]):
+        result = CliRunner().invoke(main, ["serve", "--db", str(db), *options])
+        assert result.exit_code == 1 and "host" not in started and "--engine ray" in result.output, result.output
