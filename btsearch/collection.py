@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .indexers.sharded_index import ShardedIndex
     from .ingest.pipeline import IndexReport
     from .model.encoder import Encoder
+    from .search.duplicates import Duplicates
     from .search.explain import Explanation
     from .search.query import Query, Spelling
     from .search.results import SearchResult
@@ -272,20 +273,19 @@ class Collection:
     def search(
         self, text: str | None = None, image: str | os.PathLike[str] | Image.Image | None = None, k: int = 10, candidates: int | None = None,
         rerank: bool = True, target: str | None = None, min_match: float | None = None, offset: int = 0, where: str | None = None,
-        negatives: Sequence[str] = (),
+        negatives: Sequence[str] = (), like: Sequence[int] = (), unlike: Sequence[int] = (), collapse: bool = False,
     ) -> SearchResult:
-        """Text finds images; an image (a path or a picture) finds texts; both find images like
-        the image that match the text. FAISS recalls the top `candidates` by ITC, the ITM head
-        re-ranks them, and the rest follow in ITC order up to `k` hits. `candidates` defaults
-        to `default_candidates()`. `target` ("images" or "texts") overrides what is searched;
-        across the same modality, ranking is by ITC alone. Each re-ranked hit has `match`, the
-        ITM head's probability that text and image match; `min_match` keeps only the hits whose
-        probability reaches it. `offset` skips that many hits of the same ranking (a page);
-        `where` (SQL over the table's columns) restricts the search to the rows it selects;
-        `negatives` push away images that show them (their semantics: `search.query`'s docstring)."""
+        """Text finds images; an image (a path or a picture) finds texts; both find images like the image that match the text.
+        FAISS recalls the top `candidates` by ITC (default: `default_candidates()`), the ITM head re-ranks them, and the rest
+        follow in ITC order up to `k` hits. `target` ("images" or "texts") overrides what is searched; across the same modality,
+        ranking is by ITC alone. Each re-ranked hit has `match`, the ITM head's probability that text and image match; `min_match`
+        keeps only the hits whose probability reaches it. `offset` skips that many hits of the same ranking (a page); `where` (SQL
+        over the table's columns) restricts the search to the rows it selects; `negatives` push away images that show them; `like`
+        finds images like these stored ones, away from the `unlike` ones (semantics: `search.query`'s docstring); `collapse`
+        shows one hit per group of duplicates (`duplicates`)."""
         from .search.query import Query
 
-        return self.answer(Query(text, image, k, candidates, rerank, target, min_match, offset, where, tuple(negatives)))
+        return self.answer(Query(text, image, k, candidates, rerank, target, min_match, offset, where, tuple(negatives), tuple(like), tuple(unlike), collapse))
 
     def answer(self, query: Query, spelling: Spelling | None = None) -> SearchResult:
         """`search` for a `Query`, checked here (its errors name its parts as `spelling` does)."""
@@ -295,6 +295,11 @@ class Collection:
         spelling = spelling or LIBRARY
         query.check(spelling)
         return search(self._model(), self.store, self.indexes, self.rerank_cache, self.with_candidates(query), spelling, self.pixels)
+
+    def duplicates(self, threshold: float | None = None) -> Duplicates:
+        """Groups of stored images that are the same photo: the same bytes, or ITC cosine at or above `threshold` (`search.duplicates`)."""
+        from .search.duplicates import find_duplicates
+        return find_duplicates(self.store, threshold)
 
     def explain(self, text: str, image_id: int) -> Explanation:
         """Why image `image_id` is a hit for `text`: its words' attention over the image (`explain`)."""

@@ -35,3 +35,8 @@ def resolve_model_id(source: str) -> str:
     """A hub id stays as it is; a local folder becomes its absolute path."""
     path = os.path.expanduser(source)
     return os.path.realpath(path) if os.path.exists(path) else source  # as `resolve_path` stores paths
+
+# ITC image-to-image cosine at or above which two images are the same photo (`duplicates`,
+# `search --collapse`): re-encoded, resized and slightly cropped copies score above it, distinct
+# photos of one scene below. docs/usage.md ("Duplicates") has the measurement that chose it.
+DUPLICATE_THRESHOLD = 0.95

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btsearch.defaults import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+from btsearch.defaults import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DUPLICATE_THRESHOLD
 from btsearch.errors import BtsearchError
 
 from .admin import check, convert, export, info
@@ -31,7 +31,7 @@ from .options import (
     show_progress,
     start_invocation,
 )
-from .output import echo_index_line, index_summary, print_search, say_skipped
+from .output import echo_index_line, index_summary, print_duplicates, print_search, say_skipped
 from .serve_command import serve
 
 if TYPE_CHECKING:
@@ -244,6 +244,10 @@ def _add_new_texts(collection: Collection, texts: list[str], image_paths: list[s
     "text columns: id, text, image_path, the image a caption is of).",
 )
 @click.option("--not", "negatives", multiple=True, metavar="TEXT", help="Push away images that show TEXT (repeatable).")
+@click.option("--like", "like", multiple=True, type=int, metavar="ID",
+              help="More like this: images like the stored image ID (a hit's id in --json; repeatable); with TEXT, re-ranked by it. The liked are not shown.")
+@click.option("--unlike", "unlike", multiple=True, type=int, metavar="ID", help="Push away images like the stored image ID (repeatable).")
+@click.option("--collapse", is_flag=True, help="One hit per group of duplicates (the best-ranked), linked as `btsearch duplicates` links them.")
 @json_option("the query and its hits")
 @click.option("--paths", "bare", is_flag=True, help="Print only the hits' paths (or texts), one a line, for piping (| xargs).")
 @click.option(
@@ -256,10 +260,14 @@ def _add_new_texts(collection: Collection, texts: list[str], image_paths: list[s
 @model_option
 @device_option
 @quiet_option
-def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, negatives, as_json, bare, target, explain_dir, no_server, model, device, precision):
+def search(
+    text, image, db, k, offset, candidates, no_rerank, min_match, where, negatives, like, unlike, collapse, as_json, bare, target, explain_dir, no_server,
+    model, device, precision,
+):
     """Find images matching TEXT, or texts matching --image; TEXT with --image finds images like
-    the image that match TEXT. When `btsearch serve` runs for the collection (same model, device
-    and precision), the query is sent there: the same answer, without loading the model.
+    the image that match TEXT; --like ID finds images like stored ones (with TEXT: that match it).
+    When `btsearch serve` runs for the collection (same model, device and precision), the query
+    is sent there: the same answer, without loading the model.
 
     FAISS recalls --candidates hits by ITC cosine (the itc column); the cross-modal encoder
     re-ranks them, and they are ordered by their match probability (the match column: the ITM
@@ -268,7 +276,7 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
     logit, and reports recall both ways.)"""
     from btsearch.search.query import CLI, Query
 
-    query = Query(text, image, k, candidates, not no_rerank, target, min_match, offset, where, negatives)
+    query = Query(text, image, k, candidates, not no_rerank, target, min_match, offset, where, negatives, like=like, unlike=unlike, collapse=collapse)
     query.check(CLI)
     if as_json and bare:
         raise BtsearchError("--json and --paths are two output formats: choose one")
@@ -296,6 +304,24 @@ def search(text, image, db, k, offset, candidates, no_rerank, min_match, where, 
 
         for line in write_explanations(collection, result, text, explain_dir):
             say(line)
+
+
+@main.command()
+@db_option
+@click.option(
+    "--threshold", type=float, default=DUPLICATE_THRESHOLD, show_default=True, metavar="T",
+    help="The ITC cosine of two images' embeddings at or above which they are near-duplicates, above 0 and at most 1.",
+)
+@json_option("the groups (kind, ids, paths)")
+@quiet_option
+def duplicates(db, threshold, as_json):
+    """List the groups of images that are the same photo: exact (the same bytes) and near (re-encoded,
+    resized or slightly cropped copies: ITC cosine of their embeddings at or above --threshold).
+    Frames of one video are never duplicates of each other. No model loads: the stored embeddings
+    are compared by FAISS range search, so a million images take minutes."""
+    from btsearch.collection import Collection
+
+    print_duplicates(Collection.open(db, load_model=False, read_only=True).duplicates(threshold), as_json)
 
 
 @main.command()

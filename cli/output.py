@@ -1,5 +1,5 @@
-"""How the commands print what the library returns: search hits as a table, paths or JSON, and
-the index summary as a line or JSON."""
+"""How the commands print what the library returns: search hits as a table, paths or JSON, the
+index summary as a line or JSON, and groups of duplicates as a list or JSON."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .options import say
 if TYPE_CHECKING:
     from btsearch.collection import Collection
     from btsearch.ingest.pipeline import IndexReport
+    from btsearch.search.duplicates import Duplicates
     from btsearch.search.results import Hit, SearchResult
 
 
@@ -45,6 +46,21 @@ def _named(hit: Hit, field: str, bare: bool = False) -> str:
     if hit.start is None or hit.end is None:
         return name
     return media_fragment(name, (hit.start, hit.end)) if bare else f"{name} {clock((hit.start, hit.end))}"
+
+
+def print_duplicates(found: Duplicates, as_json: bool = False) -> None:
+    """Each group's kind and its images (id and path), or the JSON of `duplicates_json`; the
+    count and the time on stderr."""
+    from btsearch.search.duplicates import duplicates_json
+
+    if as_json:
+        click.echo(json.dumps(duplicates_json(found), ensure_ascii=False))
+    else:
+        for number, group in enumerate(found.groups, start=1):
+            click.echo(f"group {number}: {group.kind}, {len(group.ids)} images")
+            for image_id, path in zip(group.ids, group.paths):
+                click.echo(f"  {image_id:>8}  {path}")
+    say(f"{len(found.groups)} groups of duplicates among {found.images} images (near: cosine >= {found.threshold:g}), in {found.seconds:.1f}s")
 
 
 def index_summary(report: IndexReport, collection: Collection, seconds: float) -> dict[str, Any]:

@@ -44,10 +44,13 @@ def search_through_server(db: Path, query: Query, model: str | None, device: str
     for name in ("candidates", "target", "min_match", "where"):
         if getattr(query, name) is not None:
             params[name] = getattr(query, name)
+    if query.collapse:
+        params["collapse"] = "true"
     image = query.image
-    if image is None:
-        body = _call(record, "GET", "/api/search?" + urlencode({"q": query.text, **params, "not": list(query.negatives)}, doseq=True))
-    elif isinstance(image, (str, os.PathLike)) and query.text is None and not query.negatives and _uploadable(Path(image)):
+    if image is None:  # a text, stored images liked (an unknown id is a 404: the cold path says it in the CLI's words), or both
+        keys = {**({"q": query.text} if query.text is not None else {}), **params, "not": list(query.negatives), "like": list(query.like), "unlike": list(query.unlike)}
+        body = _call(record, "GET", "/api/search?" + urlencode(keys, doseq=True))
+    elif isinstance(image, (str, os.PathLike)) and query.text is None and not query.negatives and not query.collapse and _uploadable(Path(image)):
         # An uploaded image finds texts (or images): the only image query the API takes as a file.
         body = _call(record, "POST", "/api/search/image?" + urlencode(params), Path(image).read_bytes(), Path(image).name)
     else:

@@ -14,6 +14,13 @@ match the text. Composed and negative queries, exactly (`query_vector` here, `re
   softmax of the ITM head's two logits, the quantity its two-class training fits; the papers rank
   by the match logit alone, which `eval` keeps as the protocol and reports beside it). The image
   of a composed query acts through recall (ITM scores text-image pairs only).
+
+More like this (`like`, `unlike`: stored image ids) is the same rule with stored embeddings: the
+liked images are one positive, the normalised mean of their embeddings (`like_vector`); the
+unliked are one negative, theirs alike. With a text, the positives are the text and that vector
+(each weighs half in recall) and the text re-ranks by ITM as above; without one, recall's order
+(ITC) is the answer; the unliked act through recall alone, as a composed query's image does. The
+liked images themselves are never hits.
 """
 
 from __future__ import annotations
@@ -47,19 +54,22 @@ class Spelling:
     where: str
     negatives: str
     target: str
+    like: str
+    unlike: str
+    collapse: str
 
 
 LIBRARY = Spelling(
     text="a text query", image="an image query", k="k", candidates="candidates", no_rerank="rerank=False", min_match="min_match",
-    offset="offset", where="where", negatives="negatives", target="target",
+    offset="offset", where="where", negatives="negatives", target="target", like="like", unlike="unlike", collapse="collapse=True",
 )
 CLI = Spelling(
     text="a TEXT query", image="--image PATH", k="-k", candidates="--candidates", no_rerank="--no-rerank", min_match="--min-match",
-    offset="--offset", where="--where", negatives="--not", target="--target",
+    offset="--offset", where="--where", negatives="--not", target="--target", like="--like", unlike="--unlike", collapse="--collapse",
 )
 API = Spelling(
     text="q (a text)", image="image_id", k="k", candidates="candidates", no_rerank="rerank=false", min_match="min_match",
-    offset="offset", where="where", negatives="not", target="target",
+    offset="offset", where="where", negatives="not", target="target", like="like", unlike="unlike", collapse="collapse=true",
 )
 
 
@@ -70,7 +80,9 @@ class Query:
     FAISS candidates ITM re-ranks (None until a collection gives its default); `target`
     overrides what is searched; `min_match` keeps re-ranked hits whose match probability
     reaches it; `offset` skips that many hits of the ranking; `where` (SQL) restricts the rows;
-    `negatives` push away images that show them."""
+    `negatives` push away images that show them; `like` finds images like these stored ones,
+    pushed away from the `unlike` ones (module docstring); `collapse` shows one hit per group of
+    duplicates (`duplicates`)."""
 
     text: str | None = None
     image: str | os.PathLike[str] | Image.Image | VideoFrame | None = None  # a VideoFrame: a stored video frame
@@ -82,16 +94,20 @@ class Query:
     offset: int = 0
     where: str | None = None
     negatives: tuple[str, ...] = ()
+    like: tuple[int, ...] = ()
+    unlike: tuple[int, ...] = ()
+    collapse: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "negatives", tuple(self.negatives))  # a list given is kept as a tuple: the query stays immutable
+        for name in ("negatives", "like", "unlike"):  # a list given is kept as a tuple: the query stays immutable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def searched(self) -> TableName:
         """The table the query searches: its target, or the other modality's."""
         if self.target is not None:
             return "images" if self.target == "images" else "texts"
-        return "images" if self.text is not None else "texts"
+        return "images" if self.text is not None or self.like else "texts"
 
     @property
     def batchable(self) -> bool:
@@ -102,8 +118,9 @@ class Query:
         """Refuse a query that cannot be answered, with one line in the caller's words: every
         caller checks here, so they all accept and refuse the same queries."""
         text, image, target = self.text, self.image, self.target
-        if text is None and image is None:
-            raise BtsearchError(f"give either {spelling.text} or {spelling.image} (or both: images like the image that match the text)")
+        self._check_like(spelling)
+        if text is None and image is None and not self.like:
+            raise BtsearchError(f"give either {spelling.text} or {spelling.image} (or both: images like the image that match the text), or {spelling.like} ID")
         if self.k < 1:
             raise BtsearchError(f"{spelling.k} must be at least 1")
         if self.offset < 0:
@@ -121,6 +138,8 @@ class Query:
                 raise BtsearchError(f"{spelling.negatives} pushes away images: it needs a search of images (a text, or {spelling.target} images)")
             if any(not negative.strip() for negative in self.negatives):
                 raise BtsearchError(f"a {spelling.negatives} text is empty")
+        if self.collapse and self.searched != "images":
+            raise BtsearchError(f"{spelling.collapse} shows one image per group of duplicates: it needs a search of images")
         where = self.where
         if where is not None and (not where.strip() or len(where) > MAX_WHERE_CHARS):
             raise BtsearchError(f"{spelling.where} needs a SQL condition of 1 to {MAX_WHERE_CHARS} characters, e.g. \"width >= 1000\"")
@@ -129,6 +148,26 @@ class Query:
                 raise BtsearchError(f"{spelling.min_match} is a probability: give a number from 0 to 1, not {self.min_match}")
             if not self.rerank:
                 raise BtsearchError(f"{spelling.min_match} keeps re-ranked hits by their match probability: drop {spelling.no_rerank}")
+
+    def _check_like(self, spelling: Spelling) -> None:
+        if not (self.like or self.unlike):
+            return
+        if self.image is not None:
+            raise BtsearchError(f"{spelling.like} and {spelling.unlike} search with stored images: drop {spelling.image}")
+        if self.target == "texts":
+            raise BtsearchError(f"{spelling.like} and {spelling.unlike} find images: drop {spelling.target} texts")
+        if self.unlike and not self.like and self.text is None:
+            raise BtsearchError(f"{spelling.unlike} pushes away from what is asked: give {spelling.like} ID or {spelling.text} too")
+        if any(item < 0 for item in self.like + self.unlike):
+            raise BtsearchError(f"{spelling.like} and {spelling.unlike} take image ids, which are 0 or more")
+
+
+def like_vector(embeddings: np.ndarray) -> np.ndarray:
+    """One direction for several stored images (n, D): their mean embedding, normalised, so that
+    liking more images does not weigh more than a text beside them."""
+    mean = np.asarray(embeddings, dtype=np.float64).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return np.asarray(mean / norm if norm > 0 else mean, dtype=np.float32)
 
 
 def query_vector(positives: Sequence[np.ndarray], negatives: Sequence[np.ndarray]) -> np.ndarray:
