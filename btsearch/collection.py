@@ -275,16 +275,9 @@ class Collection:
         rerank: bool = True, target: str | None = None, min_match: float | None = None, offset: int = 0, where: str | None = None,
         negatives: Sequence[str] = (), like: Sequence[int] = (), unlike: Sequence[int] = (), collapse: bool = False,
     ) -> SearchResult:
-        """Text finds images; an image (a path or a picture) finds texts; both find images like the image that match the text.
-        FAISS recalls the top `candidates` by ITC (default: `default_candidates()`), the ITM head re-ranks them, and the rest
-        follow in ITC order up to `k` hits. `target` ("images" or "texts") overrides what is searched; across the same modality,
-        ranking is by ITC alone. Each re-ranked hit has `match`, the ITM head's probability that text and image match; `min_match`
-        keeps only the hits whose probability reaches it. `offset` skips that many hits of the same ranking (a page); `where` (SQL
-        over the table's columns) restricts the search to the rows it selects; `negatives` push away images that show them; `like`
-        finds images like these stored ones, away from the `unlike` ones (semantics: `search.query`'s docstring); `collapse`
-        shows one hit per group of duplicates (`duplicates`)."""
+        """Text finds images; an image (a path or a picture) finds texts; both find images like the image that match the text;
+        `like` finds images like stored ones. Each argument is the `Query` field of its name, whose docstring says what it asks."""
         from .search.query import Query
-
         return self.answer(Query(text, image, k, candidates, rerank, target, min_match, offset, where, tuple(negatives), tuple(like), tuple(unlike), collapse))
 
     def answer(self, query: Query, spelling: Spelling | None = None) -> SearchResult:
