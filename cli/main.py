@@ -240,7 +240,7 @@ def _add_new_texts(collection: Collection, texts: list[str], image_paths: list[s
 @click.option(
     "--where", "where", default=None, metavar="SQL",
     help="Search only the rows this SQL predicate selects, e.g. \"width >= 1000 AND taken >= '2024-01-01'\" "
-    "(image columns: id, path, folder, taken, camera, width, height, size, mtime, content_hash; "
+    "(image columns: id, path, folder, taken, camera, width, height, size, mtime, content_hash, kind ('image' or 'video'), t (a video frame's seconds); "
     "text columns: id, text, image_path, the image a caption is of).",
 )
 @click.option("--not", "negatives", multiple=True, metavar="TEXT", help="Push away images that show TEXT (repeatable).")

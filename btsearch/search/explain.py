@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageOps
 from ..errors import BtsearchError, CollectionError, ImageReadError
 from ..media.crops import decode_crop
 from ..media.images import load_rgb
+from ..media.video import VideoFrame, read_frame, row_source
 from .ranking import match_probability
 from .results import Hit, SearchResult
 
@@ -155,9 +156,10 @@ def explain(encoder: Encoder, text: str, picture: Image.Image, image_states: Tow
     )
 
 
-def explain_file(encoder: Encoder, text: str, path: str | Path) -> Explanation:
-    """Explain (text, the image file at `path`); BtsearchError (one line) when it cannot be read."""
-    return explain(encoder, text, load_rgb(path))
+def explain_file(encoder: Encoder, text: str, path: str | Path | VideoFrame) -> Explanation:
+    """Explain (text, the image file at `path`, or a video's frame); BtsearchError (one line) when
+    it cannot be read."""
+    return explain(encoder, text, read_frame(path) if isinstance(path, VideoFrame) else load_rgb(path))
 
 
 def explain_crop(encoder: Encoder, text: str, crop: np.ndarray) -> Explanation:
@@ -172,10 +174,10 @@ def explain_stored_image(encoder: Encoder, store: MetadataStore, text: str, imag
         row = store.get_images([image_id])[0]
     except KeyError:
         raise CollectionError(f"no image with id {image_id} in the collection") from None
-    return _explain_image(encoder, text, row["path"], image_id, pixels)
+    return _explain_image(encoder, text, row_source(row), image_id, pixels)
 
 
-def _explain_image(encoder: Encoder, text: str, path: str, image_id: int, pixels: PixelStore | None) -> Explanation:
+def _explain_image(encoder: Encoder, text: str, path: str | VideoFrame, image_id: int, pixels: PixelStore | None) -> Explanation:
     stored = pixels.get([image_id]).get(image_id) if pixels is not None else None
     if stored is not None:
         try:
@@ -304,11 +306,12 @@ def write_explanations(collection: _WithModel, result: SearchResult, text: str |
     return lines
 
 
-def _pairs(result: SearchResult, text: str | None) -> list[tuple[Hit, str, str]]:
-    """(hit, text, image path) of each hit to explain (of a search `prepare_explanations` passed)."""
+def _pairs(result: SearchResult, text: str | None) -> list[tuple[Hit, str, str | VideoFrame]]:
+    """(hit, text, image path) of each hit to explain (of a search `prepare_explanations` passed);
+    a video's moment: its best frame."""
     if result.target == "images":
         assert text is not None
-        return [(hit, text, hit.path) for hit in result.hits if hit.path is not None]
+        return [(hit, text, hit.path if hit.t is None else VideoFrame(Path(hit.path), hit.t)) for hit in result.hits if hit.path is not None]
     if not Path(result.query).is_file():
         raise BtsearchError(f"--explain needs the query image's file, and {result.query!r} is not one")
     return [(hit, hit.text, result.query) for hit in result.hits if hit.text is not None]

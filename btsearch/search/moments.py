@@ -3,7 +3,8 @@
 A video is stored as its sampled frames, one row each; a query that finds a shot finds several
 of its frames. Walking the ranking from the best hit, a frame joins the moment of its video that
 holds the sampled frame right before or after it, when it matches nearly as well as that moment's
-best frame (`joins`); otherwise it begins a moment of its own. A moment is one hit: its best
+best frame (`joins`); otherwise it begins a moment of its own. Two moments of a video that come to
+touch, and match alike, become one (the better one's). A moment is one hit: its best
 frame's id and scores, and the span from its first frame to the next sampled frame after its last
 (the last frame of a video spans the video's usual gap between samples).
 """
@@ -17,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-# A re-ranked frame joins a moment when its score (the match probability the ranking orders by)
-# is at least this share of the moment's best: the same shot's frames score alike, another
-# shot's that does not show the query fall far below.
-MATCH_SHARE = 0.5
-# A frame ranked by ITC alone joins when its cosine is within this of the best's: ITC cosines
-# have no scale of their own, and frames of one shot differ by a few hundredths.
+# A frame joins a moment when its ITC cosine is within ITC_MARGIN of the moment's best frame's
+# (cosines have no scale of their own; frames of one shot differ by a few hundredths), and, both
+# re-ranked, its match probability is at least MATCH_SHARE of the best's: the same shot's frames
+# score alike, another shot's that does not show the query far below.
 ITC_MARGIN = 0.05
+MATCH_SHARE = 0.5
 
 
 @dataclass
@@ -61,8 +61,17 @@ def group_moments(
             moment = Moment(position, t=float(row["t"]), first=at, last=at)
             mine.append(moment)
             moments.append(moment)
-        else:
-            grown.first, grown.last = min(grown.first, at), max(grown.last, at)
+            continue
+        grown.first, grown.last = min(grown.first, at), max(grown.last, at)
+        touching = next((m for m in mine if m is not grown and m.first - 1 <= at <= m.last + 1), None)
+        if touching is None:
+            continue
+        # The frame bridges two moments: one if the lesser's best frame joins the better's (the earlier in the ranking).
+        keep, drop = (grown, touching) if moments.index(grown) < moments.index(touching) else (touching, grown)
+        if joins(keep.best, drop.best, score, itc, reranked):
+            keep.first, keep.last = min(keep.first, drop.first), max(keep.last, drop.last)
+            mine.remove(drop)
+            moments.remove(drop)
     for moment in moments:
         if moment.t is not None:
             moment.span = _span(frames[rows[moment.best]["path"]][0], moment.first, moment.last)
@@ -71,12 +80,13 @@ def group_moments(
 
 def joins(best: int, candidate: int, score: np.ndarray, itc: np.ndarray, reranked: np.ndarray) -> bool:
     """Whether the frame at `candidate` matches nearly as well as the moment's best frame at
-    `best`: both re-ranked (MATCH_SHARE), or both ranked by ITC alone (ITC_MARGIN)."""
+    `best`: its cosine within ITC_MARGIN, and (both re-ranked) its match probability at least
+    MATCH_SHARE of the best's."""
+    if itc[candidate] < itc[best] - ITC_MARGIN:
+        return False
     if reranked[best] and reranked[candidate]:
         return bool(score[candidate] >= score[best] + math.log(MATCH_SHARE))  # log probabilities
-    if not reranked[best] and not reranked[candidate]:
-        return bool(itc[candidate] >= itc[best] - ITC_MARGIN)
-    return False
+    return True
 
 
 def _span(times: np.ndarray, first: int, last: int) -> tuple[float, float]:

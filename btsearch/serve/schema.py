@@ -193,7 +193,7 @@ _NUMBER = "-?[0-9]{1,9}"  # fits every integer column, int32 ones too
 _STRING = "'(?:[^'\\x00]|'')*'"
 _COMPARE = "(?:=|!=|<>|<=|>=|<|>)"
 _COLUMNS = {
-    "images": ("id|size|mtime|width|height", "path|content_hash|folder|taken|camera"),
+    "images": ("id|size|mtime|width|height|t", "path|content_hash|folder|taken|camera|kind"),
     "texts": ("id", "text|image_path"),
 }
 
