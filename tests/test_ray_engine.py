@@ -172,7 +172,7 @@ def test_a_write_that_ends_after_its_stream_was_given_up_leaves_no_file(tmp_path
     store = Collection.open(db, load_model=False, read_only=True).store
     schema = store.table_schema("images")
     row = {field.name: None for field in schema}
-    row.update(id=10_000, path=str(tmp_path / "x.jpg"), folder=str(tmp_path), size=1, mtime=1.0, width=1, height=1, content_hash="0" * 32,
+    row.update(id=10_000, path=str(tmp_path / "x.jpg"), folder=str(tmp_path), size=1, mtime=1.0, width=1, height=1, content_hash="0" * 32, kind="image",
                embedding=np.zeros(schema.field("embedding").type.list_size, np.float32).tolist())
     batch = pa.Table.from_pylist([{**row, "error": None}])
     before = data_files(db)
