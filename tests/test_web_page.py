@@ -210,3 +210,68 @@ def test_a_server_with_a_token_asks_for_it_once_and_sends_it_with_every_request(
     page.wait_for_selector("#grid figure.hit")
     assert len(prompts) == 1
     context.close()
+
+
+def shown_ranks(page) -> list[int]:
+    return [int(text.split()[0][1:]) for text in page.locator("#grid figure.hit figcaption").all_inner_texts()]
+
+
+def test_the_search_lives_in_the_address_and_the_back_button_returns_to_it(page, server_url):
+    page.goto(f"{server_url}/?q=a+close+up+of+a+tabby+cat&k=4")  # a shared address runs its search
+    page.wait_for_selector("#grid figure.hit")
+    assert page.input_value("#q") == "a close up of a tabby cat" and shown_ranks(page) == [1, 2, 3, 4]
+    page.click("#more")  # the next page: the address says its offset
+    page.wait_for_function("() => location.search.includes('offset=4')")
+    page.wait_for_function("() => document.querySelector('#grid figure.hit figcaption').textContent.startsWith('#5 ')")
+    assert shown_ranks(page) == [5, 6, 7, 8]
+    page.fill("#q", "a cup of coffee")
+    page.fill("#where", "id < 6")
+    page.check("#collapse")
+    page.press("#q", "Enter")
+    page.wait_for_function("() => new URLSearchParams(location.search).get('q') === 'a cup of coffee'")
+    params = page.evaluate("() => Object.fromEntries(new URLSearchParams(location.search))")
+    assert params == {"q": "a cup of coffee", "where": "id < 6", "collapse": "true", "k": "4"}, params
+    page.wait_for_function("() => document.getElementById('status').textContent !== 'searching...'")
+    page.go_back()  # the cat's second page again, its fields restored
+    page.wait_for_function("() => document.getElementById('q').value === 'a close up of a tabby cat'")
+    page.wait_for_function("() => document.querySelector('#grid figure.hit figcaption').textContent.startsWith('#5 ')")
+    assert page.input_value("#where") == "" and not page.is_checked("#collapse")
+
+
+def test_more_like_this_searches_like_the_hit_without_it(page, server_url):
+    page.goto(f"{server_url}/?q=a+close+up+of+a+tabby+cat")
+    page.wait_for_selector("#grid figure.hit button.like")
+    liked = page.locator("#grid figure.hit figcaption").first.inner_text().split()[-1]
+    page.locator("#grid figure.hit button.like").first.click()
+    page.wait_for_function("() => new URLSearchParams(location.search).has('like')")
+    page.wait_for_function("() => document.getElementById('status').textContent !== 'searching...'")
+    page.wait_for_selector("#grid figure.hit")
+    names = [text.split()[-1] for text in page.locator("#grid figure.hit figcaption").all_inner_texts()]
+    assert liked not in names and len(names) == 10, names  # every other photo, the liked one left out
+    assert "more like image" in page.inner_text("#liking") and page.input_value("#q") == ""
+
+
+def test_hits_that_match_poorly_are_set_apart_under_a_line(page, server_url):
+    import httpx
+
+    query = "a close up of a tabby cat"
+    answer = httpx.get(f"{server_url}/api/search", params={"q": query, "k": 24}, timeout=120).json()
+    weak = [hit["match"] is not None and hit["match"] < 0.5 for hit in answer["hits"]]
+    page.goto(f"{server_url}/?q={query.replace(' ', '+')}")
+    page.wait_for_selector("#grid figure.hit")
+    classes = page.locator("#grid figure.hit").evaluate_all("figs => figs.map(f => f.classList.contains('weak'))")
+    assert classes == weak
+    line = page.locator("#weakline")
+    if any(weak):  # the line sits right before the first hit that matches poorly
+        assert line.count() == 1
+        before = page.evaluate("() => document.getElementById('weakline').nextElementSibling.querySelector('figcaption').textContent")
+        assert before.startswith(f"#{weak.index(True) + 1} ")
+        assert ("No image matches well" in line.inner_text()) == weak[0]
+    else:
+        assert line.count() == 0
+    # A text that matches nothing here: every re-ranked hit set apart, the line says so first.
+    answer = httpx.get(f"{server_url}/api/search", params={"q": "zebra", "k": 24, "min_match": 0.5}, timeout=120).json()
+    if not answer["hits"]:  # no hit reaches 0.5: the page must say that no image matches well
+        page.goto(f"{server_url}/?q=zebra")
+        page.wait_for_selector("#weakline")
+        assert page.inner_text("#weakline").startswith("No image matches well")
