@@ -38,8 +38,16 @@ STARTUP_S = 240
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, random_checkpoint, photos, photo_captions):
+    """The sample photos and their captions, and a video of three of them (its frames as rows)."""
+    from tests.test_video import SCENE_S, SCENES, still, write_video
+
     db = tmp_path_factory.mktemp("ray-serve") / "db"
     index_with_captions(db, random_checkpoint, photos, photo_captions)  # equal answers need no trained model
+    videos = db.parent / "videos"
+    videos.mkdir()
+    by_name = {photo.stem: photo for photo in photos}
+    write_video(videos / "scenes.mp4", [(still(by_name[scene]), SCENE_S) for scene in SCENES])
+    run("index", videos, "--db", db, "--precision", "fp32", "-q")
     return db
 
 
@@ -134,6 +142,11 @@ SEARCHES = [
     {"image_id": 0, "k": 4},
     {"image_id": 1, "q": "a photo", "k": 3},
     {"image_id": 2, "target": "images", "k": 3},
+    {"like": 0, "k": 4},
+    {"q": "a cat", "like": [1, 3], "unlike": 2, "k": 4},
+    {"q": "a cat", "collapse": "true", "k": 5},
+    {"q": "a cup of coffee on a red saucer", "where": "kind = 'video'", "k": 3},
+    {"q": "a rocket", "k": 12, "candidates": 24},
 ]
 
 

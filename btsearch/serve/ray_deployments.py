@@ -29,6 +29,7 @@ from ray import serve
 
 from ..collection import Collection
 from ..errors import BtsearchError, CollectionError, ImageReadError, NothingToSearch
+from ..media.video import VideoFrame, read_frame, row_source
 from ..search.explain import Explanation, explain_stored_image
 from ..search.pipeline import Recalled, recall_query
 from ..search.query import API, Query
@@ -64,7 +65,7 @@ class ImageChunk:
     versions: tuple[int, ...]
     texts: tuple[str, ...]
     ids: tuple[int, ...]
-    paths: tuple[str, ...]
+    sources: tuple[str | VideoFrame, ...]  # each image's file, or its video's frame (`media.video.row_source`)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class TextsJob:
     """An image's search of texts: its candidate texts, to score against the query image."""
 
     versions: tuple[int, ...]
-    image: Image.Image | str  # an upload, or a stored image's file (as the local server reads it)
+    image: Image.Image | str | VideoFrame  # an upload, or a stored image's file or frame (as the local server reads it)
     texts: tuple[str, ...]
 
 
@@ -125,14 +126,14 @@ class Recall(_Replica):
         query = job.query
         if job.image_id is not None:
             try:
-                query = dataclasses.replace(query, image=snapshot.images([job.image_id])[0]["path"])
+                query = dataclasses.replace(query, image=row_source(snapshot.images([job.image_id])[0]))
             except KeyError:
                 raise _Refused(404, f"no image with id {job.image_id}") from None
         query.check(API)
         assert snapshot.encoder is not None
         found = recall_query(snapshot.encoder, snapshot.store, snapshot.indexes, query, API, keep_bridge=False)
         # What the ingress needs to merge: no tensors, and no uploaded picture back.
-        kept_image = query.image if isinstance(query.image, str) else None
+        kept_image = query.image if isinstance(query.image, (str, VideoFrame)) else None
         slim = dataclasses.replace(found, text_query=None, image_query=None, negative_states=[], query=dataclasses.replace(query, image=kept_image))
         return slim, snapshot.store.versions()
 
@@ -176,7 +177,8 @@ class Rerank(_Replica):
         snapshot = self._snapshot(job.versions)
         encoder = snapshot.encoder
         assert encoder is not None
-        picture = job.image if isinstance(job.image, Image.Image) else load_rgb(job.image)
+        image = job.image
+        picture = image if isinstance(image, Image.Image) else read_frame(image) if isinstance(image, VideoFrame) else load_rgb(image)
         image_query = encoder.image_states(encoder.preprocess_image(to_rgb(picture))[None], with_bridge=True)
         return Reranker(encoder).score_texts(image_query, list(job.texts))
 
@@ -202,12 +204,12 @@ def _score_together(snapshot: Collection, chunks: list[ImageChunk]) -> list[Scor
     assert encoder is not None
     text_slot: dict[str, int] = {}
     image_slot: dict[int, int] = {}
-    paths: list[str] = []
+    paths: list[str | VideoFrame] = []
     pairs: list[tuple[int, int]] = []
     for chunk in chunks:
         for text in chunk.texts:
             text_slot.setdefault(text, len(text_slot))
-        for item, path in zip(chunk.ids, chunk.paths):
+        for item, path in zip(chunk.ids, chunk.sources):
             if item not in image_slot:
                 image_slot[item] = len(paths)
                 paths.append(path)

@@ -37,6 +37,7 @@ from PIL import Image
 from ..collection import Collection
 from ..defaults import CPU_CANDIDATES, GPU_CANDIDATES
 from ..errors import BtsearchError, NothingToSearch
+from ..media.video import VideoFrame, row_source
 from ..search.explain import Explanation
 from ..search.pipeline import QUERY_TIER, Recalled, finish
 from ..search.query import Query
@@ -144,7 +145,7 @@ class RaySearchService:
         from .ray_deployments import TextsJob
 
         image = query.image if image_id is None else found.query.image  # an upload, or the stored image's file
-        assert isinstance(image, (Image.Image, str))
+        assert isinstance(image, (Image.Image, str, VideoFrame))
         texts = tuple(row["text"] for row in found.rows[: found.reranked])
         logits = _unwrapped(self._call(lambda: self._rerank.score_texts.remote(TextsJob(pinned, image, texts))))
         return finish(found, Scored([logits], [QUERY_TIER] * found.reranked)), pinned
@@ -157,7 +158,7 @@ class RaySearchService:
         n = found.reranked
         size = max(MIN_CHUNK, math.ceil(n / self.rerank_replicas))
         chunks = [
-            ImageChunk(versions, texts, tuple(int(i) for i in found.ids[start : start + size]), tuple(row["path"] for row in found.rows[start : start + size]))
+            ImageChunk(versions, texts, tuple(int(i) for i in found.ids[start : start + size]), tuple(row_source(row) for row in found.rows[start : start + size]))
             for start in range(0, n, size)
         ]
         def sender(chunk: ImageChunk) -> Callable[[], Any]:
