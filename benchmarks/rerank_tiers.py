@@ -10,7 +10,12 @@ excluded), median of --queries runs, after a warm-up. Then the 100M-image storag
 
 The encodings table (`--encodings`) compares ways to keep the crop on the suite's briefly trained
 checkpoint over the real photos: bytes per image and the largest ITM logit / match probability
-change against the exact path (the file), all candidates of one query each.
+change against the exact path (the file), all candidates of one query each; and the re-rank
+cache's states as an fp32 search reads them, computed in fp32 or in bf16.
+
+The evaluation table (`--eval-cache [--size tiny|base|large]`) sets what evaluation keeps per
+image today (bridge inputs, float16 or float32) beside a lossless crop it could keep instead:
+bytes, milliseconds per image to have its bridge inputs, and the ITM change against the files.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from btsearch.indexers.pixel_store import PixelStore  # noqa: E402
 from btsearch.media.crops import encode_crop  # noqa: E402
 from btsearch.media.images import load_rgb  # noqa: E402
 from btsearch.model.device import resolve_device, resolve_dtype  # noqa: E402
+from btsearch.model.pixels import decodes_on_device  # noqa: E402
 from btsearch.search.ranking import match_probability  # noqa: E402
 from btsearch.search.reranker import Reranker  # noqa: E402
 
@@ -99,17 +105,20 @@ def tiers(args) -> None:
     cache = BridgeCache.create(work / "cache")
     for start in range(0, len(crops), 16):
         states = encoder.image_states(np.stack(crops[start : start + 16]), with_bridge=True)
-        cache.append(ids[start : start + 16], states.bridge.float().cpu().numpy().astype(np.float16))
+        cache.append(ids[start : start + 16], states.bridge.float().cpu().numpy().astype(np.float16), encoder.precision)
     query = encoder.text_states([CAPTION], with_bridge=True)
     sources = {"cache": dict(cache=cache), "pixels": dict(pixels=pixels), "file": {}}
     stored = {
         "cache": cache.row_bytes(), "pixels": pixels.nbytes() / len(files), "file": statistics.mean(path.stat().st_size for path in files),
     }
+    if decodes_on_device(device):  # the pixel tier decodes on the GPU (nvJPEG): PIL beside it
+        sources["pixels-pil"], stored["pixels-pil"] = dict(pixels=pixels, decode_on_device=False), stored["pixels"]
     print(f"re-rank tiers, {args.size} shape (random weights), {device.type} {str(dtype).removeprefix('torch.')}, "
-          f"{os.cpu_count()} cores, 12 MP JPEG sources, median of {args.queries} queries")
-    print(f"{'tier':<8}{'kB/image':>10}" + "".join(f"{f'ms k={k}':>12}{'ms/pair':>9}" for k in k_values) + f"{'100M images':>14}")
+          f"{os.cpu_count()} cores, 12 MP JPEG sources, median of {args.queries} queries; "
+          f"crops decoded {'on the GPU (nvJPEG)' if decodes_on_device(device) else 'by PIL'}")
+    print(f"{'tier':<11}{'kB/image':>10}" + "".join(f"{f'ms k={k}':>12}{'ms/pair':>9}" for k in k_values) + f"{'100M images':>14}")
     for name, source in sources.items():
-        row = f"{name:<8}{stored[name] / 1e3:>10.1f}"
+        row = f"{name:<11}{stored[name] / 1e3:>10.1f}"
         for k in k_values:
             reranker = Reranker(encoder, batch_size=32, **source)
             ms = median_ms(lambda reranker=reranker, k=k: reranker.score_images(query, files[:k], ids[:k]), args.queries)
@@ -131,7 +140,9 @@ def encodings(args) -> None:
     queries = [captions[0] for captions in SAMPLE_PHOTOS.values()]
 
     def logits(pixels: np.ndarray) -> np.ndarray:
-        images = encoder.image_states(pixels, with_bridge=True)
+        return logits_of(encoder.image_states(pixels, with_bridge=True))
+
+    def logits_of(images) -> np.ndarray:
         return np.stack([encoder.match(encoder.text_states([text], with_bridge=True), images, both=True) for text in queries])
 
     def save(fmt: str, **options):
@@ -142,6 +153,7 @@ def encodings(args) -> None:
         return encode
 
     exact = logits(crops)
+    found_by = {}
     ways = {
         "jpeg q85 4:4:4": save("JPEG", quality=85, subsampling=0), "jpeg q90 4:4:4 (kept)": encode_crop,
         "jpeg q95 4:4:4": save("JPEG", quality=95, subsampling=0), "jpeg q90 4:2:0": save("JPEG", quality=90),
@@ -154,11 +166,80 @@ def encodings(args) -> None:
     for name, encode in ways.items():
         blobs = [encode(crop) for crop in crops]
         back = np.stack([np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")).transpose(2, 0, 1) for blob in blobs])
-        found = logits(back)
+        found_by[name] = (np.mean([len(b) for b in blobs]), logits(back))
+    found_by["raw uint8"] = (crops[0].nbytes, exact)
+    # The re-rank cache's states, read by this fp32 search: computed in fp32 (stored in float16,
+    # as the cache keeps them) and in bf16 (a collection indexed in bf16), cast to fp32.
+    bf16 = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="bf16")
+    for name, model in (("cache: fp32 states", encoder), ("cache: bf16 states", bf16)):
+        states = model.image_states(crops, with_bridge=True).bridge.float().numpy().astype(np.float16)
+        found_by[name] = (states[0].nbytes, logits_of(encoder.states_from_cache(states)))
+    for name, (size, found) in found_by.items():
         itm = np.abs(found[..., 1] - exact[..., 1]).max()
         prob = np.abs(match_probability(found.reshape(-1, 2)) - match_probability(exact.reshape(-1, 2))).max()
-        print(f"{name:<24}{np.mean([len(b) for b in blobs]) / 1e3:>10.1f}{itm:>18.4f}{prob:>16.5f}")
-    print(f"{'raw uint8':<24}{crops[0].nbytes / 1e3:>10.1f}{0.0:>18.4f}{0.0:>16.5f}")
+        print(f"{name:<24}{size / 1e3:>10.1f}{itm:>18.4f}{prob:>16.5f}")
+
+
+def eval_cache(args) -> None:
+    """What evaluation keeps per image (its cache of bridge inputs, memory-mapped) against a
+    lossless crop it could keep instead (the model's exact input: the image tower then runs
+    again at each evaluation): bytes, ms per image to have its bridge inputs, and the ITM
+    change against the file path, over the sample photos."""
+    from btsearch.model.image_states import embed_image_files
+
+    torch.set_grad_enabled(False)
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="btsearch-eval-cache-"))
+    if args.size == "tiny":
+        from btsearch.demo.small_checkpoint import build_small_checkpoint
+        from btsearch.model.encoder import Encoder
+
+        encoder = Encoder.from_pretrained(str(build_small_checkpoint(work / "ckpt", seed=1)), device=str(device), precision="fp32")
+    else:
+        encoder, _, _, _ = build(args.size, device, torch.float32, work)
+    photos = write_sample_photos(work / "photos")
+    queries = [encoder.text_states([captions[0]], with_bridge=True) for captions in SAMPLE_PHOTOS.values()]
+
+    def logits(images) -> np.ndarray:
+        return np.stack([encoder.match(query, images, both=True) for query in queries])
+
+    # The exact path: the files, loaded and prepared as evaluation does, through the tower.
+    list(embed_image_files(encoder, photos[:2], batch_size=2, with_bridge=True))  # warm-up
+    start = time.perf_counter()
+    batches = list(embed_image_files(encoder, photos, batch_size=len(photos), with_bridge=True))
+    file_ms = 1000 * (time.perf_counter() - start) / len(photos)
+    exact_states = batches[0].bridges(np.float32)
+    exact = logits(encoder.states_from_cache(exact_states))
+    crops = np.stack([encoder.prepare_image(load_rgb(path)) for path in photos])
+    print(f"evaluation's per-image cache, {args.size} shape (random weights), {device.type} fp32, {len(photos)} sample photos, "
+          f"{crops.shape[-1]} px crops, {len(queries)} captions each")
+    print(f"{'kept per image':<30}{'kB/image':>10}{'ms/image':>10}{'max |ITM change|':>18}")
+    file_kb = statistics.mean(path.stat().st_size for path in photos) / 1e3
+    print(f"{'nothing: the file (read, tower)':<30}{f'({file_kb:.1f})':>10}{file_ms:>10.2f}{0.0:>18.2e}")
+    for storage in (np.float16, np.float32):
+        cache = BridgeCache.create(work / f"states-{np.dtype(storage).name}", storage)
+        cache.append(np.arange(len(photos)), exact_states, "fp32")
+        reopened = BridgeCache(cache.folder)  # memory-mapped, as evaluation reads it
+        start = time.perf_counter()
+        states = encoder.states_from_cache(reopened.get(np.arange(len(photos))))
+        ms = 1000 * (time.perf_counter() - start) / len(photos)
+        found = logits(states)
+        print(f"{'states, ' + np.dtype(storage).name + ' (today)':<30}{reopened.row_bytes() / 1e3:>10.1f}{ms:>10.2f}"
+              f"{np.abs(found[..., 1] - exact[..., 1]).max():>18.2e}")
+    for name, fmt, options in (("WebP lossless crop", "WEBP", dict(lossless=True)), ("PNG crop", "PNG", dict(optimize=True))):
+        blobs = []
+        for crop in crops:
+            out = io.BytesIO()
+            Image.fromarray(crop.transpose(1, 2, 0)).save(out, format=fmt, **options)
+            blobs.append(out.getvalue())
+        start = time.perf_counter()
+        back = np.stack([np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")).transpose(2, 0, 1) for blob in blobs])
+        states = encoder.image_states(back, with_bridge=True)
+        ms = 1000 * (time.perf_counter() - start) / len(photos)
+        assert np.array_equal(back, crops), "a lossless crop decodes to the crop"
+        found = logits(states)
+        print(f"{name + ' (decode + tower)':<30}{np.mean([len(b) for b in blobs]) / 1e3:>10.1f}{ms:>10.2f}"
+              f"{np.abs(found[..., 1] - exact[..., 1]).max():>18.2e}")
 
 
 def main() -> None:
@@ -169,8 +250,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--encodings", action="store_true", help="print the encodings table instead")
+    parser.add_argument("--eval-cache", action="store_true", help="print evaluation's cache against lossless crops instead")
     args = parser.parse_args()
-    encodings(args) if args.encodings else tiers(args)
+    if args.encodings:
+        encodings(args)
+    elif args.eval_cache:
+        eval_cache(args)
+    else:
+        tiers(args)
 
 
 if __name__ == "__main__":

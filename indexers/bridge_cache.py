@@ -3,14 +3,19 @@
 Re-ranking needs every candidate's bridge inputs; without this cache they are recomputed from
 the image file on each query. With it, a query reads them from disk instead.
 
-Layout: one chunk per write, `chunk-<time>.ids.npy` (int64 ids) written before
-`chunk-<time>.npy` ((n, layers, tokens, hidden), float16 unless asked otherwise); a chunk counts only once its
+Layout: one chunk per write, `chunk-<time>.<precision>.ids.npy` (int64 ids) written before
+`chunk-<time>.<precision>.npy` ((n, layers, tokens, hidden), float16 unless asked otherwise); a chunk counts only once its
 states file exists, and both are written through a temporary name, so a crash leaves no half
 chunk. Chunks load in time order, so an id written again (a changed file) takes its newest
 states. A chunk that cannot be read (damaged, or its ids file lost) is left out and listed in
 `damaged`. Rows of deleted images, and rows written again, are dead until `compact` rewrites
 the chunks that hold them: it writes their live rows as a new chunk before removing the old one,
 so a crash in between leaves a row twice (dead again), never missing.
+
+Each chunk's name records the precision its states were computed in (`fp32`, `bf16`, `fp16`: the
+model's, not the storage's), so whoever reads them knows what they are (`precision_of`). Chunks
+written before the record have none (`chunk-<time>.npy`: None). Evaluation reads only states of
+its own precision; a search converts any (docs/speed.md, "Precision of cached states").
 
 A bounded cache (`limit.json`, set by `index --rerank-cache-max`) keeps the states of at most that
 many bytes of images: those re-ranked most often, the newest first among equals (`keep`). Searches
@@ -40,6 +45,7 @@ COMPACT_DEAD_FRACTION = 0.25  # compact once this share of the cache's rows is d
 LIMIT = "limit.json"  # {"max_bytes": N} of a bounded cache
 USES = "uses"  # searches' records of the ids they re-ranked, one file per process
 USE_COUNTS = "uses.npz"  # those records folded: ids and counts
+PRECISION_TAGS = ("fp32", "bf16", "fp16")  # the precisions a chunk's name records (the CLI's names)
 
 
 class BridgeCache:
@@ -49,11 +55,11 @@ class BridgeCache:
         `read=False`: only append (a worker writing its batches), without reading the chunks there."""
         self.folder = Path(folder)
         self.dtype = np.dtype(dtype)
-        self._where: dict[int, tuple[Path, int]] = {}
+        self._where: dict[int, tuple[Path, int]] = {}  # id -> (its newest chunk, row)
         self._chunks: dict[Path, np.ndarray] = {}
         self._ids: dict[Path, np.ndarray] = {}  # every readable chunk's ids, in time order
         self.damaged: list[tuple[Path, str]] = []  # chunks left out, with why
-        for states in sorted(self.folder.glob("chunk-*[0-9].npy")) if read else ():
+        for states in _chunk_files(self.folder) if read else ():
             try:
                 ids = np.load(states.with_suffix(".ids.npy"))
                 rows = np.load(states, mmap_mode="r")
@@ -162,14 +168,35 @@ class BridgeCache:
         images), or superseded by a newer row of the same id."""
         return self.rows() - self.covered(live_ids)
 
-    def append(self, ids: np.ndarray, states: np.ndarray) -> None:
+    def precision_of(self, item: int) -> str | None:
+        """The precision `item`'s states were computed in (None: absent, or written unrecorded)."""
+        where = self._where.get(int(item))
+        return _precision_in_name(where[0]) if where is not None else None
+
+    def holds(self, item: int, precision: str | None = None) -> bool:
+        """Whether `item`'s states are here, computed in `precision` when one is given."""
+        return int(item) in self._where and (precision is None or self.precision_of(item) == precision)
+
+    def precisions(self) -> dict[str | None, int]:
+        """How many images' states were computed in each precision (None: unrecorded)."""
+        counts: dict[str | None, int] = {}
+        for path, _ in self._where.values():
+            precision = _precision_in_name(path)
+            counts[precision] = counts.get(precision, 0) + 1
+        return counts
+
+    def append(self, ids: np.ndarray, states: np.ndarray, precision: str | None) -> None:
+        """A chunk of `states` for `ids`, computed in `precision` (recorded in its name; None
+        only for rows copied from a chunk that has no record)."""
+        if precision is not None and precision not in PRECISION_TAGS:
+            raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISION_TAGS)}")
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) != len(states):
             raise ValueError(f"{len(ids)} ids for {len(states)} states")
         if not len(ids):
             return
         states = np.asarray(states, dtype=self.dtype)
-        path = self.folder / f"chunk-{time.time_ns():020d}.npy"
+        path = self.folder / f"chunk-{time.time_ns():020d}{'' if precision is None else '.' + precision}.npy"
         with writing("the re-rank cache", self.folder, ids.nbytes + states.nbytes):
             with atomic_write(path.with_suffix(".ids.npy")) as file:
                 np.save(file, ids)
@@ -198,7 +225,8 @@ class BridgeCache:
             if len(keep) == len(ids):
                 continue
             if keep:
-                self.append(ids[keep], np.asarray(self._chunk(path)[keep]))  # a newer chunk: it wins on load
+                # A newer chunk, which wins on load, of the same precision.
+                self.append(ids[keep], np.asarray(self._chunk(path)[keep]), _precision_in_name(path))
             for item in ids.tolist():
                 if self._where.get(item, (None, 0))[0] == path:
                     del self._where[item]
@@ -232,3 +260,14 @@ class BridgeCache:
         if path not in self._chunks:
             self._chunks[path] = np.load(path, mmap_mode="r")
         return self._chunks[path]
+
+
+def _chunk_files(folder: Path) -> list[Path]:
+    """The states files of the chunks in `folder`, oldest first (the time leads each name)."""
+    return sorted(path for path in folder.glob("chunk-*.npy") if not path.name.endswith(".ids.npy"))
+
+
+def _precision_in_name(states: Path) -> str | None:
+    """`chunk-<time>.bf16.npy` -> "bf16"; `chunk-<time>.npy` (written before the record) -> None."""
+    parts = states.name.split(".")
+    return parts[1] if len(parts) == 3 and parts[1] in PRECISION_TAGS else None

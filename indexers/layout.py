@@ -39,9 +39,9 @@ def eval_scores_file(precision: str) -> str:
     return f"eval-itm-scores-{precision}.npz"
 
 
-def eval_bridges_folder(storage: str) -> str:
-    """Images' bridge inputs evaluation keeps, in `storage` ("fp32" or "fp16")."""
-    return f"eval-bridges-{storage}"
+def eval_bridges_folder(precision: str) -> str:
+    """Images' bridge inputs evaluation keeps, computed in `precision` ("fp32", "bf16", "fp16")."""
+    return f"eval-bridges-{precision}"
 
 
 # What a creation killed before writing its manifest (the last step) leaves behind.

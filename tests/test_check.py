@@ -95,7 +95,7 @@ def dead_rows(db: Path) -> None:
 
     cache = BridgeCache(db / "rerank-cache")
     states = cache.get([next(iter(cache._where))])
-    cache.append(np.arange(10_000, 10_004), np.repeat(states, 4, axis=0))  # ids no image has
+    cache.append(np.arange(10_000, 10_004), np.repeat(states, 4, axis=0), "fp32")  # ids no image has
 
 
 def drop_manifest_field(name: str):

@@ -116,3 +116,36 @@ def test_collection_indexed_and_searched_on_cuda_ranks_as_on_the_cpu(tmp_path, t
     cpu = search("--image", astronaut, "-k", len(texts), "--candidates", len(texts), device="cpu", precision="fp32")
     assert_ranks_alike(gpu, cpu)
     assert cpu[0]["text"] in photo_captions["astronaut"]
+
+
+# nvJPEG may round a decoded pixel differently from libjpeg (PIL); both stay within the pixel
+# tier's tolerance of the exact path (tests/test_pixels.py), which bounds their difference here.
+# Written without a GPU lent: not yet run (docs/speed.md).
+PIXEL_ITM_TOLERANCE, PIXEL_MATCH_TOLERANCE = 0.25, 0.02
+
+
+def test_crops_decoded_on_the_gpu_score_as_those_decoded_by_pil(tmp_path, trained_checkpoint, photos):
+    pytest.importorskip("torchvision.io", reason="decoding on the GPU needs torchvision")
+    from btsearch.indexers.pixel_store import PixelStore
+    from btsearch.media.crops import decode_crop, encode_crop
+    from btsearch.model.pixels import decode_crops_on_device, decodes_on_device
+    from btsearch.search.ranking import match_probability
+    from btsearch.search.reranker import Reranker
+
+    encoder = Encoder.from_pretrained(str(trained_checkpoint), device="cuda", precision="fp32")
+    assert decodes_on_device(encoder.device)
+    blobs = [encode_crop(encoder.prepare_image(load_rgb(path))) for path in photos]
+    decoded = decode_crops_on_device([*blobs[:2], b"\xff\xd8 not a jpeg"], encoder.crop_size, encoder.device)
+    assert decoded[0].is_cuda and decoded[0].dtype == torch.uint8 and tuple(decoded[0].shape) == (3, encoder.crop_size, encoder.crop_size)
+    assert np.abs(decoded[0].cpu().numpy().astype(int) - decode_crop(blobs[0]).astype(int)).mean() < 1  # a level at most, on average
+    assert isinstance(decoded[2], str) and "do not decode" in decoded[2]
+
+    ids = np.arange(len(photos))
+    store = PixelStore.open(tmp_path, create=True)
+    store.append(ids, blobs)
+    query = encoder.text_states([QUERY], with_bridge=True)
+    on_gpu = Reranker(encoder, pixels=store).score_images(query, photos, ids)
+    with_pil = Reranker(encoder, pixels=store, decode_on_device=False).score_images(query, photos, ids)
+    assert on_gpu.tiers == with_pil.tiers == ["pixels"] * len(photos)
+    np.testing.assert_allclose(on_gpu.logits[0][:, 1], with_pil.logits[0][:, 1], atol=PIXEL_ITM_TOLERANCE)
+    np.testing.assert_allclose(match_probability(on_gpu.logits[0]), match_probability(with_pil.logits[0]), atol=PIXEL_MATCH_TOLERANCE)

@@ -285,9 +285,13 @@ def _image_bridges(collection: EvaluatedCollection, image_ids: np.ndarray, progr
     """The images' bridge inputs, memory-mapped from a cache in the collection folder (filled
     here where missing): memory stays flat however many images, and a later eval with another
     `candidates` runs no image tower. Stored in float32 for an fp32 model (exact), else float16
-    (which holds bf16 states exactly)."""
-    exact = _model_of(collection).dtype == torch.float32
-    cache = BridgeCache.create(collection.path / eval_bridges_folder("fp32" if exact else "fp16"), np.dtype(np.float32 if exact else np.float16))
-    missing = [int(i) for i in image_ids if int(i) not in cache]
-    fill_bridge_cache(_model_of(collection), cache, [(row["id"], row["path"]) for row in collection.images(missing)], progress)
+    (which holds bf16 states exactly). One cache per precision, and only states recorded as
+    computed in the model's own are used (an older cache's unrecorded ones are computed again):
+    the protocol's scores are the precision's own, never a mix."""
+    encoder = _model_of(collection)
+    exact = encoder.dtype == torch.float32
+    cache = BridgeCache.create(collection.path / eval_bridges_folder(encoder.precision), np.dtype(np.float32 if exact else np.float16))
+    missing = [int(i) for i in image_ids if not cache.holds(int(i), encoder.precision)]
+    rows = [(row["id"], row["path"]) for row in collection.images(missing)]
+    fill_bridge_cache(encoder, cache, rows, progress, same_precision=True)
     return cache

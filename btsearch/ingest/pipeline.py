@@ -79,8 +79,12 @@ class ImageWriter:
     for the last frame and go into LanceDB in one append, so a video is searchable whole or not
     at all (a few kB a frame wait: its embedding and facts)."""
 
-    def __init__(self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, pixels: PixelStore | None = None) -> None:
-        self.store, self.indexes, self.rerank_cache, self.pixels = store, indexes, rerank_cache, pixels
+    def __init__(
+        self, store: MetadataStore, indexes: TableIndexes, rerank_cache: BridgeCache | None, pixels: PixelStore | None = None, precision: str | None = None,
+    ) -> None:
+        """`precision`: the model's ("fp32", "bf16", "fp16"), recorded with the states (the re-rank cache on)."""
+        assert rerank_cache is None or precision is not None, "the re-rank cache records the precision of its states"
+        self.store, self.indexes, self.rerank_cache, self.pixels, self.precision = store, indexes, rerank_cache, pixels, precision
         indexes["images"]  # loaded before LanceDB gains rows, else a rebuild would hold them already
         self._rows: list[dict] = []
         self._embeddings: list[np.ndarray] = []
@@ -160,7 +164,7 @@ class ImageWriter:
         self._rows, self._embeddings, self._bridges, self._crops = [], [], [], []
         ids = self.store.reserve_ids("images", len(rows))
         if bridges is not None and self.rerank_cache is not None:
-            self.rerank_cache.append(ids, bridges)
+            self.rerank_cache.append(ids, bridges, self.precision)
         if self.pixels is not None:  # a crop is None only where the processor gave no uint8 pixels
             kept = [n for n, crop in enumerate(crops) if crop is not None]
             self.pixels.append(ids[kept], [crops[n] for n in kept])  # type: ignore[misc]
@@ -208,7 +212,7 @@ def index_images(
     at each scene cut)."""
     started = time.perf_counter()
     plan, report = start_sync(store, indexes, roots, keep_missing, pixels)
-    writer = ImageWriter(store, indexes, rerank_cache, pixels)
+    writer = ImageWriter(store, indexes, rerank_cache, pixels, encoder.precision)
     last_save = time.monotonic()
     with_bridge, keep_crops = rerank_cache is not None, pixels is not None
 

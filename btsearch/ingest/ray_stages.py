@@ -87,7 +87,7 @@ class Embed:
             ids = np.asarray(batch["id"].to_pylist(), np.int64)[good]
             if self.cache is not None:
                 assert states.bridge is not None
-                self.cache.append(ids, to_numpy(states.bridge, self.cache.dtype))
+                self.cache.append(ids, to_numpy(states.bridge, self.cache.dtype), self.encoder.precision)
             if self.pixels is not None:
                 crops = [batch["crop"][i].as_py() for i in good]
                 kept = [n for n, crop in enumerate(crops) if crop is not None]

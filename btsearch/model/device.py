@@ -50,6 +50,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """A model dtype's name on the command line ("fp32", "bf16", "fp16"): how the re-rank and
+    evaluation caches record the precision their states were computed in."""
+    return next(name for name, known in PRECISIONS.items() if known == dtype)
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return default_dtype(device)

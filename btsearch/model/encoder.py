@@ -23,7 +23,7 @@ from ..defaults import DEFAULT_MODEL, resolve_model_id
 from ..errors import ModelLoadError
 from ..media.loader import default_workers
 from .bridgetower import BridgeTowerRetrievalModel, TowerOutput
-from .device import resolve_device, resolve_dtype
+from .device import precision_name, resolve_device, resolve_dtype
 from .pixels import ImagePreparer, normalize_pixels, pixel_table
 from .tensors import to_numpy
 
@@ -109,6 +109,11 @@ class Encoder:
         return self.model.embed_dim
 
     @property
+    def precision(self) -> str:
+        """The model's precision by its command-line name ("fp32", "bf16", "fp16")."""
+        return precision_name(self.dtype)
+
+    @property
     def crop_size(self) -> int:
         """Pixels a side of the image tower's input (the processor's crop)."""
         return int(self.model.config.vision_config.image_size)
@@ -143,8 +148,10 @@ class Encoder:
 
     def _on_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
         """On the model's device as it is; through pinned memory on CUDA, so the copy overlaps
-        with compute."""
+        with compute (pixels decoded on the GPU are there already)."""
         tensor = torch.as_tensor(array)
+        if tensor.is_cuda:
+            return tensor.to(self.device)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor

@@ -32,9 +32,9 @@ class StateStore(Protocol):
 
     dtype: np.dtype
 
-    def __contains__(self, item: int) -> bool: ...
+    def holds(self, item: int, precision: str | None = None) -> bool: ...
 
-    def append(self, ids: np.ndarray, states: np.ndarray) -> None: ...
+    def append(self, ids: np.ndarray, states: np.ndarray, precision: str | None) -> None: ...
 
 
 @dataclass
@@ -83,11 +83,16 @@ def embed_video_frames(
 
 def fill_bridge_cache(
     encoder: Encoder, cache: StateStore, rows: Sequence[tuple[int, str | Path | VideoFrame]], progress: bool = False, skip_unreadable: bool = False,
+    same_precision: bool = False,
 ) -> list[SkippedImage]:
     """Give every (id, path) in `rows` that `cache` lacks its bridge inputs (a `VideoFrame` in
-    place of a path: a stored frame of a video). A file that cannot be read is an error (the
-    caller needs every one), unless `skip_unreadable`: then it is left out, and returned."""
-    missing = [(int(item), path if isinstance(path, VideoFrame) else Path(path)) for item, path in rows if int(item) not in cache]
+    place of a path: a stored frame of a video), recording the encoder's precision with them.
+    `same_precision`: states computed in another precision count as lacking (evaluation's
+    exactness), and are computed again. A file that cannot be read is an error (the caller
+    needs every one), unless `skip_unreadable`: then it is left out, and returned."""
+    precision = encoder.precision
+    wanted = precision if same_precision else None
+    missing = [(int(item), path if isinstance(path, VideoFrame) else Path(path)) for item, path in rows if not cache.holds(int(item), wanted)]
     if not missing:
         return []
     id_of = {source: item for item, source in missing}
@@ -103,9 +108,9 @@ def fill_bridge_cache(
                 done_ids += [id_of[image.source] for image in batch.images]
                 done_states.append(batch.bridges(cache.dtype))
             if len(done_ids) >= CACHE_WRITE_ROWS:
-                cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states))
+                cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states), precision)
                 done_ids, done_states = [], []
             bar.update(len(batch.images) + len(batch.skipped))
     if done_ids:
-        cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states))
+        cache.append(np.array(done_ids, dtype=np.int64), np.concatenate(done_states), precision)
     return skipped

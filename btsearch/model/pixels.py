@@ -9,8 +9,15 @@ of each value (`pixel_table`) reproduces it bit for bit as one lookup, done wher
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # Aspect ratios an extreme panorama is cut to, widest first, when the processor refuses it.
 PANORAMA_ASPECTS = (4.0, 2.0, 1.0)
@@ -86,3 +93,50 @@ def crop_to_aspect(image: Image.Image, aspect: float) -> Image.Image:
     keep = min(height, int(aspect * width))
     top = (height - keep) // 2
     return image.crop((0, top, width, top + keep))
+
+
+# -- the pixel store's crops decoded on the GPU ---------------------------------------------------
+
+
+@functools.cache
+def _device_jpeg_decoder():
+    """torchvision's `decode_jpeg` to RGB (nvJPEG on CUDA), or None where torchvision is not
+    installed (it is optional: a CPU torch decodes the crops with PIL, on threads)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
+
+
+def decodes_on_device(device: torch.device) -> bool:
+    """Whether the pixel store's JPEG crops can be decoded on `device` itself."""
+    return device.type == "cuda" and _device_jpeg_decoder() is not None
+
+
+def decode_crops_on_device(blobs: Sequence[bytes], side: int, device: torch.device) -> list[torch.Tensor | str]:
+    """Each JPEG blob decoded on `device` in one batched call (nvJPEG), as (3, side, side) uint8
+    there, or the reason it did not decode, in order: what `media.crops.decode_crops` gives on
+    the CPU. The bytes go up from one pinned host buffer, on the current stream."""
+    import torch
+
+    decode_jpeg = _device_jpeg_decoder()
+    assert decode_jpeg is not None, "decodes_on_device is false here"
+    sizes = [len(blob) for blob in blobs]
+    host = torch.empty(sum(sizes), dtype=torch.uint8).pin_memory()
+    host.numpy()[:] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    datas = list(torch.split(host, sizes))  # views of the pinned buffer, one per crop
+    try:
+        images: list[torch.Tensor | str] = list(decode_jpeg(datas, device=device))
+    except RuntimeError:  # a damaged blob fails the batch: decode one by one to name it
+        images = []
+        for data in datas:
+            try:
+                images.append(decode_jpeg(data, device=device))
+            except RuntimeError as error:
+                images.append(f"the stored pixels do not decode: {str(error).splitlines()[0] if str(error) else 'nvJPEG failed'}")
+    return [
+        image if isinstance(image, str) or tuple(image.shape) == (3, side, side)
+        else f"the stored pixels are {image.shape[2]}x{image.shape[1]}, not a {side} crop"
+        for image in images
+    ]

@@ -4,6 +4,10 @@ The query's tower runs once (its bridge inputs come in with the query). Each can
 bridge inputs come from the fastest tier that has them (`TIERS`): the re-rank cache (no tower at
 all), else the pixel store (its stored crop, decoded, through the image tower), else its source
 file (read, decoded and prepared, then the tower). A damaged pixel row falls back to the file.
+Cached states computed in another precision than the search's are cast to it: within a stated
+tolerance, nearer exact than the pixel tier they would otherwise fall to (docs/speed.md,
+"Precision of cached states"). Stored crops decode on the GPU itself where torchvision can
+(nvJPEG, in batches), else with PIL.
 Each batch of pairs goes through the cross-modal encoder at once, with the query's states
 broadcast over it (one query) or gathered per pair (several: `score_pairs`).
 """
@@ -20,8 +24,11 @@ import numpy as np
 from ..media.crops import decode_crops
 from ..media.video import VideoFrame
 from ..model.image_states import embed_image_files
+from ..model.pixels import decode_crops_on_device, decodes_on_device
 
 if TYPE_CHECKING:
+    import torch
+
     from ..indexers import BridgeCache
     from ..indexers.pixel_store import PixelStore
     from ..model.bridgetower import TowerOutput
@@ -42,12 +49,17 @@ class Scored:
 
 
 class Reranker:
-    def __init__(self, encoder: Encoder, batch_size: int = 32, cache: BridgeCache | None = None, pixels: PixelStore | None = None):
+    def __init__(
+        self, encoder: Encoder, batch_size: int = 32, cache: BridgeCache | None = None, pixels: PixelStore | None = None, decode_on_device: bool = True,
+    ):
+        """`decode_on_device`: decode stored crops on the GPU where it can (False: always with PIL,
+        as the benchmark compares)."""
         if not encoder.has_itm:
             raise ValueError("this checkpoint has no ITM head to re-rank with")
         self.encoder = encoder
         self.batch_size = batch_size
         self.cache, self.pixels = cache, pixels
+        self.decode_on_device = decode_on_device and decodes_on_device(encoder.device)
 
     def score_images(self, query: TowerOutput, paths: Sequence[str | Path | VideoFrame], ids: Sequence[int] | np.ndarray = ()) -> Scored:
         """Both ITM logits of (query text, image) for each image (its path, or its video's frame,
@@ -110,14 +122,12 @@ class Reranker:
             held = [i for i in todo if ids[i] in stored]
             for start in range(0, len(held), self.batch_size):
                 chunk = held[start : start + self.batch_size]
-                # Threads pay off for real crops (a millisecond each at 288 px), not for the tests' 64 px ones.
-                workers = self.encoder.loader_workers if self.encoder.crop_size >= 128 else 1
-                crops = decode_crops([stored[ids[i]] for i in chunk], self.encoder.crop_size, workers)
+                crops = self._decode([stored[ids[i]] for i in chunk])
                 where = [i for i, crop in zip(chunk, crops) if not isinstance(crop, str)]
                 scored.damaged += [i for i, crop in zip(chunk, crops) if isinstance(crop, str)]
                 if where:
                     self._note(scored, where, "pixels")
-                    yield where, self.encoder.image_states(np.stack([crop for crop in crops if not isinstance(crop, str)]), with_bridge=True)
+                    yield where, self.encoder.image_states(_stack([crop for crop in crops if not isinstance(crop, str)]), with_bridge=True)
             done = set(held) - set(scored.damaged)
             todo = [i for i in todo if i not in done]
         sources = {i: _source(paths[i]) for i in todo}  # a frame is decoded from its video at its time
@@ -127,6 +137,15 @@ class Reranker:
                 where = [position[image.source] for image in batch.images]
                 self._note(scored, where, "file")
                 yield where, batch.states
+
+    def _decode(self, blobs: list[bytes]) -> Sequence[np.ndarray | torch.Tensor | str]:
+        """Stored crops as (3, S, S) uint8 (on the GPU when it decodes them), or why not."""
+        side = self.encoder.crop_size
+        if self.decode_on_device:
+            return decode_crops_on_device(blobs, side, self.encoder.device)
+        # Threads pay off for real crops (a millisecond each at 288 px), not for the tests' 64 px ones.
+        workers = self.encoder.loader_workers if side >= 128 else 1
+        return decode_crops(blobs, side, workers)
 
     @staticmethod
     def _note(scored: Scored, where: list[int], tier: str) -> None:
@@ -141,6 +160,15 @@ class Reranker:
             states = self.encoder.text_states(chunk, with_bridge=True)
             scores[start : start + len(chunk)] = self.encoder.match(states, query, both=True)
         return scores
+
+
+def _stack(crops: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
+    """Decoded crops as one batch: a tensor where they were decoded on the GPU."""
+    if isinstance(crops[0], np.ndarray):
+        return np.stack(crops)
+    import torch
+
+    return torch.stack(crops)  # type: ignore[arg-type]
 
 
 def _source(path: str | Path | VideoFrame) -> Path | VideoFrame:
