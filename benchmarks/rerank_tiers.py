@@ -213,9 +213,9 @@ def eval_cache(args) -> None:
     crops = np.stack([encoder.prepare_image(load_rgb(path)) for path in photos])
     print(f"evaluation's per-image cache, {args.size} shape (random weights), {device.type} fp32, {len(photos)} sample photos, "
           f"{crops.shape[-1]} px crops, {len(queries)} captions each")
-    print(f"{'kept per image':<30}{'kB/image':>10}{'ms/image':>10}{'max |ITM change|':>18}")
+    print(f"{'kept per image':<36}{'kB/image':>10}{'ms/image':>10}{'max |ITM change|':>18}")
     file_kb = statistics.mean(path.stat().st_size for path in photos) / 1e3
-    print(f"{'nothing: the file (read, tower)':<30}{f'({file_kb:.1f})':>10}{file_ms:>10.2f}{0.0:>18.2e}")
+    print(f"{'nothing: the file (read, tower)':<36}{f'({file_kb:.1f})':>10}{file_ms:>10.2f}{0.0:>18.2e}")
     for storage in (np.float16, np.float32):
         cache = BridgeCache.create(work / f"states-{np.dtype(storage).name}", storage)
         cache.append(np.arange(len(photos)), exact_states, "fp32")
@@ -224,7 +224,7 @@ def eval_cache(args) -> None:
         states = encoder.states_from_cache(reopened.get(np.arange(len(photos))))
         ms = 1000 * (time.perf_counter() - start) / len(photos)
         found = logits(states)
-        print(f"{'states, ' + np.dtype(storage).name + ' (today)':<30}{reopened.row_bytes() / 1e3:>10.1f}{ms:>10.2f}"
+        print(f"{'states, ' + np.dtype(storage).name + ' (today)':<36}{reopened.row_bytes() / 1e3:>10.1f}{ms:>10.2f}"
               f"{np.abs(found[..., 1] - exact[..., 1]).max():>18.2e}")
     for name, fmt, options in (("WebP lossless crop", "WEBP", dict(lossless=True)), ("PNG crop", "PNG", dict(optimize=True))):
         blobs = []
@@ -238,7 +238,7 @@ def eval_cache(args) -> None:
         ms = 1000 * (time.perf_counter() - start) / len(photos)
         assert np.array_equal(back, crops), "a lossless crop decodes to the crop"
         found = logits(states)
-        print(f"{name + ' (decode + tower)':<30}{np.mean([len(b) for b in blobs]) / 1e3:>10.1f}{ms:>10.2f}"
+        print(f"{name + ' (decode + tower)':<36}{np.mean([len(b) for b in blobs]) / 1e3:>10.1f}{ms:>10.2f}"
               f"{np.abs(found[..., 1] - exact[..., 1]).max():>18.2e}")
 
 
