@@ -318,7 +318,7 @@ def duplicates(db, threshold, as_json):
     """List the groups of images that are the same photo: exact (the same bytes) and near (re-encoded,
     resized or slightly cropped copies: ITC cosine of their embeddings at or above --threshold).
     Frames of one video are never duplicates of each other. No model loads: the stored embeddings
-    are compared by FAISS range search, so a million images take minutes."""
+    are compared by FAISS range search, never pair by pair."""
     from btsearch.collection import Collection
 
     print_duplicates(Collection.open(db, load_model=False, read_only=True).duplicates(threshold), as_json)
