@@ -1,8 +1,7 @@
 """Image and text records, with their embeddings, in an embedded LanceDB database.
 
 LanceDB is the source of truth: a FAISS index can always be rebuilt from it (`iter_embeddings`).
-The store assumes one writer at a time (the collection's write lock sees to it): ids come from
-the largest stored id and a reservation on disk (`next-ids.json`), so none is ever reused.
+The store assumes one writer at a time (the collection's write lock): no id is reused (`id_reservation`).
 
 Every `add_*` call is one LanceDB append, which leaves one small file and one table version
 behind; reads slow down as these pile up. Write in large batches, and call `optimize()` after a
@@ -12,7 +11,6 @@ compaction rewrites the whole table each time it runs.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree
 
-from .atomic import atomic_write
-from .layout import ID_RESERVATION, TableName
+from .id_reservation import IdReservation
+from .layout import TableName
 from .schemas import COLUMN_BACKFILL, ImageInfo, ImageRow, TextRow
 from .schemas import SCHEMAS as _SCHEMAS
 from .sql import FilterError, sql_ints, sql_problem, sql_string
@@ -54,7 +52,8 @@ class MetadataStore:
         self.dim = dim
         self.read_only = read_only
         self._tables = tables
-        self._next_ids: dict[str, int] = {}  # per table, read from it on the first add
+        self._ids = IdReservation(self.folder)
+        self._next_ids = self._ids.next  # per table, read on the first add
         self._schemas = {name: make(dim) for name, make in _SCHEMAS.items()}
         # Rows carry every column but the embedding (of those the table has: a snapshot of an
         # old collection may lack a newer column).
@@ -371,28 +370,8 @@ class MetadataStore:
         return self._tables[table].schema
 
     def _allocate_ids(self, table: TableName, n: int) -> np.ndarray:
-        # One more than the largest id, read once: scanning the id column on every append would
-        # cost as much as the append, and more as small files pile up. Ids deleted from the top
-        # are therefore not reused by this store, but may be by a later one.
-        if table not in self._next_ids:
-            largest = pc.max(self._tables[table].search().select(["id"]).to_arrow()["id"]).as_py()
-            self._next_ids[table] = max(0 if largest is None else largest + 1, self._reserved().get(table, 0))
-        start = self._next_ids[table]
-        # Reserved on disk before use: an id deleted from the top is never handed out again,
-        # so caches keyed by id (FAISS, re-rank cache) cannot mistake a new row for an old one.
-        self._reserve(table, start + n)
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def _reserved(self) -> dict[str, int]:
-        try:
-            return json.loads((self.folder / ID_RESERVATION).read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-
-    def _reserve(self, table: TableName, next_id: int) -> None:
-        reserved = {**self._reserved(), table: next_id}
-        with atomic_write(self.folder / ID_RESERVATION) as f:
-            f.write(json.dumps(reserved).encode())
+        return self._ids.allocate(  # ids deleted from the top are not reused (`id_reservation`)
+            table, n, lambda: pc.max(self._tables[table].search().select(["id"]).to_arrow()["id"]).as_py())
 
     def _append(self, table: TableName, columns: dict[str, Any], embeddings: np.ndarray) -> None:
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)
