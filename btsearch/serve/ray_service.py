@@ -42,7 +42,7 @@ from ..search.explain import Explanation
 from ..search.pipeline import QUERY_TIER, Recalled, finish
 from ..search.query import Query
 from ..search.reranker import Scored
-from .service import Answer, Snapshots, nothing_found
+from .service import Answer, Snapshots, counted
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,7 @@ class RaySearchService:
             return {"name": "ray", "rerank_replicas": self.rerank_replicas, "retries": self.retries}
 
     def search(self, query: Query, versions: tuple[int, ...] | None = None, image_id: int | None = None) -> Answer:
-        started = time.perf_counter()
-        try:
-            return self._search(query, versions, image_id)
-        except NothingToSearch as error:
-            return nothing_found(query, error), versions if versions is not None else self.collection().store.versions()
-        except HTTPException as error:
-            if error.status_code == 400:
-                with self._figures:
-                    self.errors += 1
-            raise
-        finally:
-            with self._figures:
-                self.requests += 1
-                self.latencies.append(1000 * (time.perf_counter() - started))
+        return counted(self, query, versions, lambda: self._search(query, versions, image_id))
 
     def explain(self, text: str, image_id: int) -> Explanation:
         answer = self._call(lambda: self._rerank.explain.remote(text, image_id))

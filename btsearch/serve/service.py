@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 
@@ -27,6 +28,9 @@ from ..search.explain import Explanation, explain_stored_image
 from ..search.query import API, Query
 from ..search.results import SearchResult
 from .batching import Batcher
+
+if TYPE_CHECKING:
+    from .ray_service import RaySearchService
 
 log = logging.getLogger(__name__)
 
@@ -134,26 +138,17 @@ class SearchService:
         """The answer to a checked query, and the versions of the snapshot it was ranked on
         (`versions`: a cursor's); `image_id`: a stored image as the query's image. With
         batching, searches that wait together run as one batch (`_run_batch`)."""
-        started = time.perf_counter()
         job = _Job(versions, image_id, query)
-        try:
+
+        def run() -> Answer:
             if self.batcher is not None:
                 return self.batcher.submit(job)
             answer = self._run_batch([job])[0]
             if isinstance(answer, BaseException):
                 raise answer
             return answer
-        except NothingToSearch as error:  # the collection's state, not the request's fault: no hits, and why
-            return nothing_found(query, error), versions if versions is not None else self.collection().store.versions()
-        except HTTPException as error:
-            if error.status_code == 400:
-                with self._figures:
-                    self.errors += 1
-            raise
-        finally:
-            with self._figures:
-                self.requests += 1
-                self.latencies.append(1000 * (time.perf_counter() - started))
+
+        return counted(self, query, versions, run)
 
     def _run_batch(self, jobs: list[_Job]) -> list[Answer | BaseException]:
         """Each job's answer or error: plain text queries on the same snapshot together
@@ -217,6 +212,25 @@ class SearchService:
             return self.snapshot(versions)
         except CollectionError as error:  # a pinned snapshot that optimize has deleted
             raise HTTPException(status_code=410, detail=f"{error}: start the search again without the cursor") from None
+
+
+def counted(service: SearchService | RaySearchService, query: Query, versions: tuple[int, ...] | None, run: Callable[[], Answer]) -> Answer:
+    """`run()`'s answer, counted in the service's figures (/api/metrics: requests, 400s, latency);
+    a search of an empty table answered with no hits and the note (`nothing_found`)."""
+    started = time.perf_counter()
+    try:
+        return run()
+    except NothingToSearch as error:  # the collection's state, not the request's fault: no hits, and why
+        return nothing_found(query, error), versions if versions is not None else service.collection().store.versions()
+    except HTTPException as error:
+        if error.status_code == 400:
+            with service._figures:
+                service.errors += 1
+        raise
+    finally:
+        with service._figures:
+            service.requests += 1
+            service.latencies.append(1000 * (time.perf_counter() - started))
 
 
 def nothing_found(query: Query, why: NothingToSearch) -> SearchResult:
