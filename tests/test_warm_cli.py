@@ -82,8 +82,8 @@ def same_printout(warm: str, cold: str) -> None:
 
 def served(service, call, *args, **kwargs):
     """What `call(*args, **kwargs)` returned, and how many searches the server ran meanwhile."""
-    before = service.requests
-    return call(*args, **kwargs), service.requests - before
+    before = service.figures.requests
+    return call(*args, **kwargs), service.figures.requests - before
 
 
 @pytest.mark.parametrize("args", [

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-import statistics
 from enum import IntEnum
 from functools import lru_cache
 from importlib.resources import files
@@ -130,14 +129,11 @@ def create_app(
     @app.get("/api/metrics", response_model=Metrics)
     def metrics() -> dict:
         snapshot = service.collection()
-        latencies = sorted(service.latencies)
+        figures = service.figures
         return {
-            "requests": service.requests,
-            "errors": service.errors,
-            "latency_ms": {
-                "p50": statistics.median(latencies) if latencies else None,
-                "p95": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
-            },
+            "requests": figures.requests,
+            "errors": figures.errors,
+            "latency_ms": figures.latency_ms(),
             "images": snapshot.count("images"),
             "texts": snapshot.count("texts"),
             "index": {table: snapshot.index(table).describe() for table in TABLES},

@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,7 +41,7 @@ from ..search.explain import Explanation
 from ..search.pipeline import QUERY_TIER, Recalled, finish
 from ..search.query import Query
 from ..search.reranker import Scored
-from .service import Answer, Snapshots, counted
+from .service import Answer, RequestFigures, Snapshots, counted
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +83,9 @@ class RaySearchService:
         self._gcs = gcs_address
         self._snapshots = Snapshots(Collection.open(path, load_model=False, read_only=True))
         self._snapshot_lock = threading.Lock()
-        self._figures = threading.Lock()
+        self.figures = RequestFigures()
         self._reachable_at = 0.0
-        self.requests = 0
-        self.errors = 0
         self.retries = 0  # calls sent again after their replica died
-        self.latencies: deque[float] = deque(maxlen=1000)
         self.encoder = None  # the model lives on the replicas
 
     # -- what the app asks ---------------------------------------------------------------------
@@ -103,11 +99,11 @@ class RaySearchService:
         return None  # the Rerank replicas batch (`@serve.batch`); their figures are Serve's
 
     def engine_figures(self) -> dict[str, Any]:
-        with self._figures:
+        with self.figures.lock:
             return {"name": "ray", "rerank_replicas": self.rerank_replicas, "retries": self.retries}
 
     def search(self, query: Query, versions: tuple[int, ...] | None = None, image_id: int | None = None) -> Answer:
-        return counted(self, query, versions, lambda: self._search(query, versions, image_id))
+        return counted(self.figures, self.collection, query, versions, lambda: self._search(query, versions, image_id))
 
     def explain(self, text: str, image_id: int) -> Explanation:
         answer = self._call(lambda: self._rerank.explain.remote(text, image_id))
@@ -174,7 +170,7 @@ class RaySearchService:
                 return self._awaited(response)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
                 # The replica died (or is unreachable) under this call: Serve sends the next to a live one.
-                with self._figures:
+                with self.figures.lock:
                     self.retries += 1
                 log.warning("a replica failed a call (%s); sending it again (%d/%d)", type(error).__name__, attempt + 1, ATTEMPTS - 1)
                 response = None

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import HTTPException
 
@@ -28,9 +29,6 @@ from ..search.explain import Explanation, explain_stored_image
 from ..search.query import API, Query
 from ..search.results import SearchResult
 from .batching import Batcher
-
-if TYPE_CHECKING:
-    from .ray_service import RaySearchService
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +89,8 @@ class SearchService:
         self.path = collection.path
         self.encoder = collection.encoder
         self.lock = threading.Lock()  # the model and FAISS: one batch (or explanation) at a time
-        self.requests = 0
-        self.errors = 0
+        self.figures = RequestFigures()
         self.fallbacks = 0  # batches whose shared work failed, each of their searches then run alone
-        self.latencies: deque[float] = deque(maxlen=1000)
-        self._figures = threading.Lock()
         self._snapshots = Snapshots(collection)
         self.batcher: Batcher[_Job, Answer] | None = Batcher(self._run_batch) if batching else None
 
@@ -106,7 +101,7 @@ class SearchService:
         searches waiting, and fallbacks (batches whose shared work failed, run one search at a time)."""
         if self.batcher is None:
             return None
-        with self._figures:
+        with self.figures.lock:
             fallbacks = self.fallbacks
         return {"batches": self.batcher.batches, "searches": self.batcher.jobs, "waiting": self.batcher.waiting, "fallbacks": fallbacks}
 
@@ -148,7 +143,7 @@ class SearchService:
                 raise answer
             return answer
 
-        return counted(self, query, versions, run)
+        return counted(self.figures, self.collection, query, versions, run)
 
     def _run_batch(self, jobs: list[_Job]) -> list[Answer | BaseException]:
         """Each job's answer or error: plain text queries on the same snapshot together
@@ -194,7 +189,7 @@ class SearchService:
         except Exception as error:  # noqa: BLE001 - a failure of the shared work: each query runs alone and meets its own fate
             # Answers stay right, but batching is lost for this batch: counted (`batching_figures`) and
             # logged, so that a fault breaking every batch shows, not only as a slower server.
-            with self._figures:
+            with self.figures.lock:
                 self.fallbacks += 1
             log.warning("a batch of %d searches failed as one (%s: %s); running each alone", len(jobs), type(error).__name__, error, exc_info=True)
             return [self._answer_alone(snapshot, job) for job in jobs]
@@ -214,23 +209,42 @@ class SearchService:
             raise HTTPException(status_code=410, detail=f"{error}: start the search again without the cursor") from None
 
 
-def counted(service: SearchService | RaySearchService, query: Query, versions: tuple[int, ...] | None, run: Callable[[], Answer]) -> Answer:
-    """`run()`'s answer, counted in the service's figures (/api/metrics: requests, 400s, latency);
-    a search of an empty table answered with no hits and the note (`nothing_found`)."""
+@dataclass
+class RequestFigures:
+    """What /api/metrics reports of the searches a service answered: how many, how many were the
+    caller's fault (400), and the latest latencies."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=1000))
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def latency_ms(self) -> dict[str, float | None]:
+        with self.lock:
+            latencies = sorted(self.latencies)
+        if not latencies:
+            return {"p50": None, "p95": None}
+        return {"p50": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))]}
+
+
+def counted(figures: RequestFigures, latest: Callable[[], Collection], query: Query, versions: tuple[int, ...] | None, run: Callable[[], Answer]) -> Answer:
+    """`run()`'s answer, counted in `figures` (/api/metrics: requests, 400s, latency); a search of
+    an empty table answered with no hits and the note (`nothing_found`), at the versions of the
+    snapshot `latest()` when no cursor pinned one."""
     started = time.perf_counter()
     try:
         return run()
     except NothingToSearch as error:  # the collection's state, not the request's fault: no hits, and why
-        return nothing_found(query, error), versions if versions is not None else service.collection().store.versions()
+        return nothing_found(query, error), versions if versions is not None else latest().store.versions()
     except HTTPException as error:
         if error.status_code == 400:
-            with service._figures:
-                service.errors += 1
+            with figures.lock:
+                figures.errors += 1
         raise
     finally:
-        with service._figures:
-            service.requests += 1
-            service.latencies.append(1000 * (time.perf_counter() - started))
+        with figures.lock:
+            figures.requests += 1
+            figures.latencies.append(1000 * (time.perf_counter() - started))
 
 
 def nothing_found(query: Query, why: NothingToSearch) -> SearchResult:
