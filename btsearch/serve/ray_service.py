@@ -56,7 +56,11 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFL
 
 
 def require_serve() -> Any:
-    """The `ray` module with Serve, or one clear error saying how to get it."""
+    """The `ray` module with Serve, or one clear error saying how to get it. Ray's auto-connect is
+    off in this process (read once, as ray is first imported): Serve's router thread would
+    otherwise call `ray.init` again while the server stops, which with a cluster gone waits for
+    ever, holding the lock `ray.shutdown` needs (test_sigterm_stops_everything)."""
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
         from ray import serve  # noqa: F401
