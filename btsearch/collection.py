@@ -180,8 +180,8 @@ class Collection:
         source file. `rerank_cache=True` turns the re-rank cache on (it stays on): each image's
         bridge inputs are kept on disk in float16, so re-ranking skips the image tower;
         `rerank_cache_max` bounds it to that many bytes (kept from then on). `engine="ray"` embeds
-        on a Ray cluster (`ray_engine`; at `ray_address`, with `workers` embedding actors; images
-        only). A video is stored as its frames sampled at `frames_per_second` plus one at each
+        on a Ray cluster (`ray_engine`; at `ray_address`, with `workers` embedding actors; videos
+        on the driver). A video is stored as its frames sampled at `frames_per_second` plus one at each
         scene cut, committed together: each frame a row with the video's path and its time `t`."""
         from .ingest.runner import check_engine, run_index
 

@@ -398,3 +398,42 @@ def test_the_pixel_store_is_written_before_the_rows(tmp_path, photos, trained_ch
     ]
     assert [hit["rerank_from"] for hit in answers[0]] == ["pixels"] * 6
     assert {hit["path"]: hit["itm_score"] for hit in answers[0]} == pytest.approx({hit["path"]: hit["itm_score"] for hit in answers[1]}, abs=1e-5)
+
+
+def test_videos_are_indexed_by_the_driver_as_the_local_engine_does(tmp_path, photos, trained_checkpoint):
+    """A folder of photos and videos: the cluster embeds the photos, the driver samples and embeds
+    the videos' frames; the rows (each frame's time, kind, embedding, pixels) and a search's
+    moments are the local engine's, and a bad video is skipped with the same reason."""
+    from btsearch.indexers.pixel_store import PixelStore
+    from tests.test_video import still, write_video
+
+    album = tmp_path / "album"
+    album.mkdir()
+    by_name = {photo.stem: photo for photo in photos}
+    for name in ("moon", "coins", "camera"):
+        shutil.copy(by_name[name], album / f"{name}.png")
+    write_video(album / "trip.mp4", [(still(by_name["coffee"]), 3), (still(by_name["rocket"]), 3)])
+    (album / "cut.mp4").write_bytes((album / "trip.mp4").read_bytes()[:200])  # truncated: skipped with its reason
+    on_ray = index(album, tmp_path / "ray", trained_checkpoint, "--engine", "ray", "--workers", 2)
+    local = index(album, tmp_path / "local", trained_checkpoint)
+    assert on_ray["added"] == local["added"] == 4 and on_ray["images"] == local["images"] > 4
+    assert on_ray["skipped"] == local["skipped"] and [item["path"] for item in on_ray["skipped"]] == [str(album / "cut.mp4")]
+
+    def rows(db):
+        collection = Collection.open(db, load_model=False, read_only=True)
+        ids = collection.store.ids("images")
+        found, vectors = collection.store.get_embeddings("images", ids)
+        by_id = dict(zip(found.tolist(), vectors))
+        assert sorted(collection.index("images").ids().tolist()) == sorted(found.tolist())  # FAISS holds them all
+        assert not len(PixelStore.open(db).missing(ids))  # every frame has its pixels
+        return {(row["path"], row["t"]): (row["kind"], by_id[row["id"]]) for row in collection.store.get_images(ids)}
+
+    ray_rows, local_rows = rows(tmp_path / "ray"), rows(tmp_path / "local")
+    assert ray_rows.keys() == local_rows.keys()
+    assert sorted(kind for kind, _ in ray_rows.values()) == ["image"] * 3 + ["video"] * (len(ray_rows) - 3)
+    for key, (kind, vector) in ray_rows.items():
+        assert kind == local_rows[key][0]
+        np.testing.assert_allclose(vector, local_rows[key][1], atol=1e-5)
+    moments = [search_hits(db, "a red rocket", "--where", "kind = 'video'", "--no-server") for db in (tmp_path / "ray", tmp_path / "local")]
+    spans = [{(hit["path"], hit["start"], hit["end"], hit["t"]) for hit in hits} for hits in moments]  # a set: two moments' order may be a near-tie
+    assert spans[0] == spans[1] and all(path == str(album / "trip.mp4") for path, *_ in spans[0])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -232,24 +232,49 @@ def index_images(
             writer.flush_if_due()
             bar.update(len(batch.images) + len(batch.skipped))
             save_if_due()
-        for video in (path for path in plan.todo if is_video(path)):
-            writer.start_video()
-            frames = embed_video_frames(encoder, video, frames_per_second, batch_size, with_bridge, max_pixels, keep_crops)
-            for batch in frames:
-                if batch.skipped:  # it stopped decoding: none of its frames is kept
-                    writer.drop_video()
-                    report.skipped.extend(batch.skipped)
-                    break
-                writer.add(batch.images, batch.embeddings(), batch.bridges() if with_bridge else None)
-                writer.flush_if_due()
-                save_if_due()
-            else:
-                writer.end_video()
-                report.count_embedded([video], plan.replaced_paths)
-            frames.close()  # a video left part way stops decoding now
-            bar.update(1)
+        videos = [path for path in plan.todo if is_video(path)]
+        index_videos(
+            encoder, writer, videos, plan, report, frames_per_second, batch_size, with_bridge, max_pixels, keep_crops,
+            after_batch=save_if_due, after_video=lambda: bar.update(1),
+        )
     writer.flush()
     return finish_sync(store, indexes, plan, report, started)
+
+
+def index_videos(
+    encoder: Encoder,
+    writer: ImageWriter,
+    videos: Sequence[str],
+    plan: SyncPlan,
+    report: IndexReport,
+    frames_per_second: float,
+    batch_size: int,
+    with_bridge: bool,
+    max_pixels: int,
+    keep_crops: bool,
+    after_batch: Callable[[], None] = lambda: None,
+    after_video: Callable[[], None] = lambda: None,
+) -> None:
+    """Each video's sampled frames (`frames_per_second`, and one at each scene cut), embedded and
+    handed to `writer`, which commits a video's frames together: one that stops decoding part way
+    keeps none of them and is skipped with its reason. Every engine's videos go this way (the Ray
+    engine's in its driver: a video is one decoder's sequential work)."""
+    for video in videos:
+        writer.start_video()
+        frames = embed_video_frames(encoder, video, frames_per_second, batch_size, with_bridge, max_pixels, keep_crops)
+        for batch in frames:
+            if batch.skipped:  # it stopped decoding: none of its frames is kept
+                writer.drop_video()
+                report.skipped.extend(batch.skipped)
+                break
+            writer.add(batch.images, batch.embeddings(), batch.bridges() if with_bridge else None)
+            writer.flush_if_due()
+            after_batch()
+        else:
+            writer.end_video()
+            report.count_embedded([video], plan.replaced_paths)
+        frames.close()  # a video left part way stops decoding now
+        after_video()
 
 
 def start_sync(

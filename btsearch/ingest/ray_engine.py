@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..defaults import DEFAULT_MAX_PIXELS
+from ..defaults import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_PIXELS
 from ..errors import BtsearchError
 from ..indexers.atomic import atomic_write
 from ..indexers.layout import RAY_WAVES, lance_folder
@@ -43,12 +43,14 @@ from ..indexers.metadata_store import VERSION_GRACE
 from ..indexers.sharded_index import fill_shard
 from ..media.loader import SkippedImage
 from ..media.video import is_video
-from .pipeline import IndexReport, finish_sync, start_sync
+from .pipeline import ImageWriter, IndexReport, finish_sync, index_videos, start_sync
 from .ray_stages import Embed, Prepare, StreamFence, WriteFragments
 
 if TYPE_CHECKING:
-    from ..indexers import MetadataStore, TableIndexes
+    from ..indexers import BridgeCache, MetadataStore, TableIndexes
+    from ..indexers.pixel_store import PixelStore
     from ..model.encoder import Encoder
+    from .sync import SyncPlan
 
 WAVE_FILES = 4096  # rows per commit: each is a table version, and what a crash before it costs to redo
 WAVE_ATTEMPTS = 3  # streams per run: what a failed one left is sent again
@@ -94,19 +96,40 @@ def start_ray(address: str | None) -> Any:
 
 
 def sync_on_ray(
-    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], progress: bool = False, **options: Any,
+    encoder: Encoder, store: MetadataStore, indexes: TableIndexes, roots: Sequence[str | os.PathLike[str]], progress: bool = False,
+    rerank_cache: BridgeCache | None = None, pixels: PixelStore | None = None, frames_per_second: float = DEFAULT_FRAMES_PER_SECOND,
+    batch_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS, **options: Any,
 ) -> IndexReport:
     """What `Collection.add_images(engine="ray")` runs under the write lock: `index_images_on_ray`
-    with actors in the driver's precision. (With the re-rank cache on, the Embed actors write each
-    batch's states before its rows are committed; `catch_up.complete_rerank_cache` then fills
-    whatever is still missing, as after the local engine.)"""
+    with actors in the driver's precision, and the videos' frames sampled and embedded here by the
+    driver's model, as the local engine does (`pipeline.index_videos`: each video committed whole).
+    With the re-rank cache on (`rerank_cache`: its states written as images are embedded), the
+    Embed actors write each batch's states before its rows are committed;
+    `catch_up.complete_rerank_cache` then fills whatever is still missing, as after the local engine."""
     from ..model.device import PRECISIONS
 
     precision = next(name for name, dtype in PRECISIONS.items() if dtype == encoder.dtype)  # the actors match the driver
-    pixels = options.pop("pixels", None)
-    options.pop("frames_per_second", None)  # videos are refused before any is read (`index_images_on_ray`)
+
+    def videos_here(videos: list[str], plan: SyncPlan, report: IndexReport) -> None:
+        writer = ImageWriter(store, indexes, rerank_cache, pixels, encoder.precision)
+        done = 0
+
+        def said() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                print(f"indexing videos on the driver: {done}/{len(videos)} files", flush=True)
+
+        index_videos(
+            encoder, writer, videos, plan, report, frames_per_second, batch_size, rerank_cache is not None, max_pixels, pixels is not None,
+            after_video=said,
+        )
+        writer.flush()
+
     return index_images_on_ray(
-        encoder.model_id, store, indexes, roots, precision=precision, progress=progress, pixels=None if pixels is None else pixels.folder, **options,
+        encoder.model_id, store, indexes, roots, batch_size=batch_size, max_pixels=max_pixels, precision=precision, progress=progress,
+        rerank_cache=None if rerank_cache is None else rerank_cache.folder, pixels=None if pixels is None else pixels.folder,
+        videos=videos_here, **options,
     )
 
 
@@ -126,9 +149,12 @@ def index_images_on_ray(
     prepare_workers: int | None = None,
     rerank_cache: str | os.PathLike[str] | None = None,
     pixels: str | os.PathLike[str] | None = None,
+    videos: Callable[[list[str], SyncPlan, IndexReport], None] | None = None,
 ) -> IndexReport:
     """Sync the collection with the files under `roots` on a Ray cluster: the same plan, rows,
-    skip reasons and summary as the local engine (`ingest.index_images`). `prepare_workers`
+    skip reasons and summary as the local engine (`ingest.index_images`). `videos` indexes the
+    plan's videos (with the plan and the report), before the images go to the cluster; without
+    it a run with videos to index is refused. `prepare_workers`
     caps the Prepare actors [default: 4 per GPU, within the cluster's cores]; `rerank_cache`:
     the cache's folder, when it is on (the Embed actors write the states there); `pixels`: the
     collection folder, when its pixel store is on (the Prepare actors encode the crops, the Embed
@@ -138,20 +164,23 @@ def index_images_on_ray(
     ray = start_ray(address)
     started = time.perf_counter()
     plan, report = start_sync(store, indexes, roots, keep_missing, None if pixels is None else PixelStore.open(pixels))
-    videos = [path for path in plan.todo if is_video(path)]
-    if videos:  # their frames are sampled and committed whole by the local engine alone
-        raise BtsearchError(f"the Ray engine indexes images, not videos ({len(videos)} to index, e.g. {videos[0]}): index them with --engine local")
+    found_videos = [path for path in plan.todo if is_video(path)]
+    if found_videos:  # first: their rows reach FAISS as they commit, the cluster's rows by the catch-up below
+        if videos is None:
+            raise BtsearchError(f"{len(found_videos)} videos to index (e.g. {found_videos[0]}) need the driver's model: index them with Collection.add_images")
+        videos(found_videos, plan, report)
+    images = [path for path in plan.todo if not is_video(path)]
     waves = store.folder / RAY_WAVES
     waves.mkdir(exist_ok=True)
     for stale in [*waves.glob("run-*.json"), *waves.glob("fence-*")]:  # a killed run's plan (its files were planned again above), old fences
         stale.unlink()
-    if plan.todo:
-        ids = store.reserve_ids("images", len(plan.todo))
+    if images:
+        ids = store.reserve_ids("images", len(images))
         saved = waves / f"run-{int(ids[0]):012d}.json"
         with atomic_write(saved) as f:  # the plan (id, path), saved before anything is submitted
-            f.write(json.dumps({"ids": ids.tolist(), "paths": plan.todo}).encode())
+            f.write(json.dumps({"ids": ids.tolist(), "paths": images}).encode())
         stages = _Stages(model_id, store, batch_size, max_pixels, device, precision, _embed_workers(ray, workers), prepare_workers, rerank_cache, pixels)
-        landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), plan.todo)), progress)
+        landed, skipped = _embed_and_commit(stages, store, dict(zip(ids.tolist(), images)), progress)
         saved.unlink()
         report.skipped += skipped
         report.count_embedded(landed, plan.replaced_paths)

@@ -38,7 +38,7 @@ class Prepare:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list[Any]] = {name: [] for name in ("id", "path", "folder", *FILE_FACTS, "pixels", "shape", "crop", "error")}
-        columns["kind"], columns["t"] = ["image"] * batch.num_rows, [None] * batch.num_rows  # images only: the driver refuses videos
+        columns["kind"], columns["t"] = ["image"] * batch.num_rows, [None] * batch.num_rows  # images only: the driver indexes videos
         for item, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
             done = load_one(path, self.prepare, self.max_pixels, self.keep_crops)
             columns["id"].append(item)

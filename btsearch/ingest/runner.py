@@ -54,8 +54,7 @@ def run_index(
         from .ray_engine import sync_on_ray
 
         report = sync_on_ray(
-            model(), store, indexes, roots, address=ray_address, workers=workers, pixels=pixels,
-            rerank_cache=None if write_states is None else write_states.folder, **options,
+            model(), store, indexes, roots, address=ray_address, workers=workers, pixels=pixels, rerank_cache=write_states, **options,
         )
     else:
         report = index_images(model(), store, indexes, write_states, roots, pixels=pixels, **options)
