@@ -76,18 +76,25 @@ def start_server(db: Path, batching: bool, device: str, precision: str) -> tuple
     args = [sys.executable, __file__, "--serve", str(db), "--port", str(port), "--device", device, "--precision", precision]
     child = subprocess.Popen(args + ([] if batching else ["--no-batching"]))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    if not answers_health(child, url, 300):
+        child.terminate()
+        raise SystemExit("the server did not answer within 300 s")
+    return child, url
+
+
+def answers_health(child: subprocess.Popen, url: str, seconds: float) -> bool:
+    """Whether the server `child` answers /api/health within `seconds` (SystemExit if it exits first)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/api/health", timeout=1) as response:
+            with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
                 if response.status == 200:
-                    return child, url
+                    return True
         except OSError:
             if child.poll() is not None:
-                raise SystemExit(f"the server exited with {child.returncode}") from None
-            time.sleep(0.2)
-    child.terminate()
-    raise SystemExit("the server did not answer within 300 s")
+                raise SystemExit(f"the server `{' '.join(map(str, child.args))}` exited with {child.returncode}") from None
+            time.sleep(0.3)
+    return False
 
 
 def start_in_process(db: Path, batching: bool, device: str, precision: str) -> tuple[object, str]:

@@ -21,12 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import build_collection, free_port, load_level  # noqa: E402  (the sibling benchmark's collection and load)
+from load import answers_health, build_collection, free_port, load_level  # noqa: E402  (the sibling benchmark's collection and load)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,18 +34,10 @@ def start(db: Path, extra: list[str], device: str, precision: str) -> tuple[subp
     command = [sys.executable, "-m", "btsearch.cli.main", "serve", "--db", str(db), "--port", str(port), "--device", device, "--precision", precision, "-q", *extra]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
-                if response.status == 200:
-                    return child, url
-        except OSError:
-            if child.poll() is not None:
-                raise SystemExit(f"`{' '.join(command)}` exited with {child.returncode}") from None
-            time.sleep(0.5)
-    stop(child)
-    raise SystemExit("the server did not answer within 600 s")
+    if not answers_health(child, url, 600):
+        stop(child)
+        raise SystemExit("the server did not answer within 600 s")
+    return child, url
 
 
 def stop(child: subprocess.Popen) -> None:
