@@ -43,6 +43,7 @@ from ..indexers.metadata_store import VERSION_GRACE
 from ..indexers.sharded_index import fill_shard
 from ..media.loader import SkippedImage
 from ..media.video import is_video
+from ..ray_cluster import join
 from .pipeline import ImageWriter, IndexReport, finish_sync, index_videos, start_sync
 from .ray_stages import Embed, Prepare, StreamFence, WriteFragments
 
@@ -83,7 +84,7 @@ def start_ray(address: str | None) -> Any:
             warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
             warnings.filterwarnings("ignore", message="lance is not fork-safe")
             if address:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                join(ray, address, logging.WARNING)
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()

@@ -37,6 +37,7 @@ from ..collection import Collection
 from ..defaults import CPU_CANDIDATES, GPU_CANDIDATES
 from ..errors import BtsearchError, NothingToSearch
 from ..media.video import VideoFrame, row_source
+from ..ray_cluster import join
 from ..search.explain import Explanation
 from ..search.pipeline import QUERY_TIER, Recalled, finish
 from ..search.query import Query
@@ -263,7 +264,7 @@ def deployed(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="lance")  # Ray forks its daemons; they run none of Lance's code
             if address:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                join(ray, address, logging.ERROR)
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
                 started_ray = True

@@ -1,0 +1,192 @@
+"""Both Ray engines joining a cluster by address: a head started as users start one (`ray start
+--head`, token authentication on, as Ray now starts it), `index --engine ray --address` and
+`serve --engine ray --address` on it, with the local engine's rows and answers; the server's
+SIGTERM deletes its deployments and leaves the cluster running. An address where nothing
+listens, or a cluster whose token the driver lacks, is one line."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+if not os.environ.get("BTSEARCH_REQUIRE_RAY"):  # CI installs the extra: there the tests must run
+    pytest.importorskip("ray.serve", reason="pip install 'btsearch[ray]'")
+
+from btsearch.collection import Collection  # noqa: E402
+from btsearch.errors import RayClusterError  # noqa: E402
+from tests.helpers import free_port, run  # noqa: E402
+
+STARTUP_S = 240
+RAY = Path(sys.executable).parent / "ray"
+
+
+def session_titles(session: int) -> list[str]:
+    """The command lines of a session's live processes."""
+    titles = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session and not (entry / "stat").read_text().split(") ")[1].startswith("Z"):
+                    titles.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except (OSError, IndexError):
+                pass
+    return titles
+
+
+def kill_session(session: int) -> None:
+    for _ in range(20):  # until none is left: a worker forked meanwhile is caught in the next round
+        pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and _in_session(int(entry.name), session)]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+
+
+def _in_session(pid: int, session: int) -> bool:
+    try:
+        return os.getsid(pid) == session
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        assert process.poll() is None, f"{what} exited with {process.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{what} did not listen on {port}"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head in a session of its own, with token authentication (a token of the test's, and a
+    HOME of its own, nothing of the user's): (address, env for the drivers that join it, its session)."""
+    home = tmp_path_factory.mktemp("ray-home")
+    port = free_port()
+    token = secrets.token_hex(32)
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for_port(port, head, "ray start --head")
+        yield f"127.0.0.1:{port}", env, head.pid
+    finally:
+        kill_session(head.pid)
+        head.wait()
+
+
+def btsearch(*args, env, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "btsearch.cli.main", *map(str, args)], env=env, **popen)
+
+
+def test_index_and_serve_join_a_running_cluster_and_leave_it_running(tmp_path, cluster, photos, random_checkpoint):
+    address, env, head = cluster
+    album = tmp_path / "album"
+    album.mkdir()
+    for photo in photos[:5]:
+        (album / photo.name).write_bytes(photo.read_bytes())
+    common = ("--model", random_checkpoint, "--precision", "fp32", "--batch-size", 4, "--json", "-q")
+    indexing = btsearch("index", album, "--db", tmp_path / "ray", *common, "--engine", "ray", "--address", address, "--workers", 1,
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = indexing.communicate(timeout=STARTUP_S)
+    assert indexing.returncode == 0, err
+    assert json.loads(next(line for line in out.splitlines() if line.startswith('{"added"')))["added"] == 5
+    run("index", album, "--db", tmp_path / "local", *common)
+
+    def vectors(db):
+        collection = Collection.open(db, load_model=False, read_only=True)
+        rows = collection.store.image_files()
+        ids, found = collection.store.get_embeddings("images", [row["id"] for row in rows.values()])
+        by_id = dict(zip(ids.tolist(), found))
+        return {row["path"]: by_id[row["id"]] for row in rows.values()}
+
+    on_cluster, local = vectors(tmp_path / "ray"), vectors(tmp_path / "local")
+    assert on_cluster.keys() == local.keys()
+    for path in local:
+        np.testing.assert_allclose(on_cluster[path], local[path], atol=1e-5)
+
+    port = free_port()
+    server = btsearch("serve", "--db", tmp_path / "ray", "--engine", "ray", "--address", address, "--replicas", 1, "--precision", "fp32",
+                      "--port", port, "--no-auth", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            assert server.poll() is None, f"serve exited with {server.returncode}"
+            try:
+                if httpx.get(f"{url}/api/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve --engine ray --address did not start"
+            time.sleep(0.5)
+        assert any("ServeReplica" in title and "Rerank" in title for title in session_titles(head)), "the replicas run on the cluster"
+        served = httpx.get(f"{url}/api/search", params={"q": "a cat", "k": 5}, timeout=120).json()["hits"]
+        alone = json.loads(run("search", "a cat", "--db", tmp_path / "ray", "-k", 5, "--precision", "fp32", "--no-server", "--json").output)["hits"]
+        assert {hit["id"]: hit["itm_score"] for hit in served} == pytest.approx({hit["id"]: hit["itm_score"] for hit in alone}, abs=1e-4)
+        assert httpx.get(f"{url}/api/metrics", timeout=10).json()["engine"]["name"] == "ray"
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=90)
+    finally:
+        kill_session(server.pid)
+    deadline = time.monotonic() + 30
+    while any("ServeReplica" in title and "btsearch" in title for title in session_titles(head)):
+        assert time.monotonic() < deadline, "the server's replicas outlived it on the cluster"
+        time.sleep(0.5)
+    assert any("gcs_server" in title for title in session_titles(head)), "the cluster it joined still runs"
+
+
+@pytest.mark.parametrize("command", ["index", "serve"])
+def test_an_address_where_nothing_listens_is_one_line(tmp_path, photos, random_checkpoint, command):
+    run("index", photos[0].parent, "--db", tmp_path / "db", "--model", random_checkpoint, "--precision", "fp32", "-q")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with socket.socket() as closed:  # a port bound and not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        args = [photos[0].parent, "--db", tmp_path / "db"] if command == "index" else ["--db", tmp_path / "db", "--no-auth", "--port", free_port()]
+        process = btsearch(command, *args, "--engine", "ray", "--address", address, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output, _ = process.communicate(timeout=STARTUP_S)
+    assert process.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("btsearch: error:")]
+    assert errors == [f"btsearch: error: cannot join the Ray cluster at {address}: nothing accepts a connection there (Connection refused)"], output
+    assert "Traceback" not in output
+
+
+def test_a_cluster_that_wants_its_token_says_how_to_send_it():
+    """Ray's refusal comes wrapped twice (ConnectionError from RuntimeError from its
+    AuthenticationError): the line names the fix, whichever layer says it."""
+    try:
+        try:
+            try:
+                raise RuntimeError("RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+            except RuntimeError as refusal:
+                raise RuntimeError("Failed to connect to GCS") from refusal
+        except RuntimeError as inner:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from inner
+    except ConnectionError as error:
+        line = str(RayClusterError("10.0.0.5:6379", error))
+    assert line.startswith("cannot join the Ray cluster at 10.0.0.5:6379: the cluster wants its token: set RAY_AUTH_MODE=token")
+    assert "\n" not in line
+    plain = str(RayClusterError("head:6379", ConnectionError("Traceback (most recent call last):\n  ...\nThe GCS at head:6379 did not answer in 60 s\n")))
+    assert plain == "cannot join the Ray cluster at head:6379: The GCS at head:6379 did not answer in 60 s"  # its last line
