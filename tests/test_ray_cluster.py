@@ -1,7 +1,8 @@
 """Both Ray engines joining a cluster by address: a head started as users start one (`ray start
 --head`, token authentication on, as Ray now starts it), `index --engine ray --address` and
-`serve --engine ray --address` on it, with the local engine's rows and answers; the server's
-SIGTERM deletes its deployments and leaves the cluster running. An address where nothing
+`serve --engine ray --address` on it, with the local engine's rows and answers, and an image
+indexed on the cluster while it serves found within seconds; the server's SIGTERM deletes its
+deployments and leaves the cluster running. An address where nothing
 listens, or a cluster whose token the driver lacks, is one line."""
 
 import json
@@ -93,6 +94,10 @@ def cluster(tmp_path_factory):
     finally:
         kill_session(head.pid)
         head.wait()
+        # `ray start` names its cluster in /tmp/ray for `ray.init()` to find; `ray stop` would remove it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def btsearch(*args, env, **popen) -> subprocess.Popen:
@@ -103,14 +108,18 @@ def test_index_and_serve_join_a_running_cluster_and_leave_it_running(tmp_path, c
     address, env, head = cluster
     album = tmp_path / "album"
     album.mkdir()
-    for photo in photos[:5]:
+    for photo in photos[:4]:
         (album / photo.name).write_bytes(photo.read_bytes())
     common = ("--model", random_checkpoint, "--precision", "fp32", "--batch-size", 4, "--json", "-q")
-    indexing = btsearch("index", album, "--db", tmp_path / "ray", *common, "--engine", "ray", "--address", address, "--workers", 1,
-                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = indexing.communicate(timeout=STARTUP_S)
-    assert indexing.returncode == 0, err
-    assert json.loads(next(line for line in out.splitlines() if line.startswith('{"added"')))["added"] == 5
+
+    def index_on_the_cluster() -> dict:
+        indexing = btsearch("index", album, "--db", tmp_path / "ray", *common, "--engine", "ray", "--address", address, "--workers", 1,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = indexing.communicate(timeout=STARTUP_S)
+        assert indexing.returncode == 0, err
+        return json.loads(next(line for line in out.splitlines() if line.startswith('{"added"')))
+
+    assert index_on_the_cluster()["added"] == 4
     run("index", album, "--db", tmp_path / "local", *common)
 
     def vectors(db):
@@ -142,9 +151,18 @@ def test_index_and_serve_join_a_running_cluster_and_leave_it_running(tmp_path, c
             time.sleep(0.5)
         assert any("ServeReplica" in title and "Rerank" in title for title in session_titles(head)), "the replicas run on the cluster"
         served = httpx.get(f"{url}/api/search", params={"q": "a cat", "k": 5}, timeout=120).json()["hits"]
-        alone = json.loads(run("search", "a cat", "--db", tmp_path / "ray", "-k", 5, "--precision", "fp32", "--no-server", "--json").output)["hits"]
+        alone = json.loads(run("search", "a cat", "--db", tmp_path / "ray", "-k", 5, "--precision", "fp32", "--no-server", "--json").stdout)["hits"]
         assert {hit["id"]: hit["itm_score"] for hit in served} == pytest.approx({hit["id"]: hit["itm_score"] for hit in alone}, abs=1e-4)
         assert httpx.get(f"{url}/api/metrics", timeout=10).json()["engine"]["name"] == "ray"
+        # Indexed on the cluster while it serves: searchable within seconds of the run's end.
+        (album / photos[4].name).write_bytes(photos[4].read_bytes())
+        assert index_on_the_cluster()["added"] == 1
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/api/health", timeout=10).json()["images"] != 5 or not any(
+            hit["path"].endswith(photos[4].name) for hit in httpx.get(f"{url}/api/search", params={"q": "a cat", "k": 5}, timeout=120).json()["hits"]
+        ):
+            assert time.monotonic() < deadline, "the image indexed on the cluster was not searchable within 10 s"
+            time.sleep(0.5)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=90)
     finally:
@@ -154,6 +172,24 @@ def test_index_and_serve_join_a_running_cluster_and_leave_it_running(tmp_path, c
         assert time.monotonic() < deadline, "the server's replicas outlived it on the cluster"
         time.sleep(0.5)
     assert any("gcs_server" in title for title in session_titles(head)), "the cluster it joined still runs"
+
+
+def test_without_an_address_a_ray_of_its_own_starts_beside_a_running_cluster(tmp_path, cluster, photos, random_checkpoint):
+    """`ray start` leaves its address where `ray.init()` finds it: the documented "without
+    --address a local Ray starts" must hold all the same (Ray refused the engine's num_cpus)."""
+    _, env, head = cluster
+    album = tmp_path / "album"
+    album.mkdir()
+    for photo in photos[:2]:
+        (album / photo.name).write_bytes(photo.read_bytes())
+    before = session_titles(head)
+    alone = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH")}  # no token: it must not join
+    indexing = btsearch("index", album, "--db", tmp_path / "db", "--model", random_checkpoint, "--engine", "ray", "--workers", 1, "--json", "-q",
+                        env=alone, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = indexing.communicate(timeout=STARTUP_S)
+    assert indexing.returncode == 0, err
+    assert json.loads(next(line for line in out.splitlines() if line.startswith('{"added"')))["added"] == 2
+    assert not any("MapWorker" in title for title in session_titles(head) if title not in before)  # none of its actors ran on the cluster
 
 
 @pytest.mark.parametrize("command", ["index", "serve"])

@@ -85,8 +85,8 @@ def start_ray(address: str | None) -> Any:
             warnings.filterwarnings("ignore", message="lance is not fork-safe")
             if address:
                 join(ray, address, logging.WARNING)
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            else:  # "local": a Ray of its own even where `ray start` runs one (ray.init() would join that)
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.max_errored_blocks = 0  # a failed block fails the wave, never silently drops rows
     context.enable_progress_bars = False

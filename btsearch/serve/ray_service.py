@@ -265,8 +265,8 @@ def deployed(
             warnings.filterwarnings("ignore", message="lance")  # Ray forks its daemons; they run none of Lance's code
             if address:
                 join(ray, address, logging.ERROR)
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            else:  # "local": a Ray of its own even where `ray start` runs one (ray.init() would join that)
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
                 started_ray = True
     name = f"btsearch-{os.getpid()}"
     try:
