@@ -1,10 +1,14 @@
 """Helpers shared by the test modules: the CLI runner, a collection with captions, a server on a
-free loopback port, and the papers' original checkpoint layout."""
+free loopback port, the processes of a session (a server's, a Ray cluster's), and the papers'
+original checkpoint layout."""
 
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from click.testing import CliRunner
@@ -32,6 +36,43 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes of a session: a command started with start_new_session and
+    what it started (a local Ray's GCS, raylet, workers, replicas)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session and not (entry / "stat").read_text().split(") ")[1].startswith("Z"):
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+def process_title(pid: int) -> str:
+    """A process's command line, words joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def kill_session(session: int, spare: int | None = None) -> None:
+    """SIGKILL every process of a session but `spare`, until none is left (a worker forked
+    meanwhile is caught in the next round)."""
+    for _ in range(20):
+        left = [pid for pid in session_processes(session) if pid != spare]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
 
 
 def serve_in_thread(app) -> tuple[str, int, Callable[[], None]]:

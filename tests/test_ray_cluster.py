@@ -24,7 +24,7 @@ if not os.environ.get("BTSEARCH_REQUIRE_RAY"):  # CI installs the extra: there t
 
 from btsearch.collection import Collection  # noqa: E402
 from btsearch.errors import RayClusterError  # noqa: E402
-from tests.helpers import free_port, run  # noqa: E402
+from tests.helpers import free_port, kill_session, process_title, run, session_processes  # noqa: E402
 
 STARTUP_S = 240
 RAY = Path(sys.executable).parent / "ray"
@@ -32,35 +32,7 @@ RAY = Path(sys.executable).parent / "ray"
 
 def session_titles(session: int) -> list[str]:
     """The command lines of a session's live processes."""
-    titles = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session and not (entry / "stat").read_text().split(") ")[1].startswith("Z"):
-                    titles.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except (OSError, IndexError):
-                pass
-    return titles
-
-
-def kill_session(session: int) -> None:
-    for _ in range(20):  # until none is left: a worker forked meanwhile is caught in the next round
-        pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and _in_session(int(entry.name), session)]
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-
-
-def _in_session(pid: int, session: int) -> bool:
-    try:
-        return os.getsid(pid) == session
-    except OSError:
-        return False
+    return [process_title(pid) for pid in session_processes(session)]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:

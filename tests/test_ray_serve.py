@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +28,7 @@ if not os.environ.get("BTSEARCH_REQUIRE_RAY"):  # CI installs the extra: there t
 from btsearch.model.encoder import Encoder  # noqa: E402
 from btsearch.serve import server_file  # noqa: E402
 from btsearch.serve.app import create_app  # noqa: E402
-from tests.helpers import free_port, index_with_captions, run, serve_in_thread  # noqa: E402
+from tests.helpers import free_port, index_with_captions, kill_session, process_title, run, serve_in_thread, session_processes  # noqa: E402
 
 TOKEN = "ray-serve-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -74,11 +73,8 @@ def ray_server(db):
         assert time.monotonic() < deadline, "serve --engine ray did not start: " + (db.parent / "serve.log").read_text()
         time.sleep(0.5)
     yield url, process
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    for pid in session_processes(process.pid):
-        os.kill(pid, signal.SIGKILL)
+    kill_session(process.pid)
+    process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -89,30 +85,10 @@ def local_url(db, random_checkpoint, ray_server):
     stop()
 
 
-def session_processes(session: int) -> list[int]:
-    """Processes of the serve command's session: it, the Ray it started, the replicas."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session and not (entry / "stat").read_text().split(") ")[1].startswith("Z"):
-                    found.append(int(entry.name))
-            except (OSError, IndexError):
-                pass
-    return found
-
-
 def replicas(session: int, deployment: str) -> list[int]:
     """The pids of a deployment's replicas (their process titles name it)."""
-    pids = []
-    for pid in session_processes(session):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if title.startswith("ray::ServeReplica:") and title.split()[0].endswith(f":{deployment}"):
-            pids.append(pid)
-    return pids
+    titles = {pid: process_title(pid) for pid in session_processes(session)}
+    return [pid for pid, title in titles.items() if title.startswith("ray::ServeReplica:") and title.split()[0].endswith(f":{deployment}")]
 
 
 def get(url, path, **params):
@@ -286,17 +262,8 @@ def test_images_indexed_while_it_serves_are_found(ray_server, db, photos, tmp_pa
 def test_the_cluster_gone_is_a_503_at_once(ray_server):
     url, process = ray_server
     cluster = [pid for pid in session_processes(process.pid) if pid != process.pid]  # its GCS, raylet, workers and replicas
-    assert any(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"gcs_server") for pid in cluster), "no GCS process found"
-    for _ in range(20):  # until none is left: a worker the raylet was forking meanwhile is caught in the next round
-        for pid in cluster:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-        cluster = [pid for pid in session_processes(process.pid) if pid != process.pid]
-        if not cluster:
-            break
+    assert any(process_title(pid).split(" ")[0].endswith("gcs_server") for pid in cluster), "no GCS process found"
+    kill_session(process.pid, spare=process.pid)
     started = time.monotonic()
     answer = httpx.get(f"{url}/api/search", params={"q": "a cat"}, headers=AUTH, timeout=60)
     assert answer.status_code == 503, answer.text
