@@ -43,7 +43,7 @@ from ..indexers.metadata_store import VERSION_GRACE
 from ..indexers.sharded_index import fill_shard
 from ..media.loader import SkippedImage
 from ..media.video import is_video
-from ..ray_cluster import join
+from ..ray_cluster import start_or_join
 from .pipeline import ImageWriter, IndexReport, finish_sync, index_videos, start_sync
 from .ray_stages import Embed, Prepare, StreamFence, WriteFragments
 
@@ -78,15 +78,7 @@ def start_ray(address: str | None) -> Any:
     for name in ("ray", "ray.data"):  # the summary line says what happened; errors still show
         logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        with warnings.catch_warnings():
-            # Starting Ray forks its daemons; they run none of LanceDB's code.
-            warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
-            warnings.filterwarnings("ignore", message="lance is not fork-safe")
-            if address:
-                join(ray, address, logging.WARNING)
-            else:  # "local": a Ray of its own even where `ray start` runs one (ray.init() would join that)
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        start_or_join(ray, address, logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.max_errored_blocks = 0  # a failed block fails the wave, never silently drops rows
     context.enable_progress_bars = False

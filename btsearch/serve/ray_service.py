@@ -25,7 +25,6 @@ import os
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,7 +36,7 @@ from ..collection import Collection
 from ..defaults import CPU_CANDIDATES, GPU_CANDIDATES
 from ..errors import BtsearchError, NothingToSearch
 from ..media.video import VideoFrame, row_source
-from ..ray_cluster import join
+from ..ray_cluster import start_or_join
 from ..search.explain import Explanation
 from ..search.pipeline import QUERY_TIER, Recalled, finish
 from ..search.query import Query
@@ -258,16 +257,7 @@ def deployed(
 
     for name in ("ray", "ray.serve"):  # what matters is said by btsearch; errors still show
         logging.getLogger(name).setLevel(logging.ERROR)
-    address = address or os.environ.get("RAY_ADDRESS")
-    started_ray = False
-    if not ray.is_initialized():
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="lance")  # Ray forks its daemons; they run none of Lance's code
-            if address:
-                join(ray, address, logging.ERROR)
-            else:  # "local": a Ray of its own even where `ray start` runs one (ray.init() would join that)
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-                started_ray = True
+    started_ray = not ray.is_initialized() and start_or_join(ray, address, logging.ERROR)
     name = f"btsearch-{os.getpid()}"
     try:
         resources = ray.cluster_resources()
