@@ -7,11 +7,15 @@ suite's small checkpoint, 64 px, where decoding is nearly all of the cost), cand
 from 12 MP JPEG camera files (4000 x 3000, made from scikit-image's photos). For each tier: bytes
 kept per image, and milliseconds to re-rank k candidates for one text query (the query's tower
 excluded), median of --queries runs, after a warm-up. Then the 100M-image storage line per tier.
+`file` decodes each file whole (a collection without pixels: the exact path); `file-reduced` at
+libjpeg's reduced scale (a collection that keeps pixels, for candidates that have none); then how
+far each approximate tier's crops are from a whole decode's, in levels of 0-255.
 
 The encodings table (`--encodings`) compares ways to keep the crop on the suite's briefly trained
 checkpoint over the real photos: bytes per image and the largest ITM logit / match probability
-change against the exact path (the file), all candidates of one query each; and the re-rank
-cache's states as an fp32 search reads them, computed in fp32 or in bf16.
+change against the exact path (the file), all candidates of one query each; the re-rank
+cache's states as an fp32 search reads them, computed in fp32 or in bf16; and the file decoded
+at a reduced scale (the file tier of a collection that keeps pixels).
 
 The evaluation table (`--eval-cache [--size tiny|base|large]`) sets what evaluation keeps per
 image today (bridge inputs, float16 or float32) beside a lossless crop it could keep instead:
@@ -40,12 +44,12 @@ from PIL import Image  # noqa: E402
 from btsearch.demo.sample_photos import SAMPLE_PHOTOS, write_sample_photos  # noqa: E402
 from btsearch.indexers import BridgeCache  # noqa: E402
 from btsearch.indexers.pixel_store import PixelStore  # noqa: E402
-from btsearch.media.crops import encode_crop  # noqa: E402
+from btsearch.media.crops import decode_crops, encode_crop  # noqa: E402
 from btsearch.media.images import load_rgb  # noqa: E402
 from btsearch.model.device import resolve_device, resolve_dtype  # noqa: E402
 from btsearch.model.pixels import decodes_on_device  # noqa: E402
 from btsearch.search.ranking import match_probability  # noqa: E402
-from btsearch.search.reranker import Reranker  # noqa: E402
+from btsearch.search.reranker import FILE_DECODE_MARGIN, Reranker  # noqa: E402
 
 CAPTION = "a man in a red jacket rides a bicycle past a row of shops on a rainy street"
 CAMERA = (4000, 3000)
@@ -107,10 +111,12 @@ def tiers(args) -> None:
         states = encoder.image_states(np.stack(crops[start : start + 16]), with_bridge=True)
         cache.append(ids[start : start + 16], states.bridge.float().cpu().numpy().astype(np.float16), encoder.precision)
     query = encoder.text_states([CAPTION], with_bridge=True)
-    sources = {"cache": dict(cache=cache), "pixels": dict(pixels=pixels), "file": {}}
+    (work / "no-pixels").mkdir()  # a collection that keeps pixels, none for these candidates: its files decode reduced
+    sources = {"cache": dict(cache=cache), "pixels": dict(pixels=pixels), "file": {}, "file-reduced": dict(pixels=PixelStore.open(work / "no-pixels", create=True))}
     stored = {
         "cache": cache.row_bytes(), "pixels": pixels.nbytes() / len(files), "file": statistics.mean(path.stat().st_size for path in files),
     }
+    stored["file-reduced"] = stored["file"]
     if decodes_on_device(device):  # the pixel tier decodes on the GPU (nvJPEG): PIL beside it
         sources["pixels-pil"], stored["pixels-pil"] = dict(pixels=pixels, decode_on_device=False), stored["pixels"]
     print(f"re-rank tiers, {args.size} shape (random weights), {device.type} {str(dtype).removeprefix('torch.')}, "
@@ -123,11 +129,19 @@ def tiers(args) -> None:
             reranker = Reranker(encoder, batch_size=32, **source)
             ms = median_ms(lambda reranker=reranker, k=k: reranker.score_images(query, files[:k], ids[:k]), args.queries)
             row += f"{ms:>12.0f}{ms / k:>9.1f}"
-        print(row + f"{stored[name] * 1e8 / 1e12:>11.1f} TB" + ("  (the user's own files)" if name == "file" else ""))
+        print(row + f"{stored[name] * 1e8 / 1e12:>11.1f} TB" + ("  (the user's own files)" if name.startswith("file") else ""))
+    reduce_to = FILE_DECODE_MARGIN * encoder.prepare_image.resize_side
+    exact = np.stack(crops).astype(np.int16)
+    reduced = np.stack([encoder.prepare_image(load_rgb(path, reduce_to=reduce_to)) for path in files]).astype(np.int16)
+    stored_back = np.stack(decode_crops([encode_crop(crop) for crop in crops])).astype(np.int16)
+    for name, found in (("file-reduced", reduced), ("pixels", stored_back)):
+        print(f"{name} crops against a whole decode's: mean {np.abs(found - exact).mean():.2f} levels, max {np.abs(found - exact).max()}")
 
 
 def encodings(args) -> None:
-    """Bytes and score change of ways to keep the crop, on the suite's trained checkpoint."""
+    """Bytes and score change of ways to keep the crop, on the suite's trained checkpoint, over two
+    sets of photos: scikit-image's sample photos as they are, and 22 12 MP camera files made from
+    them (`camera_files`: other windows of the same scenes, so other crops)."""
     from btsearch.demo.small_checkpoint import build_small_checkpoint
     from btsearch.model.encoder import Encoder
 
@@ -135,9 +149,9 @@ def encodings(args) -> None:
     checkpoint = build_small_checkpoint(work / "ckpt", train_steps=150, max_train_steps=300, seed=0)
     torch.set_grad_enabled(False)  # after the training above
     encoder = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="fp32")
-    photos = write_sample_photos(work / "photos")
-    crops = np.stack([encoder.prepare_image(load_rgb(path)) for path in photos])
+    bf16 = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="bf16")
     queries = [captions[0] for captions in SAMPLE_PHOTOS.values()]
+    reduce_to = FILE_DECODE_MARGIN * encoder.prepare_image.resize_side
 
     def logits(pixels: np.ndarray) -> np.ndarray:
         return logits_of(encoder.image_states(pixels, with_bridge=True))
@@ -152,32 +166,41 @@ def encodings(args) -> None:
             return out.getvalue()
         return encode
 
-    exact = logits(crops)
-    found_by = {}
     ways = {
         "jpeg q85 4:4:4": save("JPEG", quality=85, subsampling=0), "jpeg q90 4:4:4 (kept)": encode_crop,
         "jpeg q95 4:4:4": save("JPEG", quality=95, subsampling=0), "jpeg q90 4:2:0": save("JPEG", quality=90),
         "webp lossless": save("WEBP", lossless=True), "png": save("PNG", optimize=True),
     }
-    side = crops.shape[-1]
-    print(f"pixel store encodings: {len(photos)} photos at {side} px (the suite's trained checkpoint), "
-          f"{len(queries)} queries x {len(photos)} candidates against the exact path")
-    print(f"{'encoding':<24}{'kB/image':>10}{'max |ITM change|':>18}{'max |P change|':>16}")
-    for name, encode in ways.items():
-        blobs = [encode(crop) for crop in crops]
-        back = np.stack([np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")).transpose(2, 0, 1) for blob in blobs])
-        found_by[name] = (np.mean([len(b) for b in blobs]), logits(back))
-    found_by["raw uint8"] = (crops[0].nbytes, exact)
-    # The re-rank cache's states, read by this fp32 search: computed in fp32 (stored in float16,
-    # as the cache keeps them) and in bf16 (a collection indexed in bf16), cast to fp32.
-    bf16 = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="bf16")
-    for name, model in (("cache: fp32 states", encoder), ("cache: bf16 states", bf16)):
-        states = model.image_states(crops, with_bridge=True).bridge.float().numpy().astype(np.float16)
-        found_by[name] = (states[0].nbytes, logits_of(encoder.states_from_cache(states)))
-    for name, (size, found) in found_by.items():
-        itm = np.abs(found[..., 1] - exact[..., 1]).max()
-        prob = np.abs(match_probability(found.reshape(-1, 2)) - match_probability(exact.reshape(-1, 2))).max()
-        print(f"{name:<24}{size / 1e3:>10.1f}{itm:>18.4f}{prob:>16.5f}")
+    sets = {"photos": write_sample_photos(work / "photos"), "camera": camera_files(work / "camera", 22)}
+    rows: dict[str, list] = {}
+    for photos in sets.values():
+        crops = np.stack([encoder.prepare_image(load_rgb(path)) for path in photos])
+        exact = logits(crops)
+        found_by = {}
+        for name, encode in ways.items():
+            blobs = [encode(crop) for crop in crops]
+            back = np.stack([np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")).transpose(2, 0, 1) for blob in blobs])
+            found_by[name] = (np.mean([len(b) for b in blobs]), logits(back))
+        found_by["raw uint8"] = (crops[0].nbytes, exact)
+        # Not a way to keep the crop: re-ranking's file tier in a collection that keeps pixels.
+        reduced = np.stack([encoder.prepare_image(load_rgb(path, reduce_to=reduce_to)) for path in photos])
+        found_by["file, reduced decode"] = (np.mean([path.stat().st_size for path in photos]), logits(reduced))
+        # The re-rank cache's states, read by this fp32 search: computed in fp32 (stored in
+        # float16, as the cache keeps them) and in bf16 (a collection indexed in bf16), cast to fp32.
+        for name, model in (("cache: fp32 states", encoder), ("cache: bf16 states", bf16)):
+            states = model.image_states(crops, with_bridge=True).bridge.float().numpy().astype(np.float16)
+            found_by[name] = (states[0].nbytes, logits_of(encoder.states_from_cache(states)))
+        for name, (size, found) in found_by.items():
+            itm = np.abs(found[..., 1] - exact[..., 1]).max()
+            prob = np.abs(match_probability(found.reshape(-1, 2)) - match_probability(exact.reshape(-1, 2))).max()
+            rows.setdefault(name, []).extend([size, itm, prob])
+    side = encoder.crop_size
+    print(f"pixel store encodings at {side} px (the suite's trained checkpoint), {len(queries)} queries x each set's "
+          f"candidates against the exact path: photos = {len(sets['photos'])} sample photos, camera = {len(sets['camera'])} 12 MP files")
+    print(f"{'':<24}" + "".join(f"{name:>30}" for name in sets))
+    print(f"{'encoding':<24}" + f"{'kB/image':>10}{'max |ITM chg|':>14}{'max |P chg|':>12}" * len(sets))  # the largest change of any pair
+    for name, values in rows.items():
+        print(f"{name:<24}" + "".join(f"{size / 1e3:>10.1f}{itm:>14.4f}{prob:>12.4f}" for size, itm, prob in zip(*[iter(values)] * 3)))
 
 
 def eval_cache(args) -> None:

@@ -33,3 +33,27 @@ def test_loader_threads_follow_the_device(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert default_workers(model_on_gpu=False) == 4  # the model needs the cores
     assert default_workers(model_on_gpu=True) == 15  # decoding is the limit: all but the GPU's feeder
+
+
+def test_a_reduced_decode_keeps_the_side_asked_for_and_the_orientation(tmp_path, photos):
+    """`load_rgb(reduce_to=...)`: a JPEG decodes at libjpeg's smallest scale that keeps its shorter
+    side at least `reduce_to` (EXIF orientation applied after), close to the whole decode resized
+    to the same size; other formats, and JPEGs too small to halve, decode whole."""
+    from PIL import Image
+
+    hubble = next(path for path in photos if path.name == "hubble_deep_field.jpg")  # 1000 x 872
+    for reduce_to, scale in [(100, 8), (109, 8), (110, 4), (218, 4), (219, 2), (436, 2), (437, 1), (2000, 1)]:
+        image = load_rgb(hubble, reduce_to=reduce_to)
+        assert image.size == (-(-1000 // scale), -(-872 // scale)), reduce_to
+    whole = load_rgb(hubble)
+    reduced = load_rgb(hubble, reduce_to=200)
+    resized = np.asarray(whole.resize(reduced.size, Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(reduced, dtype=np.int16) - resized).mean() < 3  # the same picture, a quarter the size
+
+    picture = whole.crop((0, 0, 800, 400))
+    exif = picture.getexif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    picture.save(tmp_path / "rotated.jpg", exif=exif, quality=92)
+    assert load_rgb(tmp_path / "rotated.jpg", reduce_to=100).size == (100, 200)  # stored 800 x 400, decoded at 1/4
+    picture.save(tmp_path / "lossless.png")
+    assert load_rgb(tmp_path / "lossless.png", reduce_to=100).size == (800, 400)

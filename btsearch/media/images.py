@@ -18,13 +18,20 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 Image.MAX_IMAGE_PIXELS = None  # our own limit, DEFAULT_MAX_PIXELS, is checked before decoding
 
 
-def load_rgb(source: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def load_rgb(
+    source: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, reduce_to: int | None = None,
+) -> Image.Image:
     """Decode an image file (a path, or an open binary file) fully, apply its EXIF orientation,
     and convert any mode to RGB.
 
     Alpha is composited on white (a transparent logo should look like a logo, not a black box);
     grey, palette, CMYK and 16-bit images are converted. Animated files give their first frame.
     Images of more than `max_pixels` pixels are refused before decoding (decompression bombs).
+
+    `reduce_to`: decode no more pixels than needed. A JPEG is then decoded at 1/2, 1/4 or 1/8 of
+    its size (libjpeg's DCT scaling, several times faster than decoding it whole), as small as
+    keeps its shorter side at least `reduce_to`; other formats decode whole. The pixels are then
+    near, not equal, to those of a full decode resized to the same size (`reduced_decode`).
     """
     name = name or str(source)
     try:
@@ -33,6 +40,8 @@ def load_rgb(source: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
             if width * height > max_pixels:
                 raise ImageReadError(f"cannot read image {name}: {width} x {height} pixels is over the limit of {max_pixels:,}")
             image.seek(0)
+            if reduce_to is not None:  # after seek: a multi-picture JPEG's seek resets its decoder
+                reduced_decode(image, reduce_to)
             image = ImageOps.exif_transpose(image)
             image.load()
             return to_rgb(image)
@@ -40,6 +49,19 @@ def load_rgb(source: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
         raise
     except (OSError, UnidentifiedImageError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image {name}: {_reason(error)}") from error
+
+
+def reduced_decode(image: Image.Image, reduce_to: int) -> None:
+    """Set an opened, not yet loaded image to decode at the smallest of libjpeg's scales (1/8,
+    1/4, 1/2) that keeps its shorter side at least `reduce_to` pixels (as stored: the scale is the
+    same both ways, so an EXIF rotation after it does not matter). Formats without such a
+    decoder (all but JPEG) are left to decode whole."""
+    width, height = image.size
+    short = min(width, height)
+    if reduce_to <= 0 or short < 2 * reduce_to:
+        return
+    # draft() takes the largest scale whose result is at least the size asked for, both ways.
+    image.draft(None, (max(1, width * reduce_to // short), max(1, height * reduce_to // short)))
 
 
 def _reason(error: Exception) -> str:

@@ -64,10 +64,12 @@ class ImageBatch:
 
 def load_one(
     path: str | Path | VideoFrame, preprocess: Callable[[Image.Image], np.ndarray], max_pixels: int, keep_crop: bool = False,
+    reduce_to: int | None = None,
 ) -> LoadedImage | SkippedImage:
     """One file read, decoded and prepared (or one stored video frame: `load_frame`); `keep_crop`:
     its uint8 pixels also encoded for the pixel store (here, on the loader's thread, not where the
-    model waits)."""
+    model waits); `reduce_to`: a JPEG decoded at a reduced scale (`load_rgb`), its width and
+    height then those decoded."""
     if isinstance(path, VideoFrame):
         return load_frame(path, preprocess, max_pixels, keep_crop)
     path = Path(path)
@@ -77,7 +79,7 @@ def load_one(
             data = f.read()
         if not data:
             return SkippedImage(path, "empty file")
-        image = load_rgb(io.BytesIO(data), max_pixels=max_pixels, name=str(path))
+        image = load_rgb(io.BytesIO(data), max_pixels=max_pixels, name=str(path), reduce_to=reduce_to)
         facts = read_photo_facts(data, stat.st_mtime)
         pixels = preprocess(image)
         crop = encode_crop(pixels) if keep_crop and pixels.dtype == np.uint8 else None
@@ -206,9 +208,11 @@ def iter_image_batches(
     prefetch: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_crops: bool = False,
+    reduce_to: int | None = None,
 ) -> Iterator[ImageBatch]:
     """Yield batches of loaded images (and the files that failed), in the order of `paths`;
-    `keep_crops`: each with its pixels encoded for the pixel store."""
+    `keep_crops`: each with its pixels encoded for the pixel store; `reduce_to`: JPEGs decoded
+    at a reduced scale (`load_rgb`; video frames decode whole)."""
     workers = workers or default_workers(model_on_gpu=False)
     paths = iter(paths)
     pending: deque[list[Future]] = deque()
@@ -218,7 +222,7 @@ def iter_image_batches(
         def submit_next() -> bool:
             chunk = list(islice(paths, batch_size))
             if chunk:
-                pending.append([pool.submit(load_one, path, preprocess, max_pixels, keep_crops) for path in chunk])
+                pending.append([pool.submit(load_one, path, preprocess, max_pixels, keep_crops, reduce_to) for path in chunk])
             return bool(chunk)
 
         for _ in range(prefetch + 1):

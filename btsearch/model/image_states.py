@@ -59,12 +59,15 @@ class EmbeddedBatch:
 
 def embed_image_files(
     encoder: Encoder, paths: Sequence[str | Path | VideoFrame], batch_size: int = 16, with_bridge: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-    keep_crops: bool = False,
+    keep_crops: bool = False, reduce_to: int | None = None,
 ) -> Iterator[EmbeddedBatch]:
     """Stages 3 and 4 of ingest: load and prepare the files on background threads (encoding each
     crop for the pixel store when asked), and run the image tower on each batch (with its bridge
-    inputs when asked), in the order of `paths` (a `VideoFrame`: a stored frame of a video)."""
-    batches = iter_image_batches(paths, encoder.prepare_image, batch_size, encoder.loader_workers, max_pixels=max_pixels, keep_crops=keep_crops)
+    inputs when asked), in the order of `paths` (a `VideoFrame`: a stored frame of a video).
+    `reduce_to`: JPEGs decoded at a reduced scale (`load_rgb`): re-ranking's approximate file tier."""
+    batches = iter_image_batches(
+        paths, encoder.prepare_image, batch_size, encoder.loader_workers, max_pixels=max_pixels, keep_crops=keep_crops, reduce_to=reduce_to,
+    )
     for batch in batches:
         states = encoder.image_states(batch.pixels(), with_bridge=with_bridge) if batch.images else None
         yield EmbeddedBatch(batch.images, batch.skipped, states)

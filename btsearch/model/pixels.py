@@ -32,6 +32,15 @@ class ImagePreparer:
         self.image_processor = image_processor
         self.keeps_bytes = True  # until the processor shows it returns floats even unscaled
 
+    @property
+    def resize_side(self) -> int:
+        """Pixels the processor resizes an image's shorter side to before the crop (at most;
+        a panorama's is less): what a reduced decode must keep; 0 when the processor names none
+        (nothing is then decoded reduced)."""
+        size, crop = getattr(self.image_processor, "size", None), getattr(self.image_processor, "crop_size", None)
+        sides = [_side(size, "shortest_edge"), _side(size, "height"), _side(size, "width"), _side(crop, "shortest_edge"), _side(crop, "height")]
+        return max((side for side in sides if side is not None), default=0)
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         try:
             return self._geometry(image)
@@ -61,6 +70,12 @@ class ImagePreparer:
             self.keeps_bytes = False  # a processor that resizes in floats: take its finished pixels
         features = self.image_processor(images=[image], do_center_crop=True, return_tensors="np")
         return features["pixel_values"][0].astype(np.float32, copy=False)
+
+
+def _side(size, key: str) -> int | None:
+    """One entry of a processor's size (a dict, or transformers' SizeDict), None when unset."""
+    value = size.get(key) if isinstance(size, dict) else size if isinstance(size, int) and key == "shortest_edge" else getattr(size, key, None)
+    return int(value) if value else None
 
 
 def pixel_table(image_processor) -> np.ndarray:
