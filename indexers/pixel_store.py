@@ -65,7 +65,10 @@ class PixelStore:
         if not len(ids):
             return
         with writing("the pixel store", self.folder / f"{PIXELS}.lance", sum(len(blob) for blob in blobs) + 64 * len(ids)):
-            self._table.add(pa.table({"id": ids, "data": pa.array(list(blobs), pa.binary())}, schema=SCHEMA))
+            self._add(pa.table({"id": ids, "data": pa.array(list(blobs), pa.binary())}, schema=SCHEMA))
+
+    def _add(self, rows: pa.Table) -> None:
+        self._table.add(rows)
 
     def get(self, ids: Iterable[int]) -> dict[int, bytes]:
         """The stored bytes of those of `ids` that have some (the newest row, should one be twice)."""

@@ -21,6 +21,7 @@ import pytest
 from btsearch.collection import Collection
 from btsearch.errors import StorageError
 from btsearch.indexers import BridgeCache, MetadataStore, VectorIndex, bridge_cache, manifest, skip_log
+from btsearch.indexers.pixel_store import PixelStore
 from btsearch.indexers.write_errors import storage_errors, writing
 from btsearch.media.images import load_rgb
 from btsearch.model.encoder import Encoder
@@ -141,6 +142,7 @@ DISK_FULL = [
     # The second chunk's states, once its ids file is written: that must go too.
     pytest.param(bridge_cache, "atomic_write", 4, NUMPY_SHORT_WRITE, "cannot write the re-rank cache in ", id="rerank-cache"),
     pytest.param(MetadataStore, "_append", 2, LANCE_FULL, "cannot write the images table in ", id="lancedb"),
+    pytest.param(PixelStore, "_add", 2, LANCE_FULL, "cannot write the pixel store in ", id="pixels"),
     pytest.param(VectorIndex, "save", 2, OSError(errno.ENOSPC, "No space left on device"), "cannot write the FAISS index of the images table in ", id="faiss"),
     pytest.param(MetadataStore, "optimize", 1, LANCE_FULL, "cannot write the collection in ", id="lancedb-optimize"),
     pytest.param(skip_log, "atomic_write", 1, OSError(errno.ENOSPC, "No space left on device"), "cannot write the skip log in ", id="skip-log"),

@@ -158,7 +158,8 @@ def test_a_damaged_crop_falls_back_to_the_file_and_check_repairs_it(tmp_path, al
     hits = {hit["id"]: hit for hit in out["hits"]}
     assert hits[victim]["rerank_from"] == "file" and all(hit["rerank_from"] == "pixels" for item, hit in hits.items() if item != victim)
     assert any("stored pixels did not decode" in note for note in out["notes"])
-    assert hits[victim]["itm_score"] == pytest.approx(reference.itm_logit(trained_checkpoint, QUERY, hits[victim]["path"]), abs=1e-4)
+    # From its file, decoded at a reduced scale (the collection keeps pixels): near exact.
+    assert hits[victim]["itm_score"] == pytest.approx(reference.itm_logit(trained_checkpoint, QUERY, hits[victim]["path"]), abs=REDUCED_ITM_TOLERANCE)
     found = run("check", "--db", db, ok=False)
     assert found.exit_code == 1 and "1 stored crops do not decode" in found.stdout
     repaired = run("check", "--db", db, "--repair")
