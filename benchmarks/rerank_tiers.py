@@ -11,11 +11,12 @@ excluded), median of --queries runs, after a warm-up. Then the 100M-image storag
 libjpeg's reduced scale (a collection that keeps pixels, for candidates that have none); then how
 far each approximate tier's crops are from a whole decode's, in levels of 0-255.
 
-The encodings table (`--encodings`) compares ways to keep the crop on the suite's briefly trained
-checkpoint over the real photos: bytes per image and the largest ITM logit / match probability
-change against the exact path (the file), all candidates of one query each; the re-rank
-cache's states as an fp32 search reads them, computed in fp32 or in bf16; and the file decoded
-at a reduced scale (the file tier of a collection that keeps pixels).
+The encodings table (`--encodings [--crop 64]`) compares ways to keep the crop on the suite's
+briefly trained checkpoint (or one like it trained at --crop pixels) over the real photos: bytes
+per image and the largest ITM logit / match probability change against the exact path (the file),
+all candidates of one query each; the re-rank cache's states as an fp32 search reads them,
+computed in fp32 or in bf16; and the file decoded at a reduced scale (the file tier of a
+collection that keeps pixels).
 
 The evaluation table (`--eval-cache [--size tiny|base|large]`) sets what evaluation keeps per
 image today (bridge inputs, float16 or float32) beside a lossless crop it could keep instead:
@@ -146,7 +147,7 @@ def encodings(args) -> None:
     from btsearch.model.encoder import Encoder
 
     work = Path(tempfile.mkdtemp(prefix="btsearch-encodings-"))
-    checkpoint = build_small_checkpoint(work / "ckpt", train_steps=150, max_train_steps=300, seed=0)
+    checkpoint = build_small_checkpoint(work / "ckpt", train_steps=150, max_train_steps=300, seed=0, image_size=args.crop)
     torch.set_grad_enabled(False)  # after the training above
     encoder = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="fp32")
     bf16 = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="bf16")
@@ -273,6 +274,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--encodings", action="store_true", help="print the encodings table instead")
+    parser.add_argument("--crop", type=int, default=64, help="with --encodings: the trained checkpoint's crop, in pixels (288: the hub's)")
     parser.add_argument("--eval-cache", action="store_true", help="print evaluation's cache against lossless crops instead")
     args = parser.parse_args()
     if args.encodings:
