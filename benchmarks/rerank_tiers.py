@@ -168,8 +168,9 @@ def encodings(args) -> None:
         return encode
 
     ways = {
-        "jpeg q85 4:4:4": save("JPEG", quality=85, subsampling=0), "jpeg q90 4:4:4 (kept)": encode_crop,
-        "jpeg q95 4:4:4": save("JPEG", quality=95, subsampling=0), "jpeg q90 4:2:0": save("JPEG", quality=90),
+        "jpeg q85 4:4:4": save("JPEG", quality=85, subsampling=0), "jpeg q90 4:4:4": save("JPEG", quality=90, subsampling=0),
+        "jpeg q92 4:4:4 (kept)": encode_crop, "jpeg q95 4:4:4": save("JPEG", quality=95, subsampling=0),
+        "jpeg q90 4:2:0": save("JPEG", quality=90),
         "webp lossless": save("WEBP", lossless=True), "png": save("PNG", optimize=True),
     }
     sets = {"photos": write_sample_photos(work / "photos"), "camera": camera_files(work / "camera", 22)}

@@ -22,9 +22,11 @@ DEFAULT_MAX_PIXELS = 180_000_000  # a 16,000 x 11,000 panorama passes; a 50K x 5
 GPU_CANDIDATES, CPU_CANDIDATES = 128, 16
 
 # How the pixel store keeps each image's model input (the processor's uint8 crop): JPEG at
-# quality 90 without chroma subsampling, about 28 kB at 288 px (docs/speed.md has the measurement
-# that chose it). A collection records it; `index --no-pixels` records none.
-PIXEL_FORMAT = "jpeg-q90-444"
+# quality 92 without chroma subsampling, about 31 kB at 288 px (docs/speed.md has the measurement
+# that chose it). A collection records the format it was made with; `index --no-pixels` records
+# none. Crops added later to a collection made with q90 (before 2026-12-03) are written in this
+# one: any JPEG decodes the same way, and a higher quality only brings scores nearer exact.
+PIXEL_FORMAT = "jpeg-q92-444"
 
 # Video frames indexed per second of video (`index --frames-per-second`), beside one at each
 # scene cut: the rate of the peers that sample (immich's frame PR, clip-video-encode).

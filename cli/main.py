@@ -98,7 +98,7 @@ def main() -> None:
 )
 @click.option(
     "--no-pixels", is_flag=True,
-    help="Make the collection without a pixel store (each image's model input, about 28 kB, kept so re-ranking needs no source file); "
+    help="Make the collection without a pixel store (each image's model input, about 31 kB, kept so re-ranking needs no source file); "
     "applies when the collection is created.",
 )
 @click.option("--keep-missing", is_flag=True, help="Keep the entries of files gone from under PATHS (by default they are removed).")

@@ -3,7 +3,7 @@ kept in a LanceDB table of its own, `pixels` (id, data), so re-ranking never nee
 
 Why a table of its own and not a column of `images`: the images table is compacted after every
 index run (appends leave small files), and LanceDB's compaction rewrites every fragment under a
-million rows; ~28 kB of pixels per row would make that ten times the work. This table only grows
+million rows; ~31 kB of pixels per row would make that ten times the work. This table only grows
 by appends and is compacted once COMPACT_SMALL_FRAGMENTS small fragments have piled up (a rewrite
 every few dozen runs, not every run; fragments of a million rows are never rewritten), and it is
 read by id through a BTREE index once it is large. An image's pixels never change (a changed file

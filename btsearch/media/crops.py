@@ -1,6 +1,6 @@
 """The pixel store's encoding: an image's model input (the processor's uint8 crop, (3, S, S))
-to compact bytes and back. JPEG at quality 90 without chroma subsampling (`defaults.PIXEL_FORMAT`):
-about 28 kB at 288 px against 249 kB raw, and a millisecond to encode or decode; the choice,
+to compact bytes and back. JPEG at quality 92 without chroma subsampling (`defaults.PIXEL_FORMAT`):
+about 31 kB at 288 px against 249 kB raw, and a millisecond to encode or decode; the choice,
 against other qualities and lossless forms, is measured in docs/speed.md."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..errors import ImageReadError
 
-JPEG_QUALITY = 90
+JPEG_QUALITY = 92
 
 
 def encode_crop(pixels: np.ndarray) -> bytes:
