@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 TIERS = ("cache", "pixels", "file")  # where a candidate's model input comes from, fastest first
 
 # A reduced decode keeps at least this many times the processor's resize a side. Its crops then
-# differ from a whole decode's by 0.1 levels on average, 2 at most, against 1.7 and 36 for the
+# differ from a whole decode's by 0.1 levels on average, 2 at most, against 1.5 and 28 for the
 # pixel store's JPEG (12 MP camera files at 288 px), and its match probabilities by at most 0.011
-# where the pixel store's move by up to 0.098 (docs/speed.md). At 2x, small photos moved by 0.027.
+# where the pixel store's move by up to 0.045 (64 px; docs/speed.md). At 2x, a small photo's
+# match moved by 0.027.
 FILE_DECODE_MARGIN = 4
 
 
