@@ -50,7 +50,7 @@ from btsearch.media.images import load_rgb  # noqa: E402
 from btsearch.model.device import resolve_device, resolve_dtype  # noqa: E402
 from btsearch.model.pixels import decodes_on_device  # noqa: E402
 from btsearch.search.ranking import match_probability  # noqa: E402
-from btsearch.search.reranker import FILE_DECODE_MARGIN, Reranker  # noqa: E402
+from btsearch.search.reranker import Reranker, reduced_file_side  # noqa: E402
 
 CAPTION = "a man in a red jacket rides a bicycle past a row of shops on a rainy street"
 CAMERA = (4000, 3000)
@@ -106,7 +106,8 @@ def tiers(args) -> None:
     crops = [encoder.prepare_image(load_rgb(path)) for path in files]
     (work / "db").mkdir()
     pixels = PixelStore.open(work / "db", create=True)
-    pixels.append(ids, [encode_crop(crop) for crop in crops])
+    blobs = [encode_crop(crop) for crop in crops]  # as the pixel store keeps them
+    pixels.append(ids, blobs)
     cache = BridgeCache.create(work / "cache")
     for start in range(0, len(crops), 16):
         states = encoder.image_states(np.stack(crops[start : start + 16]), with_bridge=True)
@@ -131,10 +132,9 @@ def tiers(args) -> None:
             ms = median_ms(lambda reranker=reranker, k=k: reranker.score_images(query, files[:k], ids[:k]), args.queries)
             row += f"{ms:>12.0f}{ms / k:>9.1f}"
         print(row + f"{stored[name] * 1e8 / 1e12:>11.1f} TB" + ("  (the user's own files)" if name.startswith("file") else ""))
-    reduce_to = FILE_DECODE_MARGIN * encoder.prepare_image.resize_side
     exact = np.stack(crops).astype(np.int16)
-    reduced = np.stack([encoder.prepare_image(load_rgb(path, reduce_to=reduce_to)) for path in files]).astype(np.int16)
-    stored_back = np.stack(decode_crops([encode_crop(crop) for crop in crops])).astype(np.int16)
+    reduced = np.stack([encoder.prepare_image(load_rgb(path, reduce_to=reduced_file_side(encoder))) for path in files]).astype(np.int16)
+    stored_back = np.stack(decode_crops(blobs)).astype(np.int16)
     for name, found in (("file-reduced", reduced), ("pixels", stored_back)):
         print(f"{name} crops against a whole decode's: mean {np.abs(found - exact).mean():.2f} levels, max {np.abs(found - exact).max()}")
 
@@ -152,7 +152,7 @@ def encodings(args) -> None:
     encoder = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="fp32")
     bf16 = Encoder.from_pretrained(str(checkpoint), device="cpu", precision="bf16")
     queries = [captions[0] for captions in SAMPLE_PHOTOS.values()]
-    reduce_to = FILE_DECODE_MARGIN * encoder.prepare_image.resize_side
+    reduce_to = reduced_file_side(encoder)
 
     def logits(pixels: np.ndarray) -> np.ndarray:
         return logits_of(encoder.image_states(pixels, with_bridge=True))

@@ -74,7 +74,12 @@ class ImagePreparer:
 
 def _side(size, key: str) -> int | None:
     """One entry of a processor's size (a dict, or transformers' SizeDict), None when unset."""
-    value = size.get(key) if isinstance(size, dict) else size if isinstance(size, int) and key == "shortest_edge" else getattr(size, key, None)
+    if isinstance(size, dict):
+        value = size.get(key)
+    elif isinstance(size, int):  # an old processor's single number: the shorter side
+        value = size if key == "shortest_edge" else None
+    else:
+        value = getattr(size, key, None)
     return int(value) if value else None
 
 

@@ -48,6 +48,11 @@ TIERS = ("cache", "pixels", "file")  # where a candidate's model input comes fro
 FILE_DECODE_MARGIN = 4
 
 
+def reduced_file_side(encoder: Encoder) -> int:
+    """The shorter side, in pixels, that a reduced decode of a candidate's file keeps at least."""
+    return FILE_DECODE_MARGIN * encoder.prepare_image.resize_side
+
+
 @dataclass
 class Scored:
     """ITM logits (n, 2) (no match, match), NaN where an image could not be scored; for each
@@ -71,7 +76,7 @@ class Reranker:
         self.batch_size = batch_size
         self.cache, self.pixels = cache, pixels
         self.decode_on_device = decode_on_device and decodes_on_device(encoder.device)
-        self.reduce_files_to = FILE_DECODE_MARGIN * encoder.prepare_image.resize_side if pixels is not None else None
+        self.reduce_files_to = reduced_file_side(encoder) if pixels is not None else None
 
     def score_images(self, query: TowerOutput, paths: Sequence[str | Path | VideoFrame], ids: Sequence[int] | np.ndarray = ()) -> Scored:
         """Both ITM logits of (query text, image) for each image (its path, or its video's frame,
